@@ -1,0 +1,39 @@
+# Two commands do everything: `make demo` (train + evaluate + draw on the built-in data) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DATA := data
+DEMO_RUN  := runs/demo
+
+.PHONY: demo test test-slow bench bench-coco5k clean-demo
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	test -f $(DEMO_DATA)/synthetic_precomp/train_ims.npy || $(PY) -m hsc_pyg.data.synthetic --out $(DEMO_DATA)/synthetic_precomp
+	$(PY) train.py --config configs/demo.json --data_path $(DEMO_DATA) --data_name synthetic_precomp \
+		--logger_name $(DEMO_RUN)/log --model_name $(DEMO_RUN)/checkpoint --overwrite
+	$(PY) evaluate.py --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
+		--split test --json $(DEMO_RUN)/test_metrics.json --rerank_k 10
+	$(PY) -m hsc_pyg.viz --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
+		--split test --image 0 --caption 0 --level all --out graphs/
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out benchmarks/results/latest.json
+
+bench-coco5k: $(STAMP)
+	$(PY) benchmarks/coco5k_eval.py --out benchmarks/results/coco5k.json
+
+clean-demo:
+	rm -rf $(DEMO_RUN)
