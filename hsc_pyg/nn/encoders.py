@@ -1,0 +1,135 @@
+"""Per-item encoders: the region-graph encoder and the word-graph encoder.
+
+Both take a PyG ``Batch`` (from :func:`hsc_pyg.data.graphs.collate_graphs`) and return dense padded node states
+``[num_graphs, max_nodes, d]`` with a mask, for the per-pair similarity part. They keep the states of the three levels
+of the paper: ``object`` (the input of the relational stack), ``relational`` (after its first layer) and ``higher``
+(after its last layer). On complete graphs (``batch.complete``) a layer with a dense path runs as batched matrix
+products; otherwise as sparse message passing over ``batch.edge_index``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch_geometric.utils import to_dense_batch
+
+from ..config import LEVELS
+from .functional import l2norm
+from .layers import build_layer, xavier_linear
+
+
+@dataclass
+class GraphStates:
+    """What an encoder returns for a batch of graphs.
+
+    ``levels[name]``: dense node states ``[B, N, d]`` (l2-normalised unless disabled), for each requested level;
+    ``mask [B, N]``: real nodes; ``edge_weights``: one entry per relational layer, each ``[E]`` aligned with the
+    batch's ``edge_index`` (only when asked for).
+    """
+
+    levels: dict[str, Tensor]
+    mask: Tensor
+    edge_weights: list[Tensor | None] | None = None
+
+
+def level_index(level: str, num_layers: int) -> int:
+    """Position in the stack's list of states (0 = input) that a level names."""
+    return {"object": 0, "relational": min(1, num_layers), "higher": num_layers}[level]
+
+
+class RelationalStack(nn.Module):
+    """``num_layers`` layers of one registered type, run densely on complete graphs and sparsely otherwise."""
+
+    def __init__(self, layer: str, channels: int, num_layers: int, **layer_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(build_layer(layer, channels, **layer_kwargs) for _ in range(num_layers))
+
+    @property
+    def dense_capable(self) -> bool:
+        return all(layer.supports_dense for layer in self.layers)
+
+    def forward(self, x: Tensor, batch, return_weights: bool = False) -> tuple[list[Tensor], Tensor, list]:
+        """``x [num_nodes, C]`` -> (dense states of every depth ``[B, N, C]``, mask ``[B, N]``, weights per layer)."""
+        max_nodes = getattr(batch, "max_nodes", None)
+        if max_nodes is None:
+            max_nodes = int((batch.ptr[1:] - batch.ptr[:-1]).max())
+        dense, mask = to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)
+        states, weights = [dense], []
+        if getattr(batch, "complete", False) and self.dense_capable:
+            pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
+            for layer in self.layers:
+                dense, w = layer.forward_dense(dense, mask, return_weights)
+                states.append(dense)
+                # (b, i, j) row-major order = the `full` builder's edge order (target-major)
+                weights.append(w[pair_mask] if w is not None else None)
+        else:
+            for layer in self.layers:
+                x, w = layer(x, batch.edge_index, batch.batch, return_weights)
+                states.append(to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0])
+                weights.append(w)
+        return states, mask, weights
+
+
+class RegionGraphEncoder(nn.Module):
+    """Region graph -> ``Linear(img_dim -> d)`` -> relational layers -> l2norm (MODEL.md §2-3).
+
+    With ``num_layers = 0`` this is SGRAF's image encoder.
+    """
+
+    def __init__(self, img_dim: int, embed_size: int, layer: str = "hsc", num_layers: int = 4,
+                 no_imgnorm: bool = False):
+        super().__init__()
+        self.fc = xavier_linear(nn.Linear(img_dim, embed_size))
+        self.stack = RelationalStack(layer, embed_size, num_layers)
+        self.num_layers = num_layers
+        self.no_imgnorm = no_imgnorm
+
+    def forward(self, batch, levels: tuple[str, ...] = ("higher",), return_weights: bool = False) -> GraphStates:
+        states, mask, weights = self.stack(self.fc(batch.x), batch, return_weights)
+        out = {}
+        for level in levels:
+            h = states[level_index(level, self.num_layers)]
+            out[level] = h if self.no_imgnorm else l2norm(h)
+        return GraphStates(out, mask, weights if return_weights else None)
+
+
+class WordGraphEncoder(nn.Module):
+    """Word graph -> embedding -> dropout -> relational layers -> bi-GRU (directions averaged) -> l2norm.
+
+    With ``num_layers = 0`` this is SGRAF's text encoder. Node features ``batch.x`` are token ids ``[num_nodes]``.
+    """
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_size: int, layer: str = "hsc_text",
+                 num_layers: int = 4, word_dropout: float = 0.4, layer_dropout: float = 0.0,
+                 gru_layers: int = 1, no_txtnorm: bool = False):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim)
+        self.dropout = nn.Dropout(word_dropout)
+        self.stack = RelationalStack(layer, word_dim, num_layers, dropout=layer_dropout)
+        self.gru = nn.GRU(word_dim, embed_size, gru_layers, batch_first=True, bidirectional=True)
+        self.num_layers = num_layers
+        self.no_txtnorm = no_txtnorm
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def recurrent(self, words: Tensor, lengths: Tensor) -> Tensor:
+        """Bi-GRU over padded ``words [M, L, w]`` -> ``[M, L, d]``, directions averaged, padding left zero."""
+        packed = pack_padded_sequence(words, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=words.size(1))
+        half = out.size(-1) // 2
+        out = (out[..., :half] + out[..., half:]) / 2
+        return out if self.no_txtnorm else l2norm(out)
+
+    def forward(self, batch, levels: tuple[str, ...] = ("higher",), return_weights: bool = False) -> GraphStates:
+        states, mask, weights = self.stack(self.dropout(self.embed(batch.x)), batch, return_weights)
+        lengths = mask.sum(-1)
+        out = {level: self.recurrent(states[level_index(level, self.num_layers)], lengths) for level in levels}
+        return GraphStates(out, mask, weights if return_weights else None)
+
+
+__all__ = ["GraphStates", "RegionGraphEncoder", "WordGraphEncoder", "RelationalStack", "LEVELS", "level_index"]

@@ -1,0 +1,327 @@
+"""Relational message-passing layers, chosen by name.
+
+Every layer maps node states ``x [num_nodes, channels]`` on a (batched) graph to new states of the same size and can
+return the learned weight of each edge (affinity or attention) for visualisation. The registry :data:`LAYERS` maps a
+name to a class; ``img_gnn`` / ``txt_gnn`` in the config pick one.
+
+Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source ``j``, ``edge_index[1]`` the target
+``i``; a message travels ``j -> i``.
+
+Two layers are HSC's own (MODEL.md §3) and have a *dense* path as well: on complete graphs (the ``full`` edge builder,
+self-loops included) the sum over all sources is a batched matrix product, which never materialises the ``[E, d]``
+message tensor. ``tests/test_layers.py`` checks that the dense path equals the plain message passing.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.nn import (
+    GATConv,
+    GATv2Conv,
+    GCNConv,
+    GINConv,
+    GraphConv,
+    MessagePassing,
+    SAGEConv,
+    TransformerConv,
+)
+from torch_geometric.utils import degree
+
+from ..errors import ConfigError
+
+LAYERS: dict[str, type["RelationalLayer"]] = {}
+
+
+def register_layer(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.layer_name = name
+        LAYERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def build_layer(name: str, channels: int, **kwargs) -> "RelationalLayer":
+    if name not in LAYERS:
+        raise ConfigError(f"unknown layer type {name!r}; choose one of {', '.join(sorted(LAYERS))}")
+    return LAYERS[name](channels, **kwargs)
+
+
+def xavier_linear(layer: nn.Linear) -> nn.Linear:
+    """Xavier-uniform weight ``U(+-sqrt(6/(in+out)))`` and zero bias, as the original code initialises its Linears."""
+    bound = math.sqrt(6.0 / (layer.in_features + layer.out_features))
+    nn.init.uniform_(layer.weight, -bound, bound)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def graph_sizes(batch: Tensor | None, x: Tensor) -> Tensor:
+    """Node count of each node's own graph, ``[num_nodes]``, in ``x``'s dtype and device."""
+    if batch is None:
+        return x.new_full((x.size(0),), float(x.size(0)))
+    return degree(batch, dtype=x.dtype)[batch]
+
+
+class RelationalLayer(MessagePassing):
+    """Base class: a residual relational layer on node states of a fixed width.
+
+    Subclasses declare ``has_edge_weights`` (whether :meth:`forward` can return learned per-edge weights) and
+    ``supports_dense`` (whether :meth:`forward_dense` exists for complete graphs).
+    """
+
+    layer_name = "?"
+    has_edge_weights = True
+    supports_dense = False
+
+    def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor | None = None,
+                return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """``x [num_nodes, C]`` -> ``(x' [num_nodes, C], edge weights [E] or None)``."""
+        raise NotImplementedError
+
+    def forward_dense(self, x: Tensor, mask: Tensor, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Complete-graph form: ``x [B, N, C]``, ``mask [B, N]`` -> ``(x' [B, N, C], weights [B, N, N] or None)``.
+
+        ``weights[b, i, j]`` is the weight of the edge ``j -> i``; padded rows and columns are zero.
+        """
+        raise NotImplementedError(f"layer {self.layer_name!r} has no dense path")
+
+
+@register_layer("none")
+class IdentityLayer(RelationalLayer):
+    """No relation: ``x' = x`` (SGRAF's encoders are HSC's with no relational layers)."""
+
+    has_edge_weights = False
+    supports_dense = True
+
+    def __init__(self, channels: int, **_):
+        super().__init__()
+
+    def forward(self, x, edge_index, batch=None, return_weights=False):
+        return x, None
+
+    def forward_dense(self, x, mask, return_weights=False):
+        return x, None
+
+
+@register_layer("hsc")
+class HSCRegionBlock(RelationalLayer):
+    r"""HSC's image relational block (MODEL.md §3) on the region graph.
+
+    .. math::
+        e_{ij} = \frac{A_i \cdot P_j}{N}, \quad
+        x'_i = x_i + \mathrm{BN}\Big(W \sum_{j \in \mathcal{N}(i)} e_{ij}\, g(x_j)\Big)
+
+    with ``A = Linear(concat_h theta_h(x))``, ``P = Linear(concat_h phi_h(x))`` (``heads`` projections of
+    ``channels / heads`` each, stored stacked as one ``Linear``), ``N`` the node count of the node's graph, and the
+    BatchNorm's weight and bias initialised to zero so that the block starts as the identity. No softmax, no
+    sparsification; self-edges included.
+
+    Args:
+        channels (int): node state size ``d``.
+        heads (int, optional): number of affinity projections (default: ``4``).
+    Shapes: ``x [num_nodes, d]`` -> ``[num_nodes, d]``; weights ``[E]``.
+    """
+
+    supports_dense = True
+
+    def __init__(self, channels: int, heads: int = 4, **_):
+        super().__init__(aggr="add")
+        if channels % heads:
+            raise ConfigError(f"hsc layer: channels {channels} must be a multiple of heads {heads}")
+        self.channels = channels
+        self.message_proj = nn.Linear(channels, channels)   # g
+        self.theta = nn.Linear(channels, channels)          # heads x (channels / heads), stacked
+        self.phi = nn.Linear(channels, channels)
+        self.theta_mix = nn.Linear(channels, channels)
+        self.phi_mix = nn.Linear(channels, channels)
+        self.update_proj = nn.Linear(channels, channels)    # W
+        self.norm = nn.BatchNorm1d(channels)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for lin in (self.message_proj, self.theta, self.phi, self.theta_mix, self.phi_mix, self.update_proj):
+            lin.reset_parameters()
+        self.norm.reset_parameters()
+        nn.init.zeros_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.theta_mix(self.theta(x)), self.phi_mix(self.phi(x)), self.message_proj(x)
+
+    def forward(self, x, edge_index, batch=None, return_weights=False):
+        a, p, g = self._heads(x)
+        size = graph_sizes(batch, x)
+        weight = self.edge_updater(edge_index, a=a, p=p, count=size)
+        y = self.propagate(edge_index, g=g, weight=weight)
+        out = x + self.norm(self.update_proj(y))
+        return out, (weight if return_weights else None)
+
+    def edge_update(self, a_i: Tensor, p_j: Tensor, count_i: Tensor) -> Tensor:
+        return (a_i * p_j).sum(-1) / count_i
+
+    def message(self, g_j: Tensor, weight: Tensor) -> Tensor:
+        return weight.unsqueeze(-1) * g_j
+
+    def forward_dense(self, x, mask, return_weights=False):
+        a, p, g = self._heads(x)
+        size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)          # [B, 1, 1]
+        weight = (a @ p.transpose(1, 2)) / size * mask.unsqueeze(1)          # [B, N(target), N(source)]
+        y = weight @ g
+        upd = torch.zeros_like(x)
+        upd[mask] = self.norm(self.update_proj(y[mask]))
+        return x + upd, (weight if return_weights else None)
+
+
+@register_layer("hsc_text")
+class HSCWordBlock(RelationalLayer):
+    r"""HSC's word self-attention block (MODEL.md §3) on the word graph.
+
+    .. math::
+        e_{ij} = \frac{l_i \cdot k_j}{L}, \quad x'_i = x_i + \sum_{j \in \mathcal{N}(i)} e_{ij}\, v_j
+
+    with ``l, k, v = Dropout(Tanh(Linear(x)))`` (three Linears, Xavier-uniform, zero bias) and ``L`` the caption's own
+    word count (the original divides by the padded batch length, which makes a caption's encoding depend on its batch;
+    the two agree on unpadded batches).
+
+    Args:
+        channels (int): word state size ``w``.
+        dropout (float, optional): dropout after each Tanh (default: ``0.0``, the original's ``drop_out``).
+    Shapes: ``x [num_nodes, w]`` -> ``[num_nodes, w]``; weights ``[E]``.
+    """
+
+    supports_dense = True
+
+    def __init__(self, channels: int, dropout: float = 0.0, **_):
+        super().__init__(aggr="add")
+        self.query = nn.Linear(channels, channels)
+        self.key = nn.Linear(channels, channels)
+        self.value = nn.Linear(channels, channels)
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for lin in (self.query, self.key, self.value):
+            xavier_linear(lin)
+
+    def _project(self, lin: nn.Linear, x: Tensor) -> Tensor:
+        return self.dropout(torch.tanh(lin(x)))
+
+    def forward(self, x, edge_index, batch=None, return_weights=False):
+        q, k, v = (self._project(lin, x) for lin in (self.query, self.key, self.value))
+        size = graph_sizes(batch, x)
+        weight = self.edge_updater(edge_index, q=q, k=k, count=size)
+        out = x + self.propagate(edge_index, v=v, weight=weight)
+        return out, (weight if return_weights else None)
+
+    def edge_update(self, q_i: Tensor, k_j: Tensor, count_i: Tensor) -> Tensor:
+        return (q_i * k_j).sum(-1) / count_i
+
+    def message(self, v_j: Tensor, weight: Tensor) -> Tensor:
+        return weight.unsqueeze(-1) * v_j
+
+    def forward_dense(self, x, mask, return_weights=False):
+        q, k, v = (self._project(lin, x) for lin in (self.query, self.key, self.value))
+        size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)
+        weight = (q @ k.transpose(1, 2)) / size * mask.unsqueeze(1)
+        out = x + (weight @ v) * mask.unsqueeze(-1)
+        return out, (weight if return_weights else None)
+
+
+class PyGConvLayer(RelationalLayer):
+    """A PyG convolution as a residual relational layer: ``x' = x + conv(x, edge_index)``.
+
+    Subclasses only say how to build the convolution (``make_conv``) and whether it returns attention weights, the way
+    PyG's ``BasicGNN`` subclasses only override ``init_conv``.
+    """
+
+    has_edge_weights = False
+
+    def __init__(self, channels: int, heads: int = 4, **_):
+        super().__init__()
+        self.conv = self.make_conv(channels, heads)
+
+    def make_conv(self, channels: int, heads: int) -> MessagePassing:
+        raise NotImplementedError
+
+    def reset_parameters(self):
+        self.conv.reset_parameters()
+
+    def forward(self, x, edge_index, batch=None, return_weights=False):
+        if self.has_edge_weights:
+            y, (att_index, alpha) = self.conv(x, edge_index, return_attention_weights=True)
+            # the convolutions keep the edge order when they add no self-loops; average the heads
+            weight = alpha.mean(-1) if return_weights else None
+            return x + y, weight
+        return x + self.conv(x, edge_index), None
+
+
+def _head_split(channels: int, heads: int, name: str) -> int:
+    if channels % heads:
+        raise ConfigError(f"{name} layer: channels {channels} must be a multiple of heads {heads}")
+    return channels // heads
+
+
+@register_layer("gcn")
+class GCNLayer(PyGConvLayer):
+    """``GCNConv`` (symmetric-normalised, fixed edge weights: nothing learned per edge)."""
+
+    def make_conv(self, channels, heads):
+        return GCNConv(channels, channels, add_self_loops=False)
+
+
+@register_layer("gat")
+class GATLayer(PyGConvLayer):
+    """``GATConv`` with ``heads`` heads concatenated; returns the attention averaged over heads."""
+
+    has_edge_weights = True
+
+    def make_conv(self, channels, heads):
+        return GATConv(channels, _head_split(channels, heads, "gat"), heads=heads, add_self_loops=False)
+
+
+@register_layer("gatv2")
+class GATv2Layer(PyGConvLayer):
+    """``GATv2Conv`` with ``heads`` heads concatenated; returns the attention averaged over heads."""
+
+    has_edge_weights = True
+
+    def make_conv(self, channels, heads):
+        return GATv2Conv(channels, _head_split(channels, heads, "gatv2"), heads=heads, add_self_loops=False)
+
+
+@register_layer("transformer")
+class TransformerLayer(PyGConvLayer):
+    """``TransformerConv`` (graph transformer attention) with ``heads`` heads concatenated."""
+
+    has_edge_weights = True
+
+    def make_conv(self, channels, heads):
+        return TransformerConv(channels, _head_split(channels, heads, "transformer"), heads=heads)
+
+
+@register_layer("sage")
+class SAGELayer(PyGConvLayer):
+    """``SAGEConv`` with mean aggregation (no learned edge weights)."""
+
+    def make_conv(self, channels, heads):
+        return SAGEConv(channels, channels)
+
+
+@register_layer("graphconv")
+class GraphConvLayer(PyGConvLayer):
+    """``GraphConv`` (Morris et al.), sum aggregation (no learned edge weights)."""
+
+    def make_conv(self, channels, heads):
+        return GraphConv(channels, channels)
+
+
+@register_layer("gin")
+class GINLayer(PyGConvLayer):
+    """``GINConv`` with a two-layer MLP (no learned edge weights)."""
+
+    def make_conv(self, channels, heads):
+        mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+        return GINConv(mlp, train_eps=True)

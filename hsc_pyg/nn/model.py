@@ -1,0 +1,200 @@
+"""HSC: encode each image and each caption once, then score pairs densely (DESIGN.md).
+
+``build_model(config)`` is the one door in; the presets ``hsc``, ``sgraf_saf`` and ``sgraf_sgr`` are configurations of
+this same class (SGRAF = no relational layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data.graphs import caption_graph, collate_graphs, image_graph
+from ..errors import ConfigError
+from .encoders import RegionGraphEncoder, WordGraphEncoder
+from .functional import l2norm
+from .similarity import SimilarityModule
+
+
+def _index(t: Tensor, idx) -> Tensor:
+    return t[idx] if not isinstance(idx, int) else t[idx: idx + 1]
+
+
+@dataclass
+class ImageEncoding:
+    """Per-image states: ``regions [N, V, R, d]`` (V = aligned levels) and global vectors ``glo [N, V, d]``."""
+
+    regions: Tensor
+    glo: Tensor
+
+    def __len__(self) -> int:
+        return self.regions.size(0)
+
+    def __getitem__(self, idx) -> "ImageEncoding":
+        return ImageEncoding(_index(self.regions, idx), _index(self.glo, idx))
+
+    def to(self, device=None, dtype=None) -> "ImageEncoding":
+        return ImageEncoding(self.regions.to(device=device, dtype=dtype), self.glo.to(device=device, dtype=dtype))
+
+    def global_vectors(self) -> Tensor:
+        """One l2-normalised vector per image ``[N, d]`` (mean over levels) for cosine retrieval."""
+        return l2norm(self.glo.float().mean(1))
+
+    @classmethod
+    def cat(cls, parts: Sequence["ImageEncoding"]) -> "ImageEncoding":
+        return cls(torch.cat([p.regions for p in parts]), torch.cat([p.glo for p in parts]))
+
+
+@dataclass
+class CaptionEncoding:
+    """Per-caption states: ``words [M, V, L, d]`` (zero at padding), ``mask [M, L]``, ``glo [M, V, d]``."""
+
+    words: Tensor
+    mask: Tensor
+    glo: Tensor
+
+    def __len__(self) -> int:
+        return self.words.size(0)
+
+    def __getitem__(self, idx) -> "CaptionEncoding":
+        return CaptionEncoding(_index(self.words, idx), _index(self.mask, idx), _index(self.glo, idx))
+
+    def to(self, device=None, dtype=None) -> "CaptionEncoding":
+        return CaptionEncoding(self.words.to(device=device, dtype=dtype), self.mask.to(device=device),
+                               self.glo.to(device=device, dtype=dtype))
+
+    def trimmed(self) -> "CaptionEncoding":
+        """The same captions with padding cut to the longest of them."""
+        length = max(int(self.mask.sum(1).max()), 1) if len(self) else 1
+        return CaptionEncoding(self.words[:, :, :length], self.mask[:, :length], self.glo)
+
+    def global_vectors(self) -> Tensor:
+        return l2norm(self.glo.float().mean(1))
+
+    @classmethod
+    def cat(cls, parts: Sequence["CaptionEncoding"]) -> "CaptionEncoding":
+        length = max(p.mask.size(1) for p in parts)
+        words = [nn.functional.pad(p.words, (0, 0, 0, length - p.words.size(2))) for p in parts]
+        masks = [nn.functional.pad(p.mask, (0, length - p.mask.size(1))) for p in parts]
+        return cls(torch.cat(words), torch.cat(masks), torch.cat([p.glo for p in parts]))
+
+
+class HSCModel(nn.Module):
+    """Region-graph encoder + word-graph encoder + similarity module (MODEL.md §2-3)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        if config.img_dim <= 0 or config.vocab_size <= 0:
+            raise ConfigError(f"img_dim ({config.img_dim}) and vocab_size ({config.vocab_size}) must be set before "
+                              "building a model; they come from the data and the vocabulary")
+        self.config = config
+        self.levels = config.levels()
+        self.vocab = None  # a hsc_pyg.data.vocab.Vocabulary, attached by training or checkpoint loading
+        self.image_encoder = RegionGraphEncoder(config.img_dim, config.embed_size, config.img_gnn, config.img_layers,
+                                                config.no_imgnorm)
+        self.text_encoder = WordGraphEncoder(config.vocab_size, config.word_dim, config.embed_size, config.txt_gnn,
+                                             config.txt_layers, config.word_dropout, config.txt_layer_dropout,
+                                             config.gru_layers, config.no_txtnorm)
+        self.similarity = SimilarityModule(config.embed_size, config.sim_dim, config.num_regions, config.head,
+                                           config.sgr_step, config.lambda_softmax, config.sa_dropout)
+
+    # ---------------------------------------------------------------- per item
+    def encode_images(self, images) -> ImageEncoding:
+        """A ``Batch`` of region graphs -> :class:`ImageEncoding` (once per image)."""
+        states = self.image_encoder(images, self.levels)
+        regions = torch.stack([states.levels[lv] for lv in self.levels], 1)
+        glo = torch.stack([self.similarity.visual_sa(states.levels[lv]) for lv in self.levels], 1)
+        return ImageEncoding(regions, glo)
+
+    def encode_captions(self, captions) -> CaptionEncoding:
+        """A ``Batch`` of word graphs -> :class:`CaptionEncoding` (once per caption)."""
+        states = self.text_encoder(captions, self.levels)
+        words = torch.stack([states.levels[lv] for lv in self.levels], 1)
+        glo = torch.stack([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels], 1)
+        return CaptionEncoding(words, states.mask, glo)
+
+    # ---------------------------------------------------------------- per pair
+    def _pairs_per_chunk(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None) -> int:
+        d, regions, length = img.regions.size(-1), img.regions.size(-2), cap.words.size(-2)
+        # the live [pairs, L, d] tensors of the alignment (context, difference, square) dominate
+        per_pair = (4 * length * d + 3 * regions * length + 4 * length * self.config.sim_dim) * img.regions.element_size()
+        budget = (chunk_mb or self.config.score_chunk_mb) * 2**20
+        return max(1, budget // per_pair)
+
+    def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, outer: bool) -> Tensor:
+        total = 0
+        for v in range(len(self.levels)):
+            regions, img_glo = img.regions[:, v], img.glo[:, v]
+            words, mask, cap_glo = cap.words[:, v], cap.mask, cap.glo[:, v]
+            if outer:
+                regions, img_glo = regions.unsqueeze(1), img_glo.unsqueeze(1)
+                words, mask, cap_glo = words.unsqueeze(0), mask.unsqueeze(0), cap_glo.unsqueeze(0)
+            total = total + self.similarity(regions, img_glo, words, mask, cap_glo)
+        return total / len(self.levels)
+
+    def score(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
+        """Exact scores of every image against every caption, ``[N_img, N_cap]``.
+
+        Computed in blocks of images x captions whose working memory stays under ``chunk_mb`` MiB (default
+        ``config.score_chunk_mb``); each caption block is trimmed to its own longest caption. In training mode every
+        block holds all images (the SAF gate's BatchNorm takes its statistics per caption over all images).
+        """
+        n_img, n_cap = len(img), len(cap)
+        budget = self._pairs_per_chunk(img, cap, chunk_mb)
+        if self.training:
+            cap_step = max(1, budget // max(n_img, 1))
+            img_step = n_img
+        else:
+            cap_step = min(n_cap, budget)
+            img_step = max(1, budget // cap_step)
+        columns = []
+        for c0 in range(0, n_cap, cap_step):
+            block = cap[c0:c0 + cap_step].trimmed()
+            rows = [self._score_block(img[i0:i0 + img_step], block, outer=True) for i0 in range(0, n_img, img_step)]
+            columns.append(torch.cat(rows, 0))
+        return torch.cat(columns, 1) if columns else img.regions.new_zeros(n_img, 0)
+
+    def score_pairs(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
+        """Scores of given pairs: ``img[p]`` with ``cap[p]`` -> ``[P]`` (for re-ranking)."""
+        if len(img) != len(cap):
+            raise ValueError(f"score_pairs needs as many images as captions, got {len(img)} and {len(cap)}")
+        step = self._pairs_per_chunk(img, cap, chunk_mb)
+        parts = [self._score_block(img[p:p + step], cap[p:p + step].trimmed(), outer=False)
+                 for p in range(0, len(img), step)]
+        return torch.cat(parts) if parts else img.regions.new_zeros(0)
+
+    def forward(self, pairs) -> Tensor:
+        """Training: a :class:`hsc_pyg.data.graphs.PairBatch` -> scores ``[B, B]`` (row b = caption b's image)."""
+        scores = self.score(self.encode_images(pairs.images), self.encode_captions(pairs.captions))
+        return scores[pairs.img_index]
+
+    # ---------------------------------------------------------------- convenience
+    @torch.no_grad()
+    def similarity_matrix(self, images: Tensor, captions: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
+        """Eval-mode scores of raw inputs: ``images`` float ``[N, R, D]``, ``captions`` token-id lists (with
+        ``<start>``/``<end>``) -> ``[N, M]`` float32 on the CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            images = torch.as_tensor(images, dtype=torch.float32)
+            img_parts = [self.encode_images(collate_graphs(
+                [image_graph(f, edges=self.config.img_edges) for f in images[i:i + batch_size]],
+                self.config.img_edges).to(device)) for i in range(0, len(images), batch_size)]
+            cap_parts = [self.encode_captions(collate_graphs(
+                [caption_graph(c, edges=self.config.txt_edges) for c in captions[i:i + batch_size]],
+                self.config.txt_edges).to(device)) for i in range(0, len(captions), batch_size)]
+            return self.score(ImageEncoding.cat(img_parts), CaptionEncoding.cat(cap_parts)).float().cpu()
+        finally:
+            self.train(was_training)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: Config) -> HSCModel:
+    """Build an untrained model from a config (presets already applied)."""
+    return HSCModel(config)
