@@ -18,7 +18,6 @@ import pickle
 import re
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,12 +87,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        text = str(e)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
             raise CheckpointError(f"checkpoint {path} was refused: it needs code outside the safe list to load "
-                                  f"({first[:160]}); it may be malicious, so it was not unpickled") from None
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, UnicodeDecodeError) as e:
+                                  f"({refused.group(1)}); it may be malicious, so it was not unpickled") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint "
+                              f"({(detail.group(1) if detail else type(e).__name__).strip()[:160]})") from None
+    except Exception as e:  # the unpickler raises many kinds of errors on garbage: any of them means unreadable
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt: "
                               f"{msg[:160]}); re-download or re-save it") from None

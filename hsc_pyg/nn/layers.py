@@ -59,10 +59,10 @@ def xavier_linear(layer: nn.Linear) -> nn.Linear:
 
 
 def graph_sizes(batch: Tensor | None, x: Tensor) -> Tensor:
-    """Node count of each node's own graph, ``[num_nodes]``, in ``x``'s dtype and device."""
+    """Node count of each node's own graph, ``[num_nodes, 1]``, in ``x``'s dtype and device."""
     if batch is None:
-        return x.new_full((x.size(0),), float(x.size(0)))
-    return degree(batch, dtype=x.dtype)[batch]
+        return x.new_full((x.size(0), 1), float(x.size(0)))
+    return degree(batch, dtype=x.dtype)[batch].unsqueeze(-1)
 
 
 class RelationalLayer(MessagePassing):
@@ -160,7 +160,7 @@ class HSCRegionBlock(RelationalLayer):
         return out, (weight if return_weights else None)
 
     def edge_update(self, a_i: Tensor, p_j: Tensor, count_i: Tensor) -> Tensor:
-        return (a_i * p_j).sum(-1) / count_i
+        return (a_i * p_j).sum(-1) / count_i.squeeze(-1)
 
     def message(self, g_j: Tensor, weight: Tensor) -> Tensor:
         return weight.unsqueeze(-1) * g_j
@@ -217,7 +217,7 @@ class HSCWordBlock(RelationalLayer):
         return out, (weight if return_weights else None)
 
     def edge_update(self, q_i: Tensor, k_j: Tensor, count_i: Tensor) -> Tensor:
-        return (q_i * k_j).sum(-1) / count_i
+        return (q_i * k_j).sum(-1) / count_i.squeeze(-1)
 
     def message(self, v_j: Tensor, weight: Tensor) -> Tensor:
         return weight.unsqueeze(-1) * v_j

@@ -122,7 +122,7 @@ class HSCModel(nn.Module):
         # the live [pairs, L, d] tensors of the alignment (context, difference, square) dominate
         per_pair = (4 * length * d + 3 * regions * length + 4 * length * self.config.sim_dim) * img.regions.element_size()
         budget = (chunk_mb or self.config.score_chunk_mb) * 2**20
-        return max(1, budget // per_pair)
+        return max(1, int(budget // per_pair))
 
     def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, outer: bool) -> Tensor:
         total = 0

@@ -1,0 +1,130 @@
+"""Checkpoint safety and robustness: untrusted files are refused with one-line reasons; saving is atomic."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from hsc_pyg import load_checkpoint
+from hsc_pyg.config import Config
+from hsc_pyg.engine.checkpoint import save_checkpoint
+from hsc_pyg.errors import CheckpointError
+from hsc_pyg.nn.model import build_model
+
+SMALL = dict(img_dim=10, vocab_size=20, embed_size=16, word_dim=8, sim_dim=8, num_regions=6)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return build_model(Config(**{**SMALL, **kw}))
+
+
+class _CreatesFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pth"
+    with open(evil, "wb") as f:
+        torch.save({"model": _CreatesFile(str(marker))}, f)
+    marker.unlink(missing_ok=True)  # torch.save itself does not run __reduce__'s callable; make sure
+    with pytest.raises(CheckpointError, match=r"evil\.pth was refused: it needs code outside the safe list"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    raw = tmp_path / "evil_raw.pkl"
+    raw.write_bytes(pickle.dumps(_CreatesFile(str(marker))))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"not a readable PyTorch checkpoint"),
+    (os.urandom(4096), r"not a readable PyTorch checkpoint"),
+    (b"this is a text file, not a checkpoint\n", r"not a readable PyTorch checkpoint"),
+])
+def test_garbage_files_give_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_checkpoint(tmp_path):
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, tiny_model())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_missing_and_foreign_checkpoints(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        load_checkpoint(tmp_path / "nope.pth")
+    other = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "arch": "resnet50"}, other)
+    with pytest.raises(CheckpointError, match=r"neither an hsc_pyg nor an official SGRAF/HSC checkpoint \(top-level keys: arch, state_dict\)"):
+        load_checkpoint(other)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny_model())
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["embed_size"] = 32
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"weights do not fit the model its config describes"):
+        load_checkpoint(path)
+
+
+def test_roundtrip_keeps_weights_and_state(tmp_path):
+    model = tiny_model(preset="sgraf_sgr", head="sgr", img_gnn="none", txt_gnn="none", img_layers=0, txt_layers=0)
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, epoch=3, best_rsum=12.5)
+    again = load_checkpoint(path)
+    assert again.config == model.config and not again.training
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from hsc_pyg.config import Config
+    from hsc_pyg.engine.checkpoint import save_checkpoint
+    from hsc_pyg.nn.model import build_model
+    model = build_model(Config(img_dim=10, vocab_size=20, embed_size=256, word_dim=8, sim_dim=8, num_regions=6))
+    print("ready", flush=True)
+    while True:
+        save_checkpoint(sys.argv[1], model, blob=torch.randn(4_000_000))
+""")
+
+
+def test_killed_writer_leaves_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    first = tiny_model()
+    save_checkpoint(path, first, epoch=1)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.5)  # several saves of ~16 MB are under way
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    model = load_checkpoint(path)  # whichever complete version is there, it loads
+    assert model.config.embed_size in (16, 256)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pth"]
+    assert all(name.endswith(".tmp") for name in leftovers), leftovers  # only the killed writer's temporary file

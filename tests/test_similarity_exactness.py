@@ -1,0 +1,145 @@
+"""The dense, chunked, broadcast scorer equals a one-pair-at-a-time reference written here from MODEL.md §2."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hsc_pyg.config import Config, apply_preset
+from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
+
+D, M_DIM, R = 16, 8, 6
+
+
+def l2(x, dim=-1):
+    return x / (x.pow(2).sum(dim, keepdim=True).sqrt() + 1e-8)
+
+
+def reference_pair(sim, regions, img_glo, words, cap_glo):
+    """One image ``regions [R, d]`` against one caption ``words [L, d]`` (real words only), plain loops where the
+    definition has them."""
+    n_reg, n_words = regions.size(0), words.size(0)
+    raw = torch.empty(n_reg, n_words, dtype=regions.dtype)
+    for r in range(n_reg):
+        for w in range(n_words):
+            v = float(regions[r] @ words[w])
+            raw[r, w] = v if v > 0 else 0.1 * v
+    raw = l2(raw, dim=1)                                   # over the word axis
+    context = []
+    for w in range(n_words):
+        e = torch.exp(sim.lambda_softmax * raw[:, w])
+        a = e / e.sum()                                    # softmax over regions
+        context.append(l2((a.unsqueeze(1) * regions).sum(0)))
+    context = torch.stack(context)
+    local = l2(sim.loc_proj((context - words) ** 2))
+    glob = l2(sim.glo_proj((img_glo - cap_glo) ** 2))
+    nodes = torch.cat([glob.unsqueeze(0), local])         # [L+1, m]
+    head = sim.head
+    if hasattr(head, "gate"):                             # SAF
+        bn = head.norm
+        t = head.gate(nodes).squeeze(-1)
+        t = (t - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        t = torch.sigmoid(t)
+        t = t / (t.abs().sum() + 1e-8)
+        vec = l2((t.unsqueeze(1) * nodes).sum(0))
+    else:                                                 # SGR
+        x = nodes
+        for step in head.steps:
+            logits = step.query(x) @ step.key(x).T
+            edges = torch.exp(logits - logits.max(1, keepdim=True)[0])
+            edges = edges / edges.sum(1, keepdim=True)
+            x = torch.relu(step.update(edges @ x))
+        vec = x[0]
+    return torch.sigmoid(sim.score_proj(vec)).squeeze()
+
+
+def random_model(head: str, levels: str):
+    cfg = apply_preset(Config(preset="sgraf_" + head, img_dim=10, vocab_size=20, embed_size=D, word_dim=8,
+                              sim_dim=M_DIM, num_regions=R, align_levels=levels))
+    torch.manual_seed(0)
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():  # randomise BatchNorm statistics so that they matter
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.BatchNorm1d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def random_encodings(n_img: int, lengths: list[int], levels: int):
+    g = torch.Generator().manual_seed(1)
+    regions = l2(torch.randn(n_img, levels, R, D, generator=g, dtype=torch.float64))
+    img_glo = l2(torch.randn(n_img, levels, D, generator=g, dtype=torch.float64))
+    length = max(lengths)
+    mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    words = l2(torch.randn(len(lengths), levels, length, D, generator=g, dtype=torch.float64))
+    words = words * mask[:, None, :, None]
+    cap_glo = l2(torch.randn(len(lengths), levels, D, generator=g, dtype=torch.float64))
+    return ImageEncoding(regions, img_glo), CaptionEncoding(words, mask, cap_glo)
+
+
+def reference_matrix(model, img, cap):
+    out = torch.empty(len(img), len(cap), dtype=torch.float64)
+    lengths = cap.mask.sum(1).tolist()
+    for i in range(len(img)):
+        for j in range(len(cap)):
+            per_level = [reference_pair(model.similarity, img.regions[i, v], img.glo[i, v],
+                                        cap.words[j, v, :lengths[j]], cap.glo[j, v]) for v in range(img.regions.size(1))]
+            out[i, j] = sum(per_level) / len(per_level)
+    return out
+
+
+LENGTHS = [3, 7, 5, 12, 2, 9, 4]
+
+
+@pytest.mark.parametrize("head", ["saf", "sgr"])
+@pytest.mark.parametrize("levels", ["higher", "object,relational,higher"])
+def test_dense_chunked_scores_equal_one_pair_reference(head, levels):
+    model = random_model(head, levels)
+    n_levels = len(levels.split(","))
+    img, cap = random_encodings(5, LENGTHS, n_levels)
+    with torch.no_grad():
+        expected = reference_matrix(model, img, cap)
+        for chunk_mb in (1e-6, 0.002, 0.02, 512):   # one pair per block ... everything in one block
+            got = model.score(img, cap, chunk_mb=chunk_mb)
+            assert got.shape == (5, len(LENGTHS))
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        pairs_i = torch.tensor([0, 4, 2, 2, 1])
+        pairs_j = torch.tensor([6, 0, 3, 1, 1])
+        paired = model.score_pairs(img[pairs_i], cap[pairs_j], chunk_mb=1e-6)
+        torch.testing.assert_close(paired, expected[pairs_i, pairs_j], atol=1e-5, rtol=0)
+
+
+def test_score_of_a_pair_does_not_depend_on_the_other_captions():
+    model = random_model("saf", "higher")
+    img, cap = random_encodings(3, LENGTHS, 1)
+    with torch.no_grad():
+        full = model.score(img, cap)
+        alone = model.score(img, cap[3:4].trimmed())
+    torch.testing.assert_close(full[:, 3:4], alone, atol=1e-12, rtol=0)
+
+
+def test_training_mode_saf_norm_uses_per_caption_statistics():
+    """In training the original normalises the SAF gate of each caption over (images x its L+1 nodes) and updates
+    the running statistics once per caption; the closed form here must match that sequential definition."""
+    model = random_model("saf", "higher")
+    model.train()
+    norm = model.similarity.head.norm
+    t = torch.randn(4, 3, 6, dtype=torch.float64)
+    mask = torch.ones(1, 3, 6, dtype=torch.bool)
+    mask[0, 1, 4:] = False
+    start_mean, start_var = norm.running_mean.clone(), norm.running_var.clone()
+    out = norm(t, mask)
+    mean_run, var_run = start_mean.clone(), start_var.clone()
+    for c in range(3):
+        vals = t[:, c][mask[0, c].expand(4, -1)]
+        mu, var = vals.mean(), vals.var(unbiased=False)
+        expected = (t[:, c] - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+        valid = mask[0, c].expand(4, -1)
+        torch.testing.assert_close(out[:, c][valid], expected[valid])
+        mean_run = 0.9 * mean_run + 0.1 * mu
+        var_run = 0.9 * var_run + 0.1 * vals.var(unbiased=True)
+    torch.testing.assert_close(norm.running_mean, mean_run)
+    torch.testing.assert_close(norm.running_var, var_run)
+    assert int(norm.num_batches_tracked) == 3
