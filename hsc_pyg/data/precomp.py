@@ -234,7 +234,7 @@ class PrecompSplit:
         state = dict(self.__dict__)
         for key in ("images", "boxes"):
             if isinstance(state[key], np.memmap):
-                state[key] = ("memmap", state[key].filename)
+                state[key] = ("memmap", str(Path(state[key].filename).resolve()))
         return state
 
     def __setstate__(self, state: dict) -> None:

@@ -81,9 +81,6 @@ class Vocabulary:
     def __contains__(self, word: object) -> bool:
         return word in self.word2idx
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocabulary) and self.word2idx == other.word2idx
-
     def __repr__(self) -> str:
         return f"Vocabulary({len(self)} words)"
 
