@@ -1,0 +1,378 @@
+"""Evaluation: encode every image and caption once, score all pairs exactly and densely, or retrieve-then-rerank.
+
+The pipeline of ``evaluate.py`` and of training's validation (MODEL.md §4):
+
+1. :func:`encode_split` runs the encoders once per image and once per caption, in batches (captions grouped by length),
+   and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions
+   packed without padding as a :class:`PackedCaptions` (COCO 5K: 25,000 captions of 13 words on average but up to ~50;
+   padding them all to the longest would take 4x the memory).
+2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length with the model's dense
+   chunked scorer and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K), with a progress bar and an ETA.
+3. :mod:`hsc_pyg.engine.metrics` turns the matrix into recalls.
+
+Re-ranking (:func:`rerank`): rank by the cosine of the global vectors, score only each query's top K exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
+from ..data.vocab import Vocabulary
+from ..errors import ConfigError, DataError, VocabError
+from ..nn.functional import l2norm
+from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
+from .metrics import fold5_metrics, recall_metrics
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+#: Images of the validation subset (the first 1,000 images / 5,000 captions of dev, as the original).
+VALIDATION_IMAGES = 1000
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> the first GPU when there is one, else the CPU; ``cpu``; ``cuda[:N]`` (ConfigError without one)."""
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    return device
+
+
+def autocast(device: torch.device, amp: str = "off") -> contextlib.AbstractContextManager:
+    """The autocast context of ``--amp off|bf16|fp16`` (fp32 is the reference; autocast is a GPU option)."""
+    if amp not in AMP_DTYPES:
+        raise ConfigError(f"--amp {amp!r} is unknown; choose off, bf16 or fp16")
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        raise ConfigError(f"--amp {amp} needs a CUDA device (found {device}); use --amp off on the CPU")
+    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; the model's previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress, leave=False,
+                dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- packed captions
+@dataclass
+class PackedCaptions:
+    """Caption encodings without padding: the words of all captions back to back.
+
+    ``words [T, V, d]`` (T = all words, V = aligned levels), ``starts [M]`` and ``lengths [M]`` (long, the row of a
+    caption's first word and its word count), ``glo [M, V, d]``. Indexing (a slice or a LongTensor) selects captions
+    and shares ``words``; :meth:`unpack` gives a padded :class:`CaptionEncoding` for the scorer.
+    """
+
+    words: Tensor
+    starts: Tensor
+    lengths: Tensor
+    glo: Tensor
+
+    @classmethod
+    def pack(cls, enc: CaptionEncoding) -> "PackedCaptions":
+        lengths = enc.mask.sum(1)
+        words = enc.words.transpose(1, 2)[enc.mask]  # [T, V, d], caption after caption
+        return cls(words, lengths.cumsum(0) - lengths, lengths, enc.glo)
+
+    @classmethod
+    def cat(cls, parts: Sequence["PackedCaptions"]) -> "PackedCaptions":
+        offsets = np.cumsum([0] + [p.words.size(0) for p in parts[:-1]])
+        return cls(torch.cat([p.words for p in parts]), torch.cat([p.starts + int(o) for p, o in zip(parts, offsets)]),
+                   torch.cat([p.lengths for p in parts]), torch.cat([p.glo for p in parts]))
+
+    def __len__(self) -> int:
+        return self.lengths.numel()
+
+    def __getitem__(self, idx) -> "PackedCaptions":
+        if isinstance(idx, Tensor):
+            idx = idx.to(self.starts.device)
+        return PackedCaptions(self.words, self.starts[idx], self.lengths[idx], self.glo[idx])
+
+    def to(self, device=None, dtype=None) -> "PackedCaptions":
+        return PackedCaptions(self.words.to(device=device, dtype=dtype), self.starts.to(device),
+                              self.lengths.to(device), self.glo.to(device=device, dtype=dtype))
+
+    def unpack(self) -> CaptionEncoding:
+        """These captions padded to the longest of them: ``words [M, V, L, d]`` (zero at padding), ``mask [M, L]``."""
+        longest = max(int(self.lengths.max()), 1) if len(self) else 1
+        steps = torch.arange(longest, device=self.starts.device)
+        mask = steps[None, :] < self.lengths[:, None]
+        rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
+        words = self.words[rows].masked_fill(~mask[:, :, None, None], 0)  # [M, L, V, d]
+        return CaptionEncoding(words.transpose(1, 2), mask, self.glo)
+
+    def global_vectors(self) -> Tensor:
+        """One l2-normalised vector per caption ``[M, d]`` (mean over levels), as ``CaptionEncoding.global_vectors``."""
+        return l2norm(self.glo.float().mean(1))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.starts, self.lengths, self.glo))
+
+
+def _as_packed(captions: CaptionEncoding | PackedCaptions) -> PackedCaptions:
+    return captions if isinstance(captions, PackedCaptions) else PackedCaptions.pack(captions)
+
+
+# --------------------------------------------------------------------------- encoding
+def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, source: str = "the model",
+                     ) -> Vocabulary:
+    """The vocabulary to use (``vocab`` or the model's); VocabError / DataError when the model cannot read the split."""
+    config = model.config
+    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
+    if vocab is None:
+        raise VocabError(f"{source} carries no vocabulary (official checkpoints do not); pass --vocab_path "
+                         f"with the SCAN vocabulary JSON it was trained with")
+    if len(vocab) != config.vocab_size:
+        raise VocabError(f"the vocabulary has {len(vocab)} words but {source} was trained with vocab_size="
+                         f"{config.vocab_size}; pass the vocabulary it was trained with (--vocab_path)")
+    if split.img_dim != config.img_dim or split.num_regions != config.num_regions:
+        raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
+                        f"features but {source} expects [*, {config.num_regions}, {config.img_dim}]; evaluate it on "
+                        "the dataset it was trained on")
+    return vocab
+
+
+def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = None, batch_size: int = 128,
+                 device: str | torch.device | None = None, max_images: int | None = None,
+                 store_dtype: torch.dtype = torch.float32, store_device: str | torch.device | None = None,
+                 amp: str = "off", workers: int = 0, progress: bool = True,
+                 ) -> tuple[ImageEncoding, PackedCaptions]:
+    """Encode each image and each caption of ``split`` once, in batches.
+
+    Args:
+        model: moved to ``device`` when given (default: where its parameters are); run in eval mode.
+        split: the images and captions; with ``max_images`` only the first ``max_images`` images and their
+            ``per_image * max_images`` captions.
+        vocab: default ``model.vocab``.
+        batch_size: images or captions per encoder call; captions are batched in order of length (less padding).
+        store_dtype, store_device: where the encodings are kept (default float32 on the compute device).
+        amp: ``off``, ``bf16`` or ``fp16`` (GPU autocast).
+
+    Returns:
+        ``ImageEncoding`` of ``N`` images and :class:`PackedCaptions` of ``per_image * N`` captions, in split order.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, found {batch_size}")
+    vocab = check_compatible(model, split, vocab)
+    if device is not None:
+        model.to(resolve_device(device))
+    device, _ = _model_device(model)
+    store_device = device if store_device is None else resolve_device(store_device)
+    num_images = split.num_images if max_images is None else max(0, min(max_images, split.num_images))
+    if num_images == 0:
+        raise ConfigError(f"max_images={max_images}: nothing to evaluate")
+    num_captions = num_images * split.per_image
+    images_ds = ImageDataset(split, img_edges=model.config.img_edges)
+    captions_ds = TextDataset(split, vocab, txt_edges=model.config.txt_edges)
+    image_batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+    by_length = sorted(range(num_captions), key=lambda k: len(split.captions[k].split()))
+    caption_batches = [by_length[i:i + batch_size] for i in range(0, num_captions, batch_size)]
+
+    def loader(dataset, batches):
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate_fn, num_workers=workers)
+
+    with eval_mode(model), autocast(device, amp):
+        image_parts = []
+        with _bar(num_images, "encoding images", "image", progress) as bar:
+            for batch in loader(images_ds, image_batches):
+                image_parts.append(model.encode_images(batch.to(device)).to(store_device, store_dtype))
+                bar.update(batch.num_graphs)
+        caption_parts = []
+        with _bar(num_captions, "encoding captions", "caption", progress) as bar:
+            for batch in loader(captions_ds, caption_batches):
+                encoding = model.encode_captions(batch.to(device)).to(store_device, store_dtype)
+                caption_parts.append(PackedCaptions.pack(encoding))
+                bar.update(batch.num_graphs)
+    captions = PackedCaptions.cat(caption_parts)
+    split_order = torch.empty(num_captions, dtype=torch.long)
+    split_order[torch.tensor(by_length)] = torch.arange(num_captions)
+    return ImageEncoding.cat(image_parts), captions[split_order]
+
+
+# --------------------------------------------------------------------------- exact scoring
+def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+                 block_images: int = 128, block_captions: int = 1024, chunk_mb: int | None = None, amp: str = "off",
+                 progress: bool = True) -> np.ndarray:
+    """Exact scores of every image against every caption, ``[N, M]`` float32 on the host.
+
+    Captions are taken in order of length, ``block_captions`` at a time (each block padded only to its own longest
+    caption), against ``block_images`` images at a time; each block goes through ``model.score`` (whose working memory
+    stays under ``chunk_mb`` MiB, default ``config.score_chunk_mb``) and is copied to the host. The progress bar counts
+    pairs.
+    """
+    captions = _as_packed(captions)
+    device, dtype = _model_device(model)
+    n, m = len(img_enc), len(captions)
+    out = np.empty((n, m), dtype=np.float32)
+    by_length = torch.argsort(captions.lengths.cpu(), stable=True)
+    with eval_mode(model), autocast(device, amp), _bar(n * m, "scoring", "pair", progress) as bar:
+        for c0 in range(0, m, block_captions):
+            columns = by_length[c0:c0 + block_captions]
+            cap = captions[columns].unpack().to(device, dtype)
+            columns = columns.numpy()
+            for i0 in range(0, n, block_images):
+                img = img_enc[i0:i0 + block_images].to(device, dtype)
+                out[i0:i0 + len(img), columns] = model.score(img, cap, chunk_mb=chunk_mb).float().cpu().numpy()
+                bar.update(len(img) * len(columns))
+    return out
+
+
+def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+                rows: np.ndarray, cols: np.ndarray, block_pairs: int = 4096, chunk_mb: int | None = None,
+                amp: str = "off", progress: bool = False) -> np.ndarray:
+    """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32, through ``model.score_pairs``, in blocks of
+    ``block_pairs`` pairs taken in order of caption length."""
+    captions = _as_packed(captions)
+    device, dtype = _model_device(model)
+    rows, cols = torch.as_tensor(np.asarray(rows), dtype=torch.long), torch.as_tensor(np.asarray(cols), dtype=torch.long)
+    out = np.empty(rows.numel(), dtype=np.float32)
+    order = torch.argsort(captions.lengths.cpu()[cols], stable=True)
+    with eval_mode(model), autocast(device, amp), _bar(len(out), "scoring pairs", "pair", progress) as bar:
+        for p0 in range(0, len(out), block_pairs):
+            block = order[p0:p0 + block_pairs]
+            img = img_enc[rows[block].to(img_enc.regions.device)].to(device, dtype)
+            cap = captions[cols[block]].unpack().to(device, dtype)
+            out[block.numpy()] = model.score_pairs(img, cap, chunk_mb=chunk_mb).float().cpu().numpy()
+            bar.update(len(block))
+    return out
+
+
+def cosine_matrix(img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, block_images: int = 1024,
+                  ) -> np.ndarray:
+    """Cosine of the global image and caption vectors, ``[N, M]`` float32 on the host."""
+    img = img_enc.global_vectors()
+    cap = captions.global_vectors().to(img.device)
+    out = np.empty((len(img), len(cap)), dtype=np.float32)
+    for i0 in range(0, len(img), block_images):
+        out[i0:i0 + block_images] = (img[i0:i0 + block_images] @ cap.T).cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------- retrieve, then rerank
+@dataclass
+class Reranked:
+    """Scores after re-ranking, one matrix per direction ``[N, M]`` float32.
+
+    In ``i2t`` each image's top ``k`` captions by cosine hold their exact score; in ``t2i`` each caption's top ``k``
+    images do. Every other entry is its cosine shifted below the lowest exact score, so the rest of a ranking follows
+    the cosine order. ``num_exact_pairs``: the distinct pairs scored exactly (the union of both directions' top K).
+    """
+
+    i2t: np.ndarray
+    t2i: np.ndarray
+    num_exact_pairs: int
+    k: int
+
+    def metrics(self, per_image: int = 5) -> dict[str, float]:
+        return recall_metrics(self.i2t, per_image, sims_t2i=self.t2i)
+
+
+def rerank_scores(cosine: np.ndarray, k: int, exact: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Reranked:
+    """Retrieve-then-rerank from a cosine matrix ``[N, M]``.
+
+    Args:
+        cosine: first-stage scores.
+        k: candidates re-scored per query (image queries: captions; caption queries: images); capped at the number of
+            items, so ``k`` >= ``M`` gives the exact matrix in both directions.
+        exact: ``exact(rows, cols) -> [P]`` exact scores of the pairs ``(rows[p], cols[p])``; called once, with the
+            union of both directions' candidates.
+    """
+    if k < 1:
+        raise ConfigError(f"--rerank_k must be at least 1, found {k}")
+    n, m = cosine.shape
+    scores = torch.from_numpy(np.ascontiguousarray(cosine, dtype=np.float32))
+    i2t_mask = torch.zeros(n, m, dtype=torch.bool)
+    i2t_mask.scatter_(1, scores.topk(min(k, m), dim=1).indices, True)
+    t2i_mask = torch.zeros(n, m, dtype=torch.bool)
+    t2i_mask.scatter_(0, scores.topk(min(k, n), dim=0).indices, True)
+    rows, cols = (i2t_mask | t2i_mask).nonzero(as_tuple=True)
+    in_i2t, in_t2i = i2t_mask[rows, cols].numpy(), t2i_mask[rows, cols].numpy()
+    del i2t_mask, t2i_mask
+    rows, cols = rows.numpy(), cols.numpy()
+    values = np.asarray(exact(rows, cols), dtype=np.float32)
+    if values.shape != rows.shape:
+        raise ValueError(f"the exact scorer returned shape {values.shape} for {len(rows)} pairs")
+    # below every exact score by at least 1, in cosine order
+    shift = np.float32(float(cosine.max()) - float(values.min()) + 1.0)
+    i2t = np.subtract(cosine, shift, dtype=np.float32)
+    t2i = i2t.copy()
+    i2t[rows[in_i2t], cols[in_i2t]] = values[in_i2t]
+    t2i[rows[in_t2i], cols[in_t2i]] = values[in_t2i]
+    return Reranked(i2t, t2i, int(len(rows)), k)
+
+
+Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
+
+
+def rerank_ensemble(members: Sequence[Member], k: int, block_pairs: int = 4096, chunk_mb: int | None = None,
+                    amp: str = "off", progress: bool = False) -> Reranked:
+    """:func:`rerank_scores` for the average of several models: cosines averaged, exact pair scores averaged."""
+    if not members:
+        raise ConfigError("re-ranking needs at least one model")
+    cosine = cosine_matrix(members[0][1], members[0][2])
+    for _, img_enc, captions in members[1:]:
+        cosine += cosine_matrix(img_enc, captions)
+    cosine /= len(members)
+
+    def exact(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(rows), dtype=np.float32)
+        for model, img_enc, captions in members:
+            total += pair_scores(model, img_enc, captions, rows, cols, block_pairs, chunk_mb, amp, progress)
+        return total / len(members)
+
+    return rerank_scores(cosine, k, exact)
+
+
+def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
+           block_pairs: int = 4096, chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
+    """Rank all captions per image and all images per caption by the cosine of the global vectors, then score each
+    query's top ``k`` exactly with ``model.score_pairs`` (see :class:`Reranked`)."""
+    return rerank_ensemble([(model, img_enc, captions)], k, block_pairs, chunk_mb, amp, progress)
+
+
+# --------------------------------------------------------------------------- the whole protocol
+def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = None, max_images: int | None = None,
+             fold5: bool = False, batch_size: int = 128, device: str | torch.device | None = None, amp: str = "off",
+             chunk_mb: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Recall metrics of ``model`` on ``split`` (all of it, or its first ``max_images`` images and their captions;
+    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol. The model's mode is kept."""
+    img_enc, captions = encode_split(model, split, vocab, batch_size=batch_size, device=device, max_images=max_images,
+                                     amp=amp, progress=progress)
+    sims = score_matrix(model, img_enc, captions, chunk_mb=chunk_mb, amp=amp, progress=progress)
+    return fold5_metrics(sims, split.per_image) if fold5 else recall_metrics(sims, split.per_image)

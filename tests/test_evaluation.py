@@ -1,0 +1,276 @@
+"""Evaluation library: packed captions, block scoring, retrieve-then-rerank and the whole protocol on a tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hsc_pyg.config import Config
+from hsc_pyg.data.graphs import collate_graphs
+from hsc_pyg.data.precomp import ImageDataset, PrecompSplit, TextDataset
+from hsc_pyg.data.synthetic import make_synthetic
+from hsc_pyg.data.vocab import build_vocab
+from hsc_pyg.engine.evaluation import (PackedCaptions, Reranked, cosine_matrix, encode_split, evaluate, pair_scores,
+                                       rerank, rerank_scores, score_matrix)
+from hsc_pyg.engine.metrics import i2t_ranks, recall_metrics, t2i_ranks
+from hsc_pyg.errors import ConfigError, DataError, VocabError
+from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
+
+IMG_DIM, REGIONS = 16, 16
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic(root / "synthetic_precomp", num_train=40, num_dev=12, num_test=20, img_dim=IMG_DIM,
+                   num_regions=REGIONS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def split(data_path):
+    return PrecompSplit.open(data_path, "synthetic_precomp", "test")
+
+
+@pytest.fixture(scope="module")
+def model(data_path):
+    vocab = build_vocab(PrecompSplit.open(data_path, "synthetic_precomp", "train").captions, threshold=1)
+    torch.manual_seed(0)
+    net = build_model(Config(img_dim=IMG_DIM, num_regions=REGIONS, vocab_size=len(vocab), embed_size=32, word_dim=8,
+                             sim_dim=8))
+    net.vocab = vocab
+    return net.eval()
+
+
+def direct_encodings(model, split):
+    """Every image and every caption of the split in one batch each, in split order."""
+    with torch.no_grad():
+        images = model.encode_images(collate_graphs([ImageDataset(split)[i] for i in range(split.num_images)], "full"))
+        captions = model.encode_captions(collate_graphs(
+            [TextDataset(split, model.vocab)[k] for k in range(split.num_captions)], "full"))
+    return images, captions
+
+
+def random_captions(lengths, levels=2, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    words = torch.randn(len(lengths), levels, longest, dim, generator=g) * mask[:, None, :, None]
+    return CaptionEncoding(words, mask, torch.randn(len(lengths), levels, dim, generator=g))
+
+
+class FakeScorer(torch.nn.Module):
+    """Scores a pair by ``img.glo . masked mean of the caption's words`` (level 0): cheap, exact, and sensitive to the
+    padding and to the order of captions."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+        self.score_calls = 0
+
+    @staticmethod
+    def _caption_vectors(cap):
+        mask = cap.mask[:, :, None].to(cap.words.dtype)
+        return (cap.words[:, 0] * mask).sum(1) / mask.sum(1)
+
+    def score(self, img, cap, chunk_mb=None):
+        self.score_calls += 1
+        return self.weight * img.glo[:, 0] @ self._caption_vectors(cap).T
+
+    def score_pairs(self, img, cap, chunk_mb=None):
+        return self.weight * (img.glo[:, 0] * self._caption_vectors(cap)).sum(-1)
+
+
+def fake_encodings(num_images, per_image=5, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (num_images * per_image,), generator=g).tolist()
+    images = ImageEncoding(torch.randn(num_images, 1, 3, dim, generator=g), torch.randn(num_images, 1, dim, generator=g))
+    return images, random_captions(lengths, levels=1, dim=dim, seed=seed + 1)
+
+
+# ---- packed captions -----------------------------------------------------------------------------------------------
+def test_pack_then_unpack_gives_back_the_padded_captions():
+    enc = random_captions([3, 7, 1, 5, 7, 2])
+    packed = PackedCaptions.pack(enc)
+    assert packed.words.shape == (3 + 7 + 1 + 5 + 7 + 2, 2, 4)
+    back = packed.unpack()
+    assert torch.equal(back.mask, enc.mask)
+    assert torch.equal(back.words, enc.words)
+    assert torch.equal(back.glo, enc.glo)
+
+
+def test_packed_subsets_are_trimmed_to_their_own_longest_caption():
+    enc = random_captions([3, 7, 1, 5, 7, 2])
+    packed = PackedCaptions.cat([PackedCaptions.pack(enc[0:2]), PackedCaptions.pack(enc[2:6])])
+    pick = torch.tensor([5, 2, 0])
+    sub = packed[pick].unpack()
+    assert sub.mask.shape == (3, 3)
+    assert torch.equal(sub.words, enc.words[pick][:, :, :3])
+    assert torch.equal(sub.mask, enc.mask[pick][:, :3])
+    assert torch.allclose(packed.global_vectors(), enc.global_vectors())
+
+
+# ---- block scoring -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blocks", [(3, 4), (100, 1000), (1, 1)])
+def test_score_matrix_equals_one_dense_call_whatever_the_blocks(blocks):
+    images, captions = fake_encodings(7)
+    scorer = FakeScorer()
+    want = scorer.score(images, captions).detach().numpy()
+    got = score_matrix(scorer, images, captions, block_images=blocks[0], block_captions=blocks[1], progress=False)
+    assert got.dtype == np.float32 and got.shape == (7, 35)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_pair_scores_follow_the_given_pairs():
+    images, captions = fake_encodings(6)
+    full = FakeScorer().score(images, captions).detach().numpy()
+    rng = np.random.default_rng(0)
+    rows, cols = rng.integers(0, 6, 50), rng.integers(0, 30, 50)
+    got = pair_scores(FakeScorer(), images, captions, rows, cols, block_pairs=7)
+    np.testing.assert_allclose(got, full[rows, cols], rtol=0, atol=1e-6)
+
+
+def test_cosine_matrix_is_the_cosine_of_the_global_vectors():
+    images, captions = fake_encodings(5)
+    img = torch.nn.functional.normalize(images.glo.mean(1), dim=-1)
+    cap = torch.nn.functional.normalize(captions.glo.mean(1), dim=-1)
+    np.testing.assert_allclose(cosine_matrix(images, captions, block_images=2), (img @ cap.T).numpy(), atol=1e-6)
+
+
+# ---- re-ranking ----------------------------------------------------------------------------------------------------
+def reference_rerank_rank(cosine_line, exact_line, k, positives):
+    """One query: its top k by cosine re-ordered by the exact score, then the rest in cosine order."""
+    by_cosine = list(np.argsort(-cosine_line, kind="stable"))
+    head = sorted(by_cosine[:k], key=lambda j: -exact_line[j])
+    order = head + by_cosine[k:]
+    return min(order.index(j) for j in positives)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_rerank_ranks_match_a_per_query_reference(k):
+    rng = np.random.default_rng(k)
+    n, per = 12, 5
+    exact = rng.standard_normal((n, per * n)).astype(np.float32)
+    cosine = (0.6 * exact + 0.8 * rng.standard_normal((n, per * n))).astype(np.float32)
+    calls = []
+
+    def scorer(rows, cols):
+        calls.append(len(rows))
+        return exact[rows, cols]
+
+    result = rerank_scores(cosine, k, scorer)
+    assert len(calls) == 1
+    union = np.zeros((n, per * n), dtype=bool)
+    for i in range(n):
+        union[i, np.argsort(-cosine[i])[:k]] = True
+    for j in range(per * n):
+        union[np.argsort(-cosine[:, j])[:k], j] = True
+    assert result.num_exact_pairs == calls[0] == union.sum()
+    want_i2t = [reference_rerank_rank(cosine[i], exact[i], k, range(per * i, per * i + per)) for i in range(n)]
+    want_t2i = [reference_rerank_rank(cosine[:, j], exact[:, j], k, [j // per]) for j in range(per * n)]
+    assert i2t_ranks(result.i2t, per)[0].tolist() == want_i2t
+    assert t2i_ranks(result.t2i, per).tolist() == want_t2i
+
+
+def test_rerank_keeps_exact_scores_above_and_cosine_order_below():
+    rng = np.random.default_rng(7)
+    exact = rng.uniform(0, 1, (8, 40)).astype(np.float32)
+    cosine = rng.uniform(-1, 1, (8, 40)).astype(np.float32)
+    result = rerank_scores(cosine, 4, lambda r, c: exact[r, c])
+    for i in range(8):
+        top = np.argsort(-cosine[i])[:4]
+        rest = np.setdiff1d(np.arange(40), top)
+        np.testing.assert_array_equal(result.i2t[i, top], exact[i, top])
+        assert result.i2t[i, rest].max() < result.i2t[i, top].min()
+        assert np.all(np.diff(result.i2t[i, rest[np.argsort(-cosine[i, rest])]]) <= 0)
+
+
+def test_rerank_with_k_at_least_the_number_of_items_is_exact():
+    rng = np.random.default_rng(3)
+    exact = rng.standard_normal((6, 30)).astype(np.float32)
+    cosine = rng.standard_normal((6, 30)).astype(np.float32)
+    result = rerank_scores(cosine, 30, lambda r, c: exact[r, c])
+    assert result.num_exact_pairs == 180
+    np.testing.assert_array_equal(result.i2t, exact)
+    np.testing.assert_array_equal(result.t2i, exact)
+    assert result.metrics() == recall_metrics(exact)
+
+
+def test_rerank_needs_a_positive_k():
+    with pytest.raises(ConfigError, match="rerank_k"):
+        rerank_scores(np.zeros((2, 10), dtype=np.float32), 0, lambda r, c: np.zeros(len(r)))
+
+
+def test_rerank_of_the_real_model_with_k_all_equals_exact_scoring(model, split):
+    images, captions = encode_split(model, split, batch_size=8, progress=False)
+    exact = score_matrix(model, images, captions, progress=False)
+    result = rerank(model, images, captions, k=split.num_captions)
+    assert isinstance(result, Reranked)
+    assert result.num_exact_pairs == split.num_images * split.num_captions
+    np.testing.assert_allclose(result.i2t, exact, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(result.t2i, exact, rtol=0, atol=1e-6)
+    assert result.metrics() == recall_metrics(exact)
+    small = rerank(model, images, captions, k=3)
+    assert small.num_exact_pairs < 3 * (split.num_images + split.num_captions)
+
+
+# ---- the real model ------------------------------------------------------------------------------------------------
+def test_encode_split_equals_encoding_everything_at_once(model, split):
+    images, captions = encode_split(model, split, batch_size=7, progress=False)
+    want_images, want_captions = direct_encodings(model, split)
+    assert len(images) == split.num_images and len(captions) == split.num_captions
+    torch.testing.assert_close(images.regions, want_images.regions, rtol=0, atol=1e-6)
+    torch.testing.assert_close(images.glo, want_images.glo, rtol=0, atol=1e-6)
+    back = captions.unpack()
+    length = back.mask.size(1)
+    assert torch.equal(back.mask, want_captions.mask[:, :length])
+    torch.testing.assert_close(back.words, want_captions.words[:, :, :length], rtol=0, atol=1e-6)
+    torch.testing.assert_close(back.glo, want_captions.glo, rtol=0, atol=1e-6)
+
+
+def test_score_matrix_equals_the_model_dense_scorer(model, split):
+    images, captions = encode_split(model, split, progress=False)
+    got = score_matrix(model, images, captions, block_images=6, block_captions=17, progress=False)
+    with torch.no_grad():
+        want = model.score(*direct_encodings(model, split)).numpy()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_float16_storage_stays_close_to_float32(model, split):
+    full = score_matrix(model, *encode_split(model, split, progress=False), progress=False)
+    half = score_matrix(model, *encode_split(model, split, store_dtype=torch.float16, progress=False), progress=False)
+    assert half.dtype == np.float32
+    np.testing.assert_allclose(half, full, rtol=0, atol=2e-3)
+
+
+def test_evaluate_on_the_first_images_keeps_the_model_mode(model, split):
+    model.train()
+    try:
+        metrics = evaluate(model, split, max_images=8)
+        assert model.training
+    finally:
+        model.eval()
+    images, captions = direct_encodings(model, split)
+    with torch.no_grad():
+        want = model.score(images[:8], CaptionEncoding(*(t[:40] for t in (captions.words, captions.mask,
+                                                                           captions.glo))))
+    assert metrics == recall_metrics(want.numpy())
+
+
+def test_a_model_without_vocabulary_asks_for_one(model, split):
+    vocab, model.vocab = model.vocab, None
+    try:
+        with pytest.raises(VocabError, match="--vocab_path"):
+            encode_split(model, split, progress=False)
+        images, _ = encode_split(model, split, vocab=vocab, max_images=2, progress=False)
+        assert len(images) == 2
+    finally:
+        model.vocab = vocab
+
+
+def test_features_of_another_size_are_refused(model, tmp_path):
+    make_synthetic(tmp_path / "other", num_train=2, num_dev=2, num_test=2, img_dim=IMG_DIM + 1, num_regions=REGIONS)
+    other = PrecompSplit.open(tmp_path, "other", "test")
+    with pytest.raises(DataError, match=r"\[2, 16, 17\].*\[\*, 16, 16\]"):
+        encode_split(model, other, progress=False)
