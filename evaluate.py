@@ -61,18 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--save_sims", default="", metavar="FILE.npy",
                      help="write the [images, captions] float32 score matrix (the average when several sources are "
                           "given) for later --sims runs")
-    out.add_argument("--overwrite", action="store_true", help="let --save_sims and --json replace existing files")
-    out.add_argument("--json", default="", metavar="OUT.json", help="write the printed numbers as JSON")
+    out.add_argument("--overwrite", action="store_true", help="let --save_sims replace an existing file")
+    out.add_argument("--json", default="", metavar="OUT.json",
+                     help="write the printed numbers as JSON (replaces the file; its folder is created)")
     run = p.add_argument_group("compute")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     run.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
-                     help="autocast on the GPU (default: %(default)s; fp32 is the reference)")
+                     help="autocast on the GPU (default: %(default)s; fp32 is the reference). Faster, but the scores "
+                          "come out rounded to the autocast precision (bf16: about 3 digits), so near-equal scores "
+                          "tie and ties count against the query: recalls can drop; check against fp32")
     run.add_argument("--batch_size", type=int, default=128,
                      help="images or captions per encoder call (default: %(default)s)")
     run.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: %(default)s)")
     run.add_argument("--score_chunk_mb", type=int, default=0, metavar="MB",
                      help="memory bound of one chunk of the pair scorer in MiB (default: the checkpoint's "
-                          "score_chunk_mb, 512)")
+                          "score_chunk_mb, 512); on a GPU with room, 4096 scores about 1.4x faster")
     run.add_argument("--store_dtype", default="float32", choices=("float32", "float16"),
                      help="precision the encodings are kept in between encoding and scoring (default: %(default)s; "
                           "float16 halves their memory)")
@@ -85,10 +88,13 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _check_output(path: str, flag: str, overwrite: bool) -> Path | None:
+def _check_output(path: str, flag: str, overwrite: bool, make_folder: bool = False) -> Path | None:
+    """Fail before any work when an output file cannot be written."""
     if not path:
         return None
     target = Path(path)
+    if make_folder:
+        target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
         raise ConfigError(f"{flag} {target} already exists; pass --overwrite to replace it or choose another file")
     if not target.parent.is_dir():
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, found {args.batch_size}")
     save_path = _check_output(args.save_sims, "--save_sims", args.overwrite)
-    json_path = _check_output(args.json, "--json", args.overwrite)
+    json_path = _check_output(args.json, "--json", overwrite=True, make_folder=True)
     progress = not args.no_progress
 
     split = PrecompSplit.open(args.data_path, args.data_name, args.split)

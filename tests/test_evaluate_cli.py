@@ -83,10 +83,12 @@ def random_sims(path, seed, shape=(N_IMG, N_CAP), dtype=np.float32):
 # ---- saved matrices ------------------------------------------------------------------------------------------------
 def test_saved_matrix_gives_the_library_metrics_in_table_and_json(capsys, data, tmp_path):
     sims = random_sims(tmp_path / "a.npy", 0)
-    status, out, err = evaluate(capsys, "--sims", tmp_path / "a.npy", "--json", tmp_path / "m.json", data=data)
-    assert status == 0, err
+    report_path = tmp_path / "new_folder" / "m.json"  # created; an existing report is replaced
+    for _ in range(2):
+        status, out, err = evaluate(capsys, "--sims", tmp_path / "a.npy", "--json", report_path, data=data)
+        assert status == 0, err
     want = recall_metrics(sims)
-    report = read_json(tmp_path / "m.json")
+    report = read_json(report_path)
     assert report["metrics"] == want
     assert report["exact_pairs"] == N_IMG * N_CAP and report["protocol"] == "all"
     assert f"rsum  {want['rsum']:.1f}" in out
