@@ -250,3 +250,31 @@ def test_expected_errors_exit_2_with_one_line_and_a_traceback_only_with_debug(da
     assert "Traceback" not in result.stderr
     result = subprocess.run(argv + ["--debug"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+# ---- official checkpoints ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sgraf_saf", "sgraf_sgr", "lhsc"])
+def test_official_checkpoint_scores_match_the_original_code(capsys, shared_dir, tmp_path, name):
+    """The reference case as a precomp split (5 images, caption i of image i) evaluated through evaluate.py with
+    the official checkpoint and a vocabulary file: the saved matrix is the original code's scores."""
+    from hsc_pyg.data.vocab import Vocabulary
+
+    ref = shared_dir / "fixtures" / "reference"
+    case = torch.load(ref / f"{name}.case.pt", weights_only=True)
+    vocab = Vocabulary(f"w{i}" for i in range(4, 50))
+    vocab.save(tmp_path / "vocab.json")
+    folder = tmp_path / "case_precomp"
+    folder.mkdir()
+    n = case["images"].shape[0]
+    np.save(folder / "test_ims.npy", case["images"].numpy().astype(np.float32))
+    words = {3: "never_seen"} | {i: f"w{i}" for i in range(4, 50)}
+    lines = [" ".join(words[t] for t in ids[1:-1]) for ids in case["captions"][:n]]
+    assert [vocab.encode(line) for line in lines] == [list(ids) for ids in case["captions"][:n]]
+    (folder / "test_caps.txt").write_text("\n".join(lines) + "\n")
+    status, _, err = evaluate(capsys, "--model", ref / f"{name}.pth.tar", "--vocab_path", tmp_path / "vocab.json",
+                              "--save_sims", tmp_path / "s.npy", "--json", tmp_path / "m.json", "--device", "cpu",
+                              data=tmp_path, name="case_precomp")
+    assert status == 0, err
+    expected = case["expected_sims"][:, :n].numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), expected, rtol=0, atol=1e-4)
+    assert read_json(tmp_path / "m.json")["metrics"] == recall_metrics(expected.astype(np.float32), per_image=1)
