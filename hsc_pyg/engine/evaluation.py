@@ -4,8 +4,8 @@ The pipeline of ``evaluate.py`` and of training's validation (MODEL.md §4):
 
 1. :func:`encode_split` runs the encoders once per image and once per caption, in batches (captions grouped by length),
    and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions
-   packed without padding as a :class:`PackedCaptions` (COCO 5K: 25,000 captions of 13 words on average but up to ~50;
-   padding them all to the longest would take 4x the memory).
+   packed without padding as a :class:`PackedCaptions` (COCO test captions: 13 tokens on average, up to 40; padding
+   every caption to the longest would take 3x the memory).
 2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length with the model's dense
    chunked scorer and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K), with a progress bar and an ETA.
 3. :mod:`hsc_pyg.engine.metrics` turns the matrix into recalls.
