@@ -143,3 +143,16 @@ def test_training_mode_saf_norm_uses_per_caption_statistics():
     torch.testing.assert_close(norm.running_mean, mean_run)
     torch.testing.assert_close(norm.running_var, var_run)
     assert int(norm.num_batches_tracked) == 3
+
+
+def test_bf16_autocast_scores_stay_float32_and_close():
+    model = random_model("saf", "higher").float()
+    img, cap = random_encodings(4, LENGTHS, 1)
+    img, cap = img.to(dtype=torch.float32), cap.to(dtype=torch.float32)
+    with torch.no_grad():
+        exact = model.score(img, cap)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.score(img, cap)
+    assert low.dtype == torch.float32
+    assert (low - exact).abs().max() < 2e-2
+    assert low.unique().numel() == low.numel()  # no ties from a bf16 output

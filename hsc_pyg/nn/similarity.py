@@ -195,4 +195,7 @@ class SimilarityModule(nn.Module):
         ``mask [..., L]``, ``cap_glo [..., d]`` -> ``[...]`` in (0, 1)."""
         sim_emb, node_mask = self.align(regions, img_glo, words, mask, cap_glo)
         vec = self.head(sim_emb, node_mask)
-        return torch.sigmoid(self.score_proj(vec)).squeeze(-1)
+        # the final score in float32 even under autocast: bf16 has ~3 significant digits near 0.5, so reduced-precision
+        # scores would tie and ties count against the query in the ranking
+        with torch.autocast(device_type=vec.device.type, enabled=False):
+            return torch.sigmoid(self.score_proj(vec.float())).squeeze(-1)
