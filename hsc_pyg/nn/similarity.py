@@ -198,4 +198,4 @@ class SimilarityModule(nn.Module):
         # the final score in float32 even under autocast: bf16 has ~3 significant digits near 0.5, so reduced-precision
         # scores would tie and ties count against the query in the ranking
         with torch.autocast(device_type=vec.device.type, enabled=False):
-            return torch.sigmoid(self.score_proj(vec.float())).squeeze(-1)
+            return torch.sigmoid(self.score_proj(vec.to(self.score_proj.weight.dtype))).squeeze(-1)
