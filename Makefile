@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) evaluate.py --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
 		--split test --json $(DEMO_RUN)/test_metrics.json --rerank_k 10
 	$(PY) -m hsc_pyg.viz --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
-		--split test --image 0 --caption 0 --level all --out graphs/
+		--split test --image 2 --caption 10 --level all --out graphs/demo --overwrite
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results/latest.json
