@@ -1,0 +1,106 @@
+"""Train HSC or SGRAF on a SCAN precomp dataset.
+
+    python train.py --data_path DIR --data_name f30k_precomp --num_epochs 50 --lr_update 20
+    python train.py --config configs/demo.json --data_path data --data_name synthetic_precomp
+    python train.py --resume runs/run/checkpoint/checkpoint.pth
+
+The loop is :func:`hsc_pyg.engine.train.train`; this file parses flags, prints and exits (status 2 with a one-line
+message on an expected error, 130 after Ctrl-C, which saves a resumable checkpoint first).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Sequence
+
+from hsc_pyg.config import Config, add_config_arguments, apply_preset, config_from_args
+from hsc_pyg.errors import ConfigError, HSCError
+
+DESCRIPTION = """\
+Train HSC (ICMR 2022) or SGRAF (AAAI 2021) for image-text retrieval. Flags keep the names and defaults of the original
+SGRAF/HSC train.py (batch 128, Adam lr 2e-4 x0.1 every --lr_update epochs, gradient clip 2.0, margin 0.2, hardest
+negatives). Validation (first 1,000 dev images / 5,000 captions) runs every --val_step iterations and at each epoch end;
+--model_name receives checkpoint.pth (last), model_best.pth (best dev rsum), config.json and vocab.json; --logger_name
+receives TensorBoard scalars. Ctrl-C saves a resumable checkpoint.pth; --resume continues exactly."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (what is wrong, and where to look) and exits with status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python train.py", description=DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--config", default="", metavar="FILE",
+                     help="a JSON config (a config.json written by train.py, or configs/demo.json); flags override it")
+    run.add_argument("--resume", default="", metavar="PATH",
+                     help="continue a run exactly from its checkpoint.pth (its config is used; flags override all but "
+                          "the architecture)")
+    run.add_argument("--max_iters", type=int, default=0, metavar="N",
+                     help="stop after N iterations in total, saving a resumable checkpoint (default: 0 = no limit)")
+    run.add_argument("--dry_run", action="store_true", help="build everything, run one batch, print its loss, write nothing")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let --model_name hold another run's checkpoints (they are replaced)")
+    run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    run.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_config_arguments(parser.add_argument_group("options (defaults: the papers')"))
+    return parser
+
+
+def make_config(args: argparse.Namespace):
+    """The run's Config and, when resuming, the checkpoint dict."""
+    if not args.resume:
+        return config_from_args(args), None
+    from hsc_pyg.engine.checkpoint import read_checkpoint
+    from hsc_pyg.engine.train import resume_config
+
+    if args.config:
+        raise ConfigError("--config and --resume exclude each other: a resumed run uses its checkpoint's config")
+    checkpoint = read_checkpoint(args.resume)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    return resume_config(checkpoint, given, source=args.resume), checkpoint
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hsc_pyg.engine.train import Interrupted, train
+
+    try:
+        config, checkpoint = make_config(args)
+        if args.max_iters < 0:
+            raise ConfigError(f"--max_iters must not be negative, found {args.max_iters}")
+        from tqdm.auto import tqdm
+
+        def log(line: str) -> None:
+            tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
+
+        result = train(config, resume=checkpoint, dry_run=args.dry_run, overwrite=args.overwrite,
+                       max_iters=args.max_iters or None, log=log, progress=not args.no_progress)
+    except Interrupted as e:
+        print(f"interrupted at iteration {e.iteration}: saved {e.path}; continue with --resume {e.path}",
+              file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+    except HSCError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if not args.dry_run:
+        best = f"{result.best_rsum:.1f}" if result.best_rsum > float("-inf") else "none (no validation yet)"
+        print(f"done: epoch {result.epoch}, iteration {result.iteration}, best dev rsum {best}"
+              + (f", {result.skipped} batches skipped (non-finite loss)" if result.skipped else "")
+              + f"; checkpoints in {config.model_name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
