@@ -3,6 +3,10 @@
     python evaluate.py --model runs/run/checkpoint/model_best.pth --data_path data --data_name f30k_precomp --split test
     python evaluate.py --model SAF.pth --model SGR.pth --data_path DIR --data_name coco_precomp --split testall --fold5
     python evaluate.py --sims saf.npy --sims sgr.npy --data_path DIR --data_name f30k_precomp --split test
+    torchrun --nproc_per_node 4 evaluate.py --model CKPT --data_path DIR --data_name coco_precomp --split testall
+
+Under torchrun the image rows of each score matrix are split across the processes (one per GPU) and gathered on
+rank 0, which alone prints and writes; the numbers are those of one process.
 
 The work is done by :mod:`hsc_pyg.engine.evaluation` and :mod:`hsc_pyg.engine.metrics`; this file parses flags,
 prints and exits (status 2 with a one-line message on an expected error).
@@ -10,6 +14,7 @@ prints and exits (status 2 with a one-line message on an expected error).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -85,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    from hsc_pyg.engine.distributed import is_main
+
+    if is_main():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def _check_output(path: str, flag: str, overwrite: bool, make_folder: bool = False) -> Path | None:
@@ -174,6 +182,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from hsc_pyg import load_checkpoint
     from hsc_pyg.data.precomp import PrecompSplit
     from hsc_pyg.data.vocab import Vocabulary
+    from hsc_pyg.engine import distributed
     from hsc_pyg.engine import evaluation as ev
     from hsc_pyg.engine.metrics import average_metrics, fold_slices, format_table, recall_metrics
 
@@ -192,7 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--batch_size must be at least 1, found {args.batch_size}")
     save_path = _check_output(args.save_sims, "--save_sims", args.overwrite)
     json_path = _check_output(args.json, "--json", overwrite=True, make_folder=True)
-    progress = not args.no_progress
+    main_rank = distributed.is_main()  # under torchrun the other ranks only score their rows of each matrix
+    progress = not args.no_progress and main_rank
 
     split = PrecompSplit.open(args.data_path, args.data_name, args.split)
     n, m, per_image = split.num_images, split.num_captions, split.per_image
@@ -207,11 +217,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     average = Average()
     seconds: dict[str, float] = {}
 
-    for path in args.sims:
+    for path in args.sims if main_rank else []:
         sims = load_sims(path, (n, m), args.data_name, args.split)
         average.add([sims[rows, cols] for rows, cols in blocks])
 
-    device = ev.resolve_device(args.device) if args.model else None
+    device = distributed.local_device(ev.resolve_device(args.device)) if args.model else None
     vocab = Vocabulary.load(args.vocab_path) if args.vocab_path and args.model else None
     members = []
     for path in args.model:
@@ -223,11 +233,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                             progress=progress)
         seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
-        average.add([ev.score_matrix(model, img_enc[rows], captions[cols], chunk_mb=args.score_chunk_mb or None,
-                                     amp=args.amp, progress=progress) for rows, cols in blocks], owned=True)
+        parts = [ev.score_matrix_distributed(model, img_enc[rows], captions[cols], amp=args.amp, progress=progress,
+                                             chunk_mb=args.score_chunk_mb or None) for rows, cols in blocks]
         seconds["score"] = seconds.get("score", 0.0) + time.perf_counter() - start
+        if main_rank:
+            average.add(parts, owned=True)
         if args.rerank_k:
             members.append((model, img_enc, captions))
+    if not main_rank:
+        return {}
     scores = average.mean()
 
     if save_path is not None:
@@ -272,10 +286,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def torchrun_job(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """Under torchrun, membership of its job (one process per GPU: nccl, or gloo on the CPU); otherwise nothing."""
+    from hsc_pyg.engine import distributed
+    from hsc_pyg.engine.evaluation import resolve_device
+
+    if not distributed.launched_by_torchrun():
+        return contextlib.nullcontext()
+    return distributed.process_group(resolve_device(args.device))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with torchrun_job(args):
+            run(args)
     except HSCError as e:
         if args.debug:
             raise

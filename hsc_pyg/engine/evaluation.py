@@ -8,6 +8,8 @@ The pipeline of ``evaluate.py`` and of training's validation (MODEL.md §4):
    every caption to the longest would take 3x the memory).
 2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length with the model's dense
    chunked scorer and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K), with a progress bar and an ETA.
+   Under ``torchrun``, :func:`score_matrix_distributed` splits the image rows across the processes and gathers the
+   matrix on rank 0, with the same numbers.
 3. :mod:`hsc_pyg.engine.metrics` turns the matrix into recalls.
 
 Re-ranking (:func:`rerank`): rank by the cosine of the global vectors, score only each query's top K exactly.
@@ -29,6 +31,7 @@ from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, VocabError
 from ..nn.functional import l2norm
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
+from . import distributed
 from .metrics import fold5_metrics, recall_metrics
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,6 +256,24 @@ def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncod
     return out
 
 
+def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+                             block_images: int = 128, block_captions: int = 1024, chunk_mb: int | None = None,
+                             amp: str = "off", progress: bool = True) -> np.ndarray | None:
+    """:func:`score_matrix` with the image rows split across the processes of ``torch.distributed``.
+
+    Every rank holds all the encodings (encoding is linear and cheap; scoring is quadratic); rank ``r`` scores the
+    rows :func:`~hsc_pyg.engine.distributed.shard_rows` gives it, cut at multiples of ``block_images`` so that each of
+    its blocks is a block of the single-process computation, and rank 0 receives the whole ``[N, M]`` matrix: the
+    same numbers as :func:`score_matrix`. Returns the matrix on rank 0 and None on the others; without
+    torch.distributed it is :func:`score_matrix`. The ranks must hold the same weights and buffers
+    (:func:`~hsc_pyg.engine.distributed.broadcast_buffers` after training steps).
+    """
+    rows = distributed.shard_rows(len(img_enc), block_images)
+    part = score_matrix(model, img_enc[rows.start:rows.stop], captions, block_images, block_captions, chunk_mb, amp,
+                        progress and distributed.is_main())
+    return distributed.gather_rows(part, len(img_enc), block_images)
+
+
 def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
                 rows: np.ndarray, cols: np.ndarray, block_pairs: int = 4096, chunk_mb: int | None = None,
                 amp: str = "off", progress: bool = False) -> np.ndarray:
@@ -371,8 +392,18 @@ def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = No
              fold5: bool = False, batch_size: int = 128, device: str | torch.device | None = None, amp: str = "off",
              chunk_mb: int | None = None, progress: bool = False) -> dict[str, Any]:
     """Recall metrics of ``model`` on ``split`` (all of it, or its first ``max_images`` images and their captions;
-    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol. The model's mode is kept."""
+    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol. The model's mode is kept.
+
+    Under ``torchrun`` every rank calls it and gets the same metrics: each encodes the split, scores its rows of the
+    matrix (:func:`score_matrix_distributed`), rank 0 ranks them and sends the metrics to the others."""
+    progress = progress and distributed.is_main()
     img_enc, captions = encode_split(model, split, vocab, batch_size=batch_size, device=device, max_images=max_images,
                                      amp=amp, progress=progress)
+    if distributed.is_distributed():  # rows split across the ranks; every rank gets rank 0's metrics
+        sims = score_matrix_distributed(model, img_enc, captions, chunk_mb=chunk_mb, amp=amp, progress=progress)
+        metrics = None
+        if sims is not None:
+            metrics = fold5_metrics(sims, split.per_image) if fold5 else recall_metrics(sims, split.per_image)
+        return distributed.broadcast_object(metrics)
     sims = score_matrix(model, img_enc, captions, chunk_mb=chunk_mb, amp=amp, progress=progress)
     return fold5_metrics(sims, split.per_image) if fold5 else recall_metrics(sims, split.per_image)
