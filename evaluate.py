@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from hsc_pyg.errors import ConfigError, DataError, HSCError
+from hsc_pyg.errors import ConfigError, DataError, HSCError, os_error_reason
 
 DESCRIPTION = """\
 Image-text retrieval recalls (MODEL.md section 4): i2t = an image's best-ranked caption among its 5, t2i = a caption's
@@ -102,11 +102,17 @@ def _check_output(path: str, flag: str, overwrite: bool, make_folder: bool = Fal
         return None
     target = Path(path)
     if make_folder:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{flag} {target}: cannot create folder {target.parent} ({os_error_reason(e)}); "
+                              "choose another file") from None
     if target.exists() and not overwrite:
         raise ConfigError(f"{flag} {target} already exists; pass --overwrite to replace it or choose another file")
     if not target.parent.is_dir():
         raise ConfigError(f"{flag} {target}: folder {target.parent} does not exist; create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag} {target}: folder {target.parent} is not writable; choose another file")
     return target
 
 

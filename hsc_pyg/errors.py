@@ -3,12 +3,22 @@
 Every expected failure (bad data, bad config, bad checkpoint) raises a subclass of :class:`HSCError` whose message is a
 single line: what is wrong, where, and how to fix it. The command lines print that line to stderr and exit with status 2.
 """
+from pathlib import Path
 
 
 class HSCError(Exception):
     """Base class of the errors a user can cause and fix."""
 
     exit_code = 2
+
+    def __init__(self, *args: object) -> None:
+        # A DataLoader worker's error is raised again in the main process as ``type(error)(text)``, where the text is
+        # "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nhsc_pyg.errors.DataError: <line>":
+        # keep the original one-line message.
+        if len(args) == 1 and isinstance(args[0], str) and "\nOriginal Traceback" in args[0]:
+            last = args[0].rstrip().rsplit("\n", 1)[-1]
+            args = (last.partition(": ")[2] or last,)
+        super().__init__(*args)
 
 
 class DataError(HSCError):
@@ -29,3 +39,14 @@ class CheckpointError(HSCError):
 
 class TrainingError(HSCError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+def os_error_reason(error: OSError) -> str:
+    """Why a file or folder could not be written, for a one-line message: the file that stands where a folder is
+    needed, else the system's reason and the path it names."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and error.filename:
+        path = Path(error.filename)
+        blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return f"{blocking} is a file, not a folder"
+    return f"{error.strerror}: {error.filename}" if error.filename else str(error.strerror or error)

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, HSCError
+from ..errors import ConfigError, HSCError, os_error_reason
 
 CLASSES = ("cube", "ball", "cone", "cylinder", "ring", "pyramid")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -228,7 +228,12 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS
     if existing and not overwrite:
         raise ConfigError(f"{out} already holds a dataset ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
                           "pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"cannot write into {out} (the folder is not writable); choose a writable --out")
 
     protos = _Prototypes(np.random.default_rng([seed, 0]), img_dim, grid)
     files: dict[str, bytes] = {}

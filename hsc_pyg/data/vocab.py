@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from ..errors import ConfigError, HSCError, VocabError
+from ..errors import ConfigError, HSCError, VocabError, os_error_reason
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
@@ -217,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         captions = read_lines(caption_file(args.data_path, args.data_name, args.split), what="caption")
         vocab = build_vocab(captions, threshold=args.threshold)
-        vocab.save(out)
+        try:
+            vocab.save(out)
+        except OSError as e:
+            raise ConfigError(f"cannot write {out} ({os_error_reason(e)}); choose a writable --out") from None
     except HSCError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..data.vocab import Vocabulary
-from ..errors import CheckpointError, HSCError
+from ..errors import CheckpointError, HSCError, os_error_reason
 from ..nn.model import HSCModel, build_model
 
 FORMAT = "hsc_pyg"
@@ -40,8 +40,11 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     A crash at any moment leaves either the previous file or the complete new one, never a truncated file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path} ({os_error_reason(e)}); choose a writable path") from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -53,9 +56,12 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # e.g. the disk is full: the previous file is intact
+            raise CheckpointError(f"cannot write {path} ({e.strerror}); the previous {path.name}, if any, is intact; "
+                                  "free disk space or choose another path") from None
         raise
 
 

@@ -34,11 +34,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..config import Config
+from ..data.graphs import parse_edge_spec
 from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
+from ..nn.layers import LAYERS
 from ..nn.loss import ContrastiveLoss
 from ..nn.model import HSCModel, build_model
+from ..nn.similarity import HEADS
 from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluation import VALIDATION_IMAGES, autocast, evaluate, resolve_device
 from .metrics import RECALL_KEYS
@@ -88,12 +91,31 @@ def check_config(config: Config) -> None:
             raise ConfigError(f"--{name} must not be negative, found {getattr(config, name)}")
     if config.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"--nan_policy {config.nan_policy!r} is unknown; choose stop or skip")
+    # names are resolved deep inside the model and the data set: say which flag is wrong
+    for flag, choices in (("img_gnn", LAYERS), ("txt_gnn", LAYERS), ("head", HEADS)):
+        name = getattr(config, flag)
+        if name not in choices:
+            raise ConfigError(f"--{flag} {name!r} is unknown; choose one of {', '.join(sorted(choices))}")
+    for flag in ("img_edges", "txt_edges"):
+        try:
+            parse_edge_spec(getattr(config, flag))
+        except ConfigError as e:
+            raise ConfigError(f"--{flag}: {e}") from None
     config.levels()
+
+
+def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
+    """CheckpointError unless ``checkpoint`` holds the training state (a model_best.pth or a converted official
+    checkpoint holds weights only)."""
+    if "optimizer" not in checkpoint or "sampler" not in checkpoint:
+        raise CheckpointError(f"{source} holds weights but no training state, so it cannot be resumed; resume from "
+                              "the run's checkpoint.pth, or evaluate this one with evaluate.py")
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any], source: str) -> Config:
     """The config of a resumed run: the checkpoint's, with the options given on the command line (not the
     architecture: the saved weights fix it)."""
+    check_resumable(checkpoint, source)
     base = Config.from_dict(checkpoint["config"], source=source)
     changed = [k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(base, k)]
     if changed:
@@ -169,19 +191,25 @@ def open_data(config: Config, vocab: Vocabulary | None) -> tuple[PrecompSplit, P
     return train_split, dev_split, vocab
 
 
-def prepare_output(folder: Path, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a folder that holds another run's checkpoints (unless ``--overwrite`` or ``--resume``)."""
+def prepare_output(folder: Path, overwrite: bool, resuming: bool, log_folder: Path | None = None) -> None:
+    """Refuse to write into a folder that holds another run's checkpoints (unless ``--overwrite`` or ``--resume``);
+    fail before anything is replaced when it or the TensorBoard folder ``log_folder`` cannot be written."""
     existing = [name for name in (CHECKPOINT, BEST) if (folder / name).exists()]
     if existing and not (overwrite or resuming):
         raise ConfigError(f"{folder} already holds {' and '.join(existing)} of another run; pass --resume "
                           f"{folder / CHECKPOINT} to continue it, --overwrite to replace it, or another --model_name")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write checkpoints into {folder} ({e.strerror}); choose a writable --model_name") from None
+    targets = [(folder, "checkpoints", "--model_name"), (log_folder, "TensorBoard logs", "--logger_name")]
+    for target, what, flag in targets:
+        if target is None:
+            continue
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            probe = target / ".write_test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"cannot write {what} into {target} ({os_error_reason(e)}); "
+                              f"choose a writable {flag}") from None
 
 
 # --------------------------------------------------------------------------- Ctrl-C
@@ -276,11 +304,9 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     checkpoint = None
     if resume is not None:
         checkpoint = resume if isinstance(resume, dict) else read_checkpoint(resume)
-        if "optimizer" not in checkpoint or "sampler" not in checkpoint:
-            raise CheckpointError(f"{resume if not isinstance(resume, dict) else 'the checkpoint'} holds weights but "
-                                  "no training state, so it cannot be resumed; evaluate it with evaluate.py instead")
+        check_resumable(checkpoint, "the checkpoint" if isinstance(resume, dict) else str(resume))
     if not dry_run:
-        prepare_output(out, overwrite, resuming=checkpoint is not None)
+        prepare_output(out, overwrite, resuming=checkpoint is not None, log_folder=Path(config.logger_name))
     seed_everything(config.seed, config.deterministic)
 
     # ---- data and vocabulary

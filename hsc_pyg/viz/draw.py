@@ -21,7 +21,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Circle, ConnectionPatch, Rectangle
 
-from ..errors import DataError
+from ..errors import DataError, os_error_reason
 from .relations import VizError
 
 DPI = 100
@@ -304,8 +304,9 @@ def make_folder(folder: Path) -> None:
     """Create the output folder (and its parents); VizError when a file is in the way."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise VizError(f"--out {folder} is not a folder (a file of that name exists); choose another --out") from None
+    except OSError as e:
+        raise VizError(f"--out {folder} is not a folder it can write into ({os_error_reason(e)}); "
+                       "choose another --out") from None
 
 
 def graph_json(g: nx.DiGraph) -> dict:

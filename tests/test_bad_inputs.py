@@ -1,0 +1,366 @@
+"""The bad-input corpus: every command, fed a broken input, exits with status 2 and one line on stderr that says what is
+wrong, where and how to fix it, and leaves every existing file as it was.
+
+Each case copies one good tree (a tiny built-in dataset, a tiny checkpoint, an output folder that already holds a
+previous run's files), breaks one thing in its copy, runs one real command line in a subprocess and compares every
+file of the tree before and after. The subprocesses run concurrently (each one spends seconds importing torch); the
+table below is the documentation of what each command says.
+
+Covered elsewhere, in-process: the malicious pickle and the SIGKILL during a save (test_checkpoint.py), the NaN / inf
+loss that stops or skips (test_train.py: test_nan_loss_*) and Ctrl-C during training (test_train.py:
+test_ctrl_c_saves_a_checkpoint_that_resumes_exactly). Here, through the command line, Ctrl-C once more: train.py
+receives SIGINT, saves a resumable checkpoint and exits with status 130.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch._utils import ExceptionWrapper
+
+from hsc_pyg.config import Config
+from hsc_pyg.data.precomp import PrecompSplit
+from hsc_pyg.data.synthetic import make_synthetic
+from hsc_pyg.data.vocab import Vocabulary, build_vocab
+from hsc_pyg.engine.checkpoint import read_checkpoint, save_checkpoint
+from hsc_pyg.errors import DataError
+from hsc_pyg.nn.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = "synthetic_precomp"
+#: test split: 4 images x 16 regions x 8 features, 20 captions; train: 6 images, 30 captions
+SIZES = dict(num_train=6, num_dev=4, num_test=4, img_dim=8, num_regions=16)
+SMALL = dict(img_dim=8, num_regions=16, embed_size=16, word_dim=8, sim_dim=8, img_layers=1, txt_layers=1)
+
+EVALUATE_DATA = ["evaluate.py", "--data_path", "{data}", "--data_name", NAME, "--split", "test", "--device", "cpu",
+                 "--no_progress", "--json", "{out}/report.json"]
+EVALUATE = EVALUATE_DATA + ["--model", "{ckpt}", "--save_sims", "{out}/sims.npy", "--overwrite"]
+TRAIN_RUN = ["train.py", "--data_path", "{data}", "--data_name", NAME, "--model_name", "{out}", "--logger_name",
+             "{out}/log", "--device", "cpu", "--no_progress"]
+TRAIN = TRAIN_RUN + ["--embed_size", "16", "--word_dim", "8", "--sim_dim", "8", "--img_layers", "1", "--txt_layers",
+                     "1", "--batch_size", "5", "--vocab_threshold", "1"]
+VIZ = ["-m", "hsc_pyg.viz", "--model", "{ckpt}", "--data_path", "{data}", "--data_name", NAME, "--split", "test",
+       "--out", "{out}/graphs"]
+VOCAB = ["-m", "hsc_pyg.data.vocab", "--data_path", "{data}", "--data_name", NAME, "--out", "{out}/vocab.json",
+         "--threshold", "1", "--overwrite"]
+CONVERT = ["-m", "hsc_pyg.engine.checkpoint", "{ckpt}", "{out}/converted.pth", "--overwrite"]
+SYNTHETIC = ["-m", "hsc_pyg.data.synthetic", "--out", "{data}/" + NAME, "--overwrite", "--train", "6", "--dev", "4",
+             "--test", "4", "--img_dim", "8", "--regions", "16"]
+
+
+# --------------------------------------------------------------------------- ways to break the good tree
+def split_file(tree: Path, suffix: str, split: str = "test") -> Path:
+    return tree / "data" / NAME / f"{split}_{suffix}"
+
+
+def edit_array(suffix: str, change: Callable[[np.ndarray], np.ndarray], split: str = "test"):
+    def setup(tree: Path) -> None:
+        path = split_file(tree, suffix, split)
+        np.save(path, change(np.load(path)), allow_pickle=True)
+    return setup
+
+
+def nan_in_image_2(array: np.ndarray) -> np.ndarray:
+    array[2, 3, 1] = np.nan
+    return array
+
+
+def nine_regions(tree: Path) -> None:
+    for suffix in ("ims.npy", "boxes.npy"):
+        edit_array(suffix, lambda a: a[:, :9])(tree)
+
+
+def edit_captions(change: Callable[[bytes], bytes], split: str = "test"):
+    def setup(tree: Path) -> None:
+        path = split_file(tree, "caps.txt", split)
+        path.write_bytes(change(path.read_bytes()))
+    return setup
+
+
+def replace_line(number: int, text: bytes) -> Callable[[bytes], bytes]:
+    def change(data: bytes) -> bytes:
+        lines = data.split(b"\n")
+        lines[number - 1] = text
+        return b"\n".join(lines)
+    return change
+
+
+def write(name: str, content: bytes | Callable[[Path], bytes]):
+    """Write ``tree/name`` (``content`` may be computed from the tree)."""
+    def setup(tree: Path) -> None:
+        (tree / name).write_bytes(content(tree) if callable(content) else content)
+    return setup
+
+
+def save_torch(name: str, obj) -> Callable[[Path], None]:
+    def setup(tree: Path) -> None:
+        torch.save(obj, tree / name)
+    return setup
+
+
+def truncated_checkpoint(tree: Path) -> bytes:
+    data = (tree / "model.pth").read_bytes()
+    return data[: len(data) // 2]
+
+
+def smaller_vocabulary(tree: Path) -> bytes:
+    return json.dumps(Vocabulary(["a", "red", "cube"]).to_dict()).encode()
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    command: list[str]  # after "python"; {data}, {ckpt}, {out} and {tree} are filled in
+    message: str  # a regular expression the error line must match
+    setup: Callable[[Path], None] | None = None
+
+
+CASES = [
+    # ---- data folder and split
+    Case("missing data folder", EVALUATE + ["--data_path", "{tree}/no_data"],
+         r"data folder {tree}/no_data does not exist .*python -m hsc_pyg.data.synthetic --out"),
+    Case("missing split", EVALUATE + ["--split", "val"],
+         r"{data}/synthetic_precomp/val_ims.npy is missing \(.* has splits: dev, test, train\); every split needs"),
+    # ---- region features
+    Case("ims.npy of rank 2", EVALUATE, r"test_ims.npy: expected a 3-D array \[images, regions, features\], found "
+         r"shape \(4, 128\)", edit_array("ims.npy", lambda a: a.reshape(4, -1))),
+    Case("ims.npy of int dtype", EVALUATE, r"test_ims.npy: expected float32 or float16 features, found dtype int64; "
+         r"convert with array.astype\(numpy.float32\)", edit_array("ims.npy", lambda a: a.astype(np.int64))),
+    Case("ims.npy of object dtype", EVALUATE, r"test_ims.npy: expected float32 or float16 features, found dtype "
+         r"object", edit_array("ims.npy", lambda a: a.astype(object))),
+    Case("region count other than the checkpoint's", EVALUATE,
+         r"test_ims.npy holds \[4, 9, 8\] features but checkpoint {ckpt} expects \[\*, 16, 8\]; evaluate it on the "
+         r"dataset it was trained on", nine_regions),
+    Case("NaN in features", EVALUATE, r"test_ims.npy: image 2 has NaN or inf values; re-extract its features",
+         edit_array("ims.npy", nan_in_image_2)),
+    Case("inf in features, read by a loader worker", TRAIN + ["--dry_run", "--workers", "1"],
+         r"^error: {data}/synthetic_precomp/train_ims.npy: image \d has NaN or inf values",
+         edit_array("ims.npy", lambda a: np.full_like(a, np.inf), split="train")),
+    # ---- captions
+    Case("captions not a multiple of the images", EVALUATE,
+         r"test_caps.txt has 19 captions for 4 images in test_ims.npy; expected a whole number of captions per image",
+         edit_captions(lambda data: data.split(b"\n", 1)[1])),
+    Case("empty caption line", EVALUATE, r"test_caps.txt line 3 is empty; expected one caption per line: write the "
+         r"caption or remove the line", edit_captions(replace_line(3, b"  "))),
+    Case("non-UTF-8 caption", VOCAB, r"train_caps.txt line 2 is not valid UTF-8 \(byte 0xff\); .*re-save the file "
+         r"as UTF-8", edit_captions(replace_line(2, b"a caf\xff cube"), split="train")),
+    # ---- vocabulary
+    Case("malformed vocabulary JSON", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
+         r"vocabulary file {tree}/vocab.json is not valid JSON \(.* at line 1 column \d+\); rebuild it with",
+         write("vocab.json", b'{"word2idx": {"<pad>": 0,')),
+    Case("empty vocabulary JSON", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
+         r"vocabulary file {tree}/vocab.json is empty; expected the SCAN JSON layout", write("vocab.json", b"\n")),
+    Case("vocabulary size other than the checkpoint's", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
+         r"the vocabulary has 7 words but checkpoint {ckpt} was trained with vocab_size=\d+; pass the vocabulary it "
+         r"was trained with", write("vocab.json", smaller_vocabulary)),
+    # ---- boxes
+    Case("boxes of the wrong shape", VIZ + ["--image", "0"],
+         r"test_boxes.npy: expected boxes of shape \(4, 16, 4\) .* found \(4, 16, 2\); fix or remove the boxes file",
+         edit_array("boxes.npy", lambda a: a[..., :2])),
+    # ---- checkpoints
+    Case("truncated checkpoint", EVALUATE, r"checkpoint {ckpt} is not a readable PyTorch checkpoint .*re-download or "
+         r"re-save it", write("model.pth", truncated_checkpoint)),
+    Case("random bytes as checkpoint", CONVERT, r"checkpoint {ckpt} is not a readable PyTorch checkpoint",
+         write("model.pth", np.random.default_rng(0).bytes(4096))),
+    Case("text file as checkpoint", VIZ + ["--image", "0"], r"checkpoint {ckpt} is not a readable PyTorch checkpoint",
+         write("model.pth", b"model: hsc\nepochs: 30\n")),
+    Case("checkpoint of another model family", EVALUATE,
+         r"checkpoint {ckpt} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint \(top-level keys: epoch, "
+         r"state_dict\)", save_torch("model.pth", {"state_dict": {"conv1.weight": torch.zeros(2, 3)}, "epoch": 3})),
+    Case("weights-only checkpoint given to --resume", TRAIN_RUN + ["--resume", "{ckpt}"],
+         r"^error: {ckpt} holds weights but no training state, so it cannot be resumed; resume from the run's "
+         r"checkpoint.pth, or evaluate this one with evaluate.py$"),
+    Case("--resume pointing nowhere", TRAIN_RUN + ["--resume", "{tree}/nowhere.pth"],
+         r"checkpoint {tree}/nowhere.pth does not exist"),
+    # ---- options
+    Case("unknown layer name", TRAIN + ["--dry_run", "--img_gnn", "gat9"],
+         r"--img_gnn 'gat9' is unknown; choose one of gat, gatv2, gcn, .*hsc, hsc_text, none"),
+    Case("unknown edge builder", TRAIN + ["--dry_run", "--img_edges", "delaunay"],
+         r"--img_edges: edge spec 'delaunay' is unknown; valid: full, knn:K, spatial, window:K, none"),
+    Case("unknown similarity head", TRAIN + ["--dry_run", "--head", "cosine"],
+         r"--head 'cosine' is unknown; choose one of saf, sgr"),
+    Case("batch_size larger than the dataset", TRAIN + ["--dry_run", "--batch_size", "31"],
+         r"--batch_size 31 is larger than the 30 captions of {data}/synthetic_precomp/train_caps.txt; use at most 30"),
+    Case("--fold5 on 4 images", EVALUATE_DATA + ["--model", "{ckpt}", "--fold5"],
+         r"--fold5 splits the images into folds of 1000, but found 4 images; .*use --split testall, or drop --fold5"),
+    Case("saved score matrix of the wrong shape", EVALUATE_DATA + ["--sims", "{tree}/old.npy"],
+         r"--sims {tree}/old.npy has shape \[4, 25\] but synthetic_precomp/test needs \[4, 20\]",
+         lambda tree: np.save(tree / "old.npy", np.zeros((4, 25), np.float32))),
+    Case("synthetic grid that is not square", SYNTHETIC + ["--regions", "10"],
+         r"synthetic regions must be a square grid of at least 4 x 4 \(16, 25, 36, 49, ...\), found 10"),
+    # ---- outputs that cannot be written (tests run as root, so chmod stops nothing: a path under a regular file)
+    Case("checkpoint folder under a file", TRAIN + ["--model_name", "{tree}/notes.txt/run"],
+         r"cannot write checkpoints into {tree}/notes.txt/run \({tree}/notes.txt is a file, not a folder\); choose a "
+         r"writable --model_name"),
+    Case("TensorBoard folder under a file, with --overwrite", TRAIN + ["--overwrite", "--logger_name",
+                                                                      "{tree}/notes.txt/log"],
+         r"cannot write TensorBoard logs into {tree}/notes.txt/log \({tree}/notes.txt is a file, not a folder\); "
+         r"choose a writable --logger_name"),
+    Case("--json under a file", EVALUATE + ["--json", "{tree}/notes.txt/report.json"],
+         r"--json {tree}/notes.txt/report.json: cannot create folder {tree}/notes.txt \({tree}/notes.txt is a file, "
+         r"not a folder\); choose another file"),
+    Case("vocabulary --out under a file", VOCAB + ["--out", "{tree}/notes.txt/vocab.json"],
+         r"cannot write {tree}/notes.txt/vocab.json \({tree}/notes.txt is a file, not a folder\); choose a writable "
+         r"--out"),
+    Case("synthetic --out under a file", SYNTHETIC + ["--out", "{tree}/notes.txt/" + NAME],
+         r"cannot write into {tree}/notes.txt/synthetic_precomp \({tree}/notes.txt is a file, not a folder\); "
+         r"choose a writable --out"),
+    Case("converter output under a file", CONVERT[:3] + ["{tree}/notes.txt/converted.pth"],
+         r"cannot write {tree}/notes.txt/converted.pth \({tree}/notes.txt is a file, not a folder\); choose a "
+         r"writable path"),
+    Case("viz --out under a file", VIZ + ["--image", "0", "--out", "{tree}/notes.txt/graphs"],
+         r"--out {tree}/notes.txt/graphs is not a folder it can write into \({tree}/notes.txt is a file, not a "
+         r"folder\); choose another --out"),
+]
+
+
+# --------------------------------------------------------------------------- the good tree, once
+@pytest.fixture(scope="module")
+def good_tree(tmp_path_factory) -> Path:
+    """``data/synthetic_precomp`` (tiny), ``model.pth`` (a tiny model with its vocabulary), ``notes.txt`` and ``out/``
+    holding the files of an earlier run under the names the commands write."""
+    tree = tmp_path_factory.mktemp("good")
+    make_synthetic(tree / "data" / NAME, **SIZES)
+    vocab = build_vocab(PrecompSplit.open(tree / "data", NAME, "train").captions, threshold=1)
+    torch.manual_seed(0)
+    model = build_model(Config(vocab_size=len(vocab), **SMALL))
+    model.vocab = vocab
+    save_checkpoint(tree / "model.pth", model)
+    (tree / "notes.txt").write_text("a regular file\n")
+    out = tree / "out"
+    (out / "graphs").mkdir(parents=True)
+    for name in ("checkpoint.pth", "model_best.pth", "converted.pth"):
+        shutil.copy(tree / "model.pth", out / name)
+    vocab.save(out / "vocab.json")
+    Config(**SMALL).save(out / "config.json")
+    (out / "report.json").write_text('{"rsum": 123.4}\n')
+    np.save(out / "sims.npy", np.eye(4, 20, dtype=np.float32))
+    return tree
+
+
+def snapshot(tree: Path) -> dict[str, str]:
+    """Every file under ``tree`` -> the SHA-256 of its bytes."""
+    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
+def fill(text: str, tree: Path, escape=lambda path: str(path)) -> str:
+    return text.format(tree=escape(tree), data=escape(tree / "data"), ckpt=escape(tree / "model.pth"),
+                       out=escape(tree / "out"))
+
+
+@dataclass
+class Outcome:
+    tree: Path
+    returncode: int
+    stderr: str
+    before: dict[str, str]
+    after: dict[str, str]
+
+
+def run_case(case: Case, good: Path, base: Path) -> Outcome:
+    tree = base / slug(case.name)
+    shutil.copytree(good, tree)
+    if case.setup is not None:
+        case.setup(tree)
+    before = snapshot(tree)
+    result = subprocess.run([sys.executable, *(fill(a, tree) for a in case.command)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    return Outcome(tree, result.returncode, result.stderr, before, snapshot(tree))
+
+
+@pytest.fixture(scope="module")
+def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
+    """Run the selected cases, concurrently (each subprocess spends seconds importing torch)."""
+    selected = {item.callspec.params["case"].name for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_changes_nothing"}
+    base = tmp_path_factory.mktemp("cases")
+    cases = [case for case in CASES if case.name in selected]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return dict(zip((case.name for case in cases), pool.map(lambda case: run_case(case, good_tree, base), cases)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[slug(case.name) for case in CASES])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, outcomes):
+    outcome = outcomes[case.name]
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    assert outcome.returncode == 2, outcome.stderr
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith("error: ")
+    assert re.search(fill(case.message, outcome.tree, escape=lambda path: re.escape(str(path))), lines[0]), lines[0]
+    assert outcome.after == outcome.before
+
+
+def test_an_error_raised_in_a_loader_worker_keeps_its_one_line_message():
+    """DataLoader raises a worker's error again as ``type(error)(worker traceback)``; the message stays one line."""
+    try:
+        raise DataError("train_ims.npy: image 2 has NaN or inf values; re-extract its features")
+    except DataError:
+        wrapper = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as raised:
+        wrapper.reraise()
+    assert str(raised.value) == "train_ims.npy: image 2 has NaN or inf values; re-extract its features"
+
+
+# --------------------------------------------------------------------------- valid inputs that look bad
+def test_caption_of_only_unknown_words_is_valid_input(good_tree, tmp_path):
+    """Decision: a caption whose words are all out of the vocabulary is valid input, not an error (<start> <unk>...
+    <end>): real test captions have about 1% unknown words, and refusing a whole split for one caption would help
+    nobody. It is scored like any other caption."""
+    tree = tmp_path / "tree"
+    shutil.copytree(good_tree, tree)
+    edit_captions(replace_line(1, b"zebra xylophone quokka"))(tree)
+    split = PrecompSplit.open(tree / "data", NAME, "test")
+    vocab = read_checkpoint(tree / "model.pth")["vocab"]["word2idx"]
+    assert not any(word in vocab for word in split.captions[0].split())
+    result = subprocess.run([sys.executable, *(fill(a, tree) for a in EVALUATE)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    report = json.loads((tree / "out" / "report.json").read_text())
+    assert (report["num_images"], report["num_captions"]) == (4, 20)
+    assert 0 <= report["metrics"]["rsum"] <= 600
+    assert np.isfinite(np.load(tree / "out" / "sims.npy")).all()
+
+
+# --------------------------------------------------------------------------- Ctrl-C through the command line
+def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(good_tree, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(good_tree, tree, ignore=shutil.ignore_patterns("out"))
+    argv = [fill(a, tree) for a in TRAIN] + ["--num_epochs", "1000", "--val_step", "1000"]
+    process = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        first = process.stdout.readline()  # printed once everything is built, before the first step
+        assert "parameters" in first, first + process.stderr.read()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    match = re.fullmatch(r"interrupted at iteration (\d+): saved (\S+); continue with --resume (\S+)\n", stderr)
+    assert match and match.group(2) == match.group(3) == str(tree / "out" / "checkpoint.pth"), stderr
+    saved = read_checkpoint(tree / "out" / "checkpoint.pth")
+    assert saved["iteration"] == int(match.group(1))
+    assert {"optimizer", "scheduler", "rng", "sampler"} <= set(saved)
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
