@@ -14,7 +14,6 @@ prints and exits (status 2 with a one-line message on an expected error).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -292,20 +291,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def torchrun_job(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """Under torchrun, membership of its job (one process per GPU: nccl, or gloo on the CPU); otherwise nothing."""
-    from hsc_pyg.engine import distributed
-    from hsc_pyg.engine.evaluation import resolve_device
-
-    if not distributed.launched_by_torchrun():
-        return contextlib.nullcontext()
-    return distributed.process_group(resolve_device(args.device))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hsc_pyg.engine.distributed import torchrun_job
+
     try:
-        with torchrun_job(args):
+        with torchrun_job(args.device):
             run(args)
     except HSCError as e:
         if args.debug:

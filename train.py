@@ -3,9 +3,11 @@
     python train.py --data_path DIR --data_name f30k_precomp --num_epochs 50 --lr_update 20
     python train.py --config configs/demo.json --data_path data --data_name synthetic_precomp
     python train.py --resume runs/run/checkpoint/checkpoint.pth
+    torchrun --nproc_per_node 4 train.py --data_path DIR --data_name coco_precomp [--gather_negatives]
 
 The loop is :func:`hsc_pyg.engine.train.train`; this file parses flags, prints and exits (status 2 with a one-line
-message on an expected error, 130 after Ctrl-C, which saves a resumable checkpoint first).
+message on an expected error, 130 after Ctrl-C, which saves a resumable checkpoint first). Under torchrun it joins the
+job (one process per GPU; --batch_size captions per process and step) and only rank 0 prints and writes.
 """
 from __future__ import annotations
 
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry_run", action="store_true", help="build everything, run one batch, print its loss, write nothing")
     run.add_argument("--overwrite", action="store_true",
                      help="let --model_name hold another run's checkpoints (they are replaced)")
+    run.add_argument("--gather_negatives", action="store_true",
+                     help="under torchrun: take the hardest negatives of the loss from every process's batch (the "
+                          "global batch) instead of each process's own; each process then scores all the images of "
+                          "the global batch against its captions")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     run.add_argument("--debug", action="store_true", help="show the traceback of an error")
     add_config_arguments(parser.add_argument_group("options (defaults: the papers')"))
@@ -68,6 +74,7 @@ def make_config(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hsc_pyg.engine.distributed import is_main, torchrun_job
     from hsc_pyg.engine.train import Interrupted, train
 
     try:
@@ -80,8 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tqdm.write(line, file=sys.stdout)
             sys.stdout.flush()
 
-        result = train(config, resume=checkpoint, dry_run=args.dry_run, overwrite=args.overwrite,
-                       max_iters=args.max_iters or None, log=log, progress=not args.no_progress)
+        with torchrun_job(config.device):
+            result = train(config, resume=checkpoint, dry_run=args.dry_run, overwrite=args.overwrite,
+                           max_iters=args.max_iters or None, log=log, progress=not args.no_progress,
+                           gather_negatives=args.gather_negatives)
+            main_rank = is_main()
     except Interrupted as e:
         print(f"interrupted at iteration {e.iteration}: saved {e.path}; continue with --resume {e.path}",
               file=sys.stderr)
@@ -94,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    if not args.dry_run:
+    if not args.dry_run and main_rank:
         best = f"{result.best_rsum:.1f}" if result.best_rsum > float("-inf") else "none (no validation yet)"
         print(f"done: epoch {result.epoch}, iteration {result.iteration}, best dev rsum {best}"
               + (f", {result.skipped} batches skipped (non-finite loss)" if result.skipped else "")

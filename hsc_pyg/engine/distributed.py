@@ -41,17 +41,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
+def get_rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
-def world_size() -> int:
+def get_world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
     """Rank 0: the process that writes checkpoints, logs and reports."""
-    return rank() == 0
+    return get_rank() == 0
 
 
 def local_device(device: torch.device) -> torch.device:
@@ -84,6 +84,16 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
         dist.destroy_process_group()
 
 
+def torchrun_job(device: str) -> contextlib.AbstractContextManager:
+    """What the command lines enter: under torchrun :func:`process_group` for the ``--device`` named (``auto``,
+    ``cpu``, ``cuda``); otherwise nothing."""
+    if not launched_by_torchrun():
+        return contextlib.nullcontext()
+    from .evaluation import resolve_device  # imported here: evaluation imports this module
+
+    return process_group(resolve_device(device))
+
+
 def _comm_device() -> torch.device:
     """Where the tensors of a collective must live: the current GPU for nccl, the CPU for gloo."""
     if dist.get_backend() == "nccl":
@@ -106,7 +116,7 @@ def mean_over_ranks(value: float) -> float:
         return value
     total = torch.tensor([value], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(total)
-    return float(total.item()) / world_size()
+    return float(total.item()) / get_world_size()
 
 
 def broadcast_buffers(module: nn.Module) -> None:
@@ -120,17 +130,17 @@ def broadcast_buffers(module: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- evaluation: rows of the score matrix
-def shard_rows(num_rows: int, multiple: int = 1, rank_: int | None = None, world: int | None = None) -> range:
-    """The rows ``[0, num_rows)`` of rank ``rank_`` (default: this process) when split into ``world`` contiguous
+def shard_rows(num_rows: int, multiple: int = 1, rank: int | None = None, world: int | None = None) -> range:
+    """The rows ``[0, num_rows)`` of ``rank`` (default: this process's) when split into ``world`` contiguous
     shards whose boundaries are multiples of ``multiple``; the last shards may be shorter or empty.
 
     Evaluation passes its image block size as ``multiple``, so every block a rank scores is a block the single
     process scores: the same inputs through the same operations, hence the same numbers.
     """
-    rank_ = rank() if rank_ is None else rank_
-    world = world_size() if world is None else world
+    rank = get_rank() if rank is None else rank
+    world = get_world_size() if world is None else world
     per_rank = math.ceil(math.ceil(num_rows / world) / multiple) * multiple
-    start = min(rank_ * per_rank, num_rows)
+    start = min(rank * per_rank, num_rows)
     return range(start, min(start + per_rank, num_rows))
 
 
@@ -142,10 +152,10 @@ def gather_rows(part: np.ndarray, num_rows: int, multiple: int = 1) -> np.ndarra
     """
     if not is_distributed():
         return part
-    world, device = world_size(), _comm_device()
+    world, device = get_world_size(), _comm_device()
     shards = [shard_rows(num_rows, multiple, r, world) for r in range(world)]
-    if part.shape[0] != len(shards[rank()]):
-        raise ValueError(f"rank {rank()} holds {part.shape[0]} rows but its shard has {len(shards[rank()])}")
+    if part.shape[0] != len(shards[get_rank()]):
+        raise ValueError(f"rank {get_rank()} holds {part.shape[0]} rows but its shard has {len(shards[get_rank()])}")
     longest, width = max(len(s) for s in shards), part.shape[1]
     out = np.empty((num_rows, width), dtype=np.float32) if is_main() else None
     step = max(1, (GATHER_CHUNK_MB << 20) // (4 * world * max(longest, 1)))
@@ -163,21 +173,21 @@ def gather_rows(part: np.ndarray, num_rows: int, multiple: int = 1) -> np.ndarra
 
 # --------------------------------------------------------------------------- training: the data order
 class DistributedBatchSampler(Sampler[list[int]]):
-    """Every rank's batches of one epoch: all ranks draw the same permutation of the ``num_items`` items, global
-    step ``t`` takes its next ``batch_size * world`` items and rank ``r`` the ``r``-th ``batch_size`` of them; the
-    last incomplete global batch is dropped. With one process these are the permutation cut into ``batch_size``
-    batches.
+    """This rank's batches of one epoch. All ranks draw the same permutation of the ``num_items`` items; global step
+    ``t`` takes its next ``batch_size * world`` items and rank ``r`` the ``r``-th ``batch_size`` of them; the last
+    incomplete global batch is dropped. With one process: the permutation cut into ``batch_size`` batches.
 
-    :meth:`set_epoch` gives the permutation (a ``torch.Generator`` state: the one the epoch is drawn from) and
-    ``start``, the number of the epoch's items already taken by all ranks together. Position counted in items, not in
-    per-rank batches, makes a checkpoint independent of the number of processes: a run resumed with another world
-    size takes the items that remain, in the same order.
+    Like ``torch.utils.data.DistributedSampler`` (one seeded order per epoch, disjoint shares, :meth:`set_epoch` before
+    each epoch), except that the order comes from a generator the caller owns (training keeps its state in the
+    checkpoint) and :meth:`set_epoch` takes ``start``, the number of the epoch's items already taken by all ranks
+    together. Position counted in items, not in per-rank batches, makes a checkpoint independent of the number of
+    processes: a run resumed with another world size takes the items that remain, in the same order.
     """
 
-    def __init__(self, num_items: int, batch_size: int, rank_: int | None = None, world: int | None = None) -> None:
+    def __init__(self, num_items: int, batch_size: int, rank: int | None = None, world: int | None = None) -> None:
         self.num_items, self.batch_size = num_items, batch_size
-        self.rank = rank() if rank_ is None else rank_
-        self.world = world_size() if world is None else world
+        self.rank = get_rank() if rank is None else rank
+        self.world = get_world_size() if world is None else world
         self.order: Tensor | None = None
         self.start = 0
 
@@ -185,10 +195,8 @@ class DistributedBatchSampler(Sampler[list[int]]):
     def global_batch(self) -> int:
         return self.batch_size * self.world
 
-    def set_epoch(self, generator_state: Tensor, start: int = 0) -> None:
-        """Draw the epoch's permutation from a generator in ``generator_state``; skip its first ``start`` items."""
-        generator = torch.Generator()
-        generator.set_state(generator_state)
+    def set_epoch(self, generator: torch.Generator, start: int = 0) -> None:
+        """Draw the epoch's permutation from ``generator`` (advancing it); skip its first ``start`` items."""
         self.order, self.start = torch.randperm(self.num_items, generator=generator), start
 
     def steps_per_epoch(self, start: int = 0) -> int:
@@ -222,7 +230,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, tensor: Tensor) -> Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
         dist.all_gather(parts, tensor.contiguous())
         return torch.stack(parts)
 
@@ -230,7 +238,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[rank()]
+        return grad[get_rank()]
 
 
 def all_gather_with_grad(tensor: Tensor) -> list[Tensor]:
@@ -241,13 +249,13 @@ def all_gather_with_grad(tensor: Tensor) -> list[Tensor]:
     if not is_distributed():
         return [tensor]
     size = torch.tensor([tensor.size(0)], device=tensor.device)
-    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    sizes = [torch.empty_like(size) for _ in range(get_world_size())]
     dist.all_gather(sizes, size)
     sizes = [int(s) for s in sizes]
     padding = [0, 0] * (tensor.dim() - 1) + [0, max(sizes) - tensor.size(0)]
     stacked = _AllGather.apply(nn.functional.pad(tensor, padding))
     parts = [part[:n] for part, n in zip(stacked.unbind(0), sizes)]
-    parts[rank()] = tensor
+    parts[get_rank()] = tensor
     return parts
 
 

@@ -4,7 +4,8 @@
 
 - **Data order** is drawn from one ``torch.Generator`` (the sampler's), one permutation per epoch, cut into
   ``batch_size`` batches (the last partial batch is dropped). The checkpoint saves the generator's state at the start
-  of the epoch and the number of batches already taken, so a resumed run sees exactly the batches it has not seen.
+  of the epoch and the number of items (captions) already taken, so a resumed run sees exactly the batches it has not
+  seen.
 - **Checkpoints**: at every validation (every ``val_step`` iterations and at each epoch end) ``checkpoint.pth`` (last)
   and, when the dev rsum improved, ``model_best.pth``, both written atomically with the config, the vocabulary, the
   optimizer / scheduler / grad-scaler state and every RNG state (torch, CUDA, numpy, python, sampler). A checkpoint
@@ -14,6 +15,14 @@
 - **NaN / inf loss**: ``nan_policy="stop"`` raises :class:`~hsc_pyg.errors.TrainingError` without saving (the last
   good checkpoint stays); ``"skip"`` drops the batch's update and counts it.
 - **Warm-up**: the sum of violations for the first ``max_violation_after`` epochs, then the hardest negative.
+- **Several processes** (``torchrun``; the command line joins the job, see :mod:`hsc_pyg.engine.distributed`): the
+  model runs in ``DistributedDataParallel``; each process takes ``batch_size`` captions per step, the ranks' batches
+  being consecutive slices of the epoch's one permutation (so the checkpoint counts the epoch's items taken, and a
+  run resumes with any number of processes). The negatives of the hinge loss are each rank's own batch (the original
+  loss per process, gradients averaged) or, with ``gather_negatives``, the global batch
+  (:class:`~hsc_pyg.engine.distributed.GatheredNegatives`). Rank 0 alone writes checkpoints, TensorBoard and the
+  log, and its BatchNorm running statistics are the ones kept (DDP broadcasts them at every forward; they are
+  broadcast again before each validation, which splits the score matrix across the ranks).
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from ..nn.layers import LAYERS
 from ..nn.loss import ContrastiveLoss
 from ..nn.model import HSCModel, build_model
 from ..nn.similarity import HEADS
+from . import distributed
 from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluation import VALIDATION_IMAGES, autocast, evaluate, resolve_device
 from .metrics import RECALL_KEYS
@@ -154,24 +164,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 # --------------------------------------------------------------------------- data
 @dataclass
 class SamplerState:
     """Where the data order stands: the sampler generator's state when the current epoch's permutation was drawn,
-    and how many batches of that epoch have been taken."""
+    and how many items (captions) of that epoch have been taken, by all processes together."""
 
     epoch_start: torch.Tensor
     position: int = 0
-
-
-def epoch_batches(generator: torch.Generator, num_items: int, batch_size: int) -> list[list[int]]:
-    """One epoch of shuffled full batches of item indices (draws one permutation from ``generator``)."""
-    order = torch.randperm(num_items, generator=generator)
-    usable = num_items - num_items % batch_size
-    return order[:usable].view(-1, batch_size).tolist()
 
 
 def open_data(config: Config, vocab: Vocabulary | None) -> tuple[PrecompSplit, PrecompSplit, Vocabulary]:
@@ -250,16 +253,19 @@ class DeferredInterrupt:
 
 
 # --------------------------------------------------------------------------- one step
-def train_step(model: HSCModel, pairs, criterion: ContrastiveLoss, optimizer: torch.optim.Optimizer,
+def train_step(model: torch.nn.Module, pairs, criterion: ContrastiveLoss, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, config: Config, device: torch.device, hardest: bool,
                ) -> tuple[float, torch.Tensor]:
     """Forward, loss, backward, clip, update. Returns the loss and the ``[B, B]`` scores; when the loss or the
-    gradient norm is not finite, nothing is updated and the loss returned is NaN or inf (a NaN for a bad gradient)."""
+    gradient norm is not finite, nothing is updated and the loss returned is NaN or inf (a NaN for a bad gradient).
+
+    ``model`` maps a PairBatch to scores: the HSCModel, or its DistributedDataParallel wrapper; with several processes
+    the loss returned is the mean over the ranks, so that all of them skip a non-finite step together."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, config.amp):
         scores = model(pairs)
     loss = criterion(scores.float(), max_violation=hardest)
-    loss_value = loss.item()
+    loss_value = distributed.mean_over_ranks(loss.item())
     if not math.isfinite(loss_value):
         return loss_value, scores
     scaler.scale(loss).backward()
@@ -283,7 +289,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, dry_run: bool = False,
           overwrite: bool = False, max_iters: int | None = None, log: Log | None = None,
-          progress: bool = False) -> TrainResult:
+          progress: bool = False, gather_negatives: bool = False) -> TrainResult:
     """Train ``config`` (presets already applied); see the module docstring.
 
     Args:
@@ -295,19 +301,25 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
             checkpoint.
         log: called with one line per validation and per notable event (default: silent).
         progress: show a tqdm bar per epoch.
+        gather_negatives: with several processes, the hardest negatives of the loss come from the global batch
+            (every rank's captions and images) instead of each rank's own batch.
+
+    Under torchrun every process calls it (inside :func:`~hsc_pyg.engine.distributed.process_group`, as train.py
+    does); each process takes ``config.batch_size`` captions per step.
     """
-    log = log or (lambda line: None)
+    main = distributed.is_main()
+    log = log if log is not None and main else (lambda line: None)
     check_config(config)
-    device = resolve_device(config.device)
+    device = distributed.local_device(resolve_device(config.device))
     autocast(device, config.amp)  # fails early on an --amp the device cannot do
     out = Path(config.model_name)
     checkpoint = None
     if resume is not None:
         checkpoint = resume if isinstance(resume, dict) else read_checkpoint(resume)
         check_resumable(checkpoint, "the checkpoint" if isinstance(resume, dict) else str(resume))
-    if not dry_run:
+    if not dry_run and main:
         prepare_output(out, overwrite, resuming=checkpoint is not None, log_folder=Path(config.logger_name))
-    seed_everything(config.seed, config.deterministic)
+    seed_everything(config.seed + distributed.get_rank(), config.deterministic)  # rank 0's weights go to all (DDP)
 
     # ---- data and vocabulary
     saved_vocab = Vocabulary.from_dict(checkpoint["vocab"]) if checkpoint and checkpoint.get("vocab") else None
@@ -319,7 +331,11 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     config = dataclasses.replace(config, img_dim=train_split.img_dim, num_regions=train_split.num_regions,
                                  vocab_size=len(vocab))
     dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges)
-    batches_per_epoch = len(dataset) // config.batch_size
+    batch_sampler = distributed.DistributedBatchSampler(len(dataset), config.batch_size)
+    batches_per_epoch = batch_sampler.steps_per_epoch()
+    if batches_per_epoch == 0:
+        raise ConfigError(f"--batch_size {config.batch_size} x {batch_sampler.world} processes is more than the "
+                          f"{len(dataset)} captions of {train_split.file('caps.txt')}; use a smaller --batch_size")
 
     # ---- model, optimizer, schedule
     model = build_model(config).to(device)
@@ -340,16 +356,22 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
         scheduler.step_size = config.lr_update  # a --lr_update given on resume applies from here on
         if checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        set_rng_state(checkpoint["rng"])
+        if main:  # the other ranks keep their own dropout streams (seed + rank)
+            set_rng_state(checkpoint["rng"])
         sampler = SamplerState(checkpoint["sampler"]["epoch_start"], int(checkpoint["sampler"]["position"]))
         epoch, iteration, best_rsum = int(checkpoint["epoch"]), int(checkpoint["iteration"]), float(checkpoint["best_rsum"])
-        log(f"resumed at epoch {epoch}, iteration {iteration} (best dev rsum {best_rsum:.1f})")
+        log(f"resumed at epoch {epoch}, iteration {iteration} (best dev rsum {best_rsum:.1f})"
+            + (f", on {batch_sampler.world} process(es) instead of {checkpoint.get('world_size', 1)}"
+               if checkpoint.get("world_size", 1) != batch_sampler.world else ""))
     else:
+        processes = f" x {batch_sampler.world} processes" if batch_sampler.world > 1 else ""
         log(f"{config.preset}: {model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
-            f"{len(dataset)} train captions ({batches_per_epoch} batches of {config.batch_size}), "
+            f"{len(dataset)} train captions ({batches_per_epoch} batches of {config.batch_size}{processes}), "
             f"{dev_split.num_images} dev images, on {device}")
+    # ---- several processes: DDP over the model (or over its forward with the global batch's negatives)
+    net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
     writer = None
-    if not dry_run:
+    if not dry_run and main:
         if checkpoint is None:  # --overwrite: the other run's checkpoints go now that the inputs have been checked
             for name in (CHECKPOINT, BEST):
                 (out / name).unlink(missing_ok=True)
@@ -363,20 +385,23 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
 
     def save(path: Path) -> None:
         nonlocal last_saved
-        save_checkpoint(path, model, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), rng=rng_state(),
-                        sampler={"epoch_start": sampler.epoch_start, "position": sampler.position})
+        if main:
+            save_checkpoint(path, model, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                            scaler=scaler.state_dict(), rng=rng_state(), world_size=batch_sampler.world,
+                            sampler={"epoch_start": sampler.epoch_start, "position": sampler.position})
         if path.name == CHECKPOINT:
             last_saved = iteration
 
     def validate() -> dict[str, Any]:
         start = time.perf_counter()
+        distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one saved
         metrics = evaluate(model, dev_split, vocab, max_images=VALIDATION_IMAGES, batch_size=config.batch_size,
                            amp=config.amp, chunk_mb=config.score_chunk_mb)
         metrics["seconds"] = time.perf_counter() - start
-        for key in (*RECALL_KEYS, "rsum"):
-            writer.add_scalar(f"val/{key}", metrics[key], iteration)
+        if writer is not None:
+            for key in (*RECALL_KEYS, "rsum"):
+                writer.add_scalar(f"val/{key}", metrics[key], iteration)
         return metrics
 
     def record(metrics: dict[str, Any]) -> None:
@@ -402,17 +427,18 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
         with guard.installed():
             while epoch < config.num_epochs:
                 sampler_generator.set_state(sampler.epoch_start)
-                batches = epoch_batches(sampler_generator, len(dataset), config.batch_size)
-                loader = DataLoader(dataset, batch_sampler=batches[sampler.position:], collate_fn=dataset.collate_fn,
+                batch_sampler.set_epoch(sampler_generator, start=sampler.position)
+                loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dataset.collate_fn,
                                     num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
                                     pin_memory=device.type == "cuda")
                 hardest = config.max_violation and epoch >= config.max_violation_after
-                bar = tqdm(loader, desc=f"epoch {epoch}", initial=sampler.position, total=batches_per_epoch,
-                           disable=not progress or dry_run, dynamic_ncols=True, leave=False)
+                bar = tqdm(loader, desc=f"epoch {epoch}", initial=batches_per_epoch - len(batch_sampler),
+                           total=batches_per_epoch, disable=not progress or dry_run or not main, dynamic_ncols=True,
+                           leave=False)
                 for pairs in bar:
                     with guard.critical():
                         pairs = pairs.to(device, non_blocking=True)
-                        loss_value, scores = train_step(model, pairs, criterion, optimizer, scaler, config, device,
+                        loss_value, scores = train_step(net, pairs, criterion, optimizer, scaler, config, device,
                                                         hardest)
                         if not math.isfinite(loss_value):
                             if config.nan_policy == "stop":
@@ -426,7 +452,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
                             log(f"epoch {epoch} iter {iteration + 1}: non-finite loss or gradient ({loss_value}), "
                                 f"batch skipped ({result.skipped} so far)")
                         iteration += 1
-                        sampler.position += 1
+                        sampler.position += batch_sampler.global_batch
                         result.losses.append((iteration, loss_value))
                     bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
                     if dry_run:
@@ -434,14 +460,14 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
                             f"scores {list(scores.shape)}, loss {loss_value:.4f}; nothing written")
                         result.iteration, result.epoch = iteration, epoch
                         return result
-                    if iteration % config.log_step == 0:
+                    if writer is not None and iteration % config.log_step == 0:
                         now = time.perf_counter()
                         writer.add_scalar("train/loss", loss_value, iteration)
                         writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], iteration)
                         writer.add_scalar("train/steps_per_s", (iteration - last_log_iter) / (now - last_log_time),
                                           iteration)
                         last_log_time, last_log_iter = now, iteration
-                    end_of_epoch = sampler.position == batches_per_epoch
+                    end_of_epoch = batch_sampler.steps_per_epoch(sampler.position) == 0
                     if iteration % config.val_step == 0 and not end_of_epoch:
                         result.metrics = validate()
                         with guard.critical():
@@ -450,7 +476,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
                     if max_iters is not None and iteration >= max_iters:
                         break
                 bar.close()
-                if sampler.position < batches_per_epoch:  # stopped by max_iters
+                if batch_sampler.steps_per_epoch(sampler.position) > 0:  # stopped by max_iters
                     with guard.critical():
                         save(out / CHECKPOINT)
                     log(f"stopped at iteration {iteration} (--max_iters); resume with --resume {out / CHECKPOINT}")
