@@ -176,9 +176,8 @@ class HSCModel(nn.Module):
             cap_step = max(1, budget // n_img)
             norm = self._caption_norm()
             with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
-                columns = [self._score_block(img, cap[order[c0:c0 + cap_step]].trimmed(), outer=True,
-                                             positions=order[c0:c0 + cap_step])
-                           for c0 in range(0, n_cap, cap_step)]
+                columns = [self._score_block(img, cap[order[c0:c1]].trimmed(), outer=True, positions=order[c0:c1])
+                           for c0, c1 in _length_blocks(lengths[order].tolist(), cap_step)]
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(n_cap, device=order.device)
             return torch.cat(columns, 1)[:, inverse]
@@ -187,17 +186,18 @@ class HSCModel(nn.Module):
         if bool((order[1:] > order[:-1]).all()):          # already in order of length (as evaluation passes them)
             order = None
         out = None
-        for c0 in range(0, n_cap, cap_step):
-            block = (cap[c0:c0 + cap_step] if order is None else cap[order[c0:c0 + cap_step]]).trimmed()
+        sorted_lengths = (lengths if order is None else lengths[order]).tolist()
+        for c0, c1 in _length_blocks(sorted_lengths, cap_step):
+            block = (cap[c0:c1] if order is None else cap[order[c0:c1]]).trimmed()
             img_step = max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
             rows = [self._score_block(img[i0:i0 + img_step], block, outer=True) for i0 in range(0, n_img, img_step)]
             part = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
             if out is None:
                 out = part.new_empty(n_img, n_cap)
             if order is None:
-                out[:, c0:c0 + part.size(1)] = part
+                out[:, c0:c1] = part
             else:
-                out[:, order[c0:c0 + part.size(1)]] = part
+                out[:, order[c0:c1]] = part
         return out
 
     def score_pairs(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
@@ -236,6 +236,28 @@ class HSCModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+#: A caption block may carry this much padding (relative to its real words) before it is cut.
+MAX_BLOCK_PADDING = 0.125
+
+
+def _length_blocks(lengths: list[int], max_captions: int) -> list[tuple[int, int]]:
+    """Cut captions sorted by length into blocks of at most ``max_captions`` whose padding to the block's longest
+    caption stays under ``MAX_BLOCK_PADDING`` of their words (long captions are rare and spread out: without this, one
+    block of the tail would be padded to the longest caption of the set). ``[(start, end), ...]``."""
+    blocks, start, n = [], 0, len(lengths)
+    while start < n:
+        end, words = start + 1, max(lengths[start], 1)
+        while end < n and end - start < max_captions:
+            longest = max(lengths[end], 1)
+            if (end - start + 1) * longest > (1 + MAX_BLOCK_PADDING) * (words + longest):
+                break
+            words += longest
+            end += 1
+        blocks.append((start, end))
+        start = end
+    return blocks
 
 
 def build_model(config: Config) -> HSCModel:
