@@ -1,0 +1,88 @@
+"""The benchmark code paths run at a tiny size and report the fields the README and the issue quote (no timing is
+asserted), and the original-style baseline they compare against computes the same numbers as the library."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import common as cm  # noqa: E402
+import original_style as og  # noqa: E402
+import run  # noqa: E402
+
+
+def _spec(**kw):
+    return dict(device="cpu", dtype="fp32", quick=True, threads=0, **kw)
+
+
+@pytest.mark.parametrize("preset", ["hsc", "sgraf_saf", "sgraf_sgr"])
+def test_original_style_loop_gives_the_model_scores(preset):
+    model = cm.make_model(preset, quick=True)
+    images, captions = run._inputs(5, 11, quick=True)
+    img, cap = cm.encode(model, images, captions)
+    assert og.check_scores_match(model, img, cap, atol=1e-5) < 1e-5
+
+
+@pytest.mark.parametrize("preset", ["hsc", "sgraf_saf", "sgraf_sgr"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_training_step_equals_the_original_style_step(preset, dtype):
+    """Loss, every gradient and the SAF BatchNorm's running statistics (captions sorted by length inside the scorer,
+    statistics still updated in caption order)."""
+    result = run.check_training_matches("cpu", preset, batch=7, dtype=dtype)
+    assert result["loss_abs_diff"] < 1e-4
+
+
+def test_fused_local_alignment_gradient():
+    from hsc_pyg.nn.similarity import _LocalAlignment
+
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 4, 3, generator=g, dtype=torch.float64), -1).requires_grad_()
+    regions = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    words = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_LocalAlignment.apply, (attn, regions, words, weight, bias))
+
+
+def test_score_and_train_workers_report_their_fields():
+    score = run.worker_score(_spec(kind="score", preset="sgraf_saf", n_img=6, n_cap=20, repeats=1))
+    for key in ("pairs", "pairs_per_s", "pairs_per_cpu_s", "wall_s", "cpu_s", "peak_memory", "mean_caption_tokens"):
+        assert key in score
+    base = run.worker_score(_spec(kind="score", preset="hsc", n_img=6, n_cap=20, repeats=1, original=True))
+    assert base["check_max_abs_diff"] < 1e-5 and base["speedup_wall"] > 0 and "original" in base
+    train = run.worker_train(_spec(kind="train", preset="hsc", batch_size=6, steps=1))
+    assert train["steps_per_s"] > 0 and "peak_memory" in train
+    enc = run.worker_encode(_spec(kind="encode", preset="hsc", n_img=8, n_cap=20, batch_size=8, repeats=1))
+    assert enc["images"]["per_s"] > 0 and enc["captions"]["per_s"] > 0
+    rr = run.worker_rerank(_spec(kind="rerank", preset="hsc", n_img=10, n_cap=50, k=3))
+    assert 0 < rr["exact_pairs_scored"] <= 10 * 50 and rr["fraction_of_all_pairs"] <= 1
+
+
+def test_runner_writes_json_with_environment_and_scaling(tmp_path):
+    out = tmp_path / "bench.json"
+    assert run.main(["--quick", "--only", "scoring", "--presets", "sgraf_saf", "--repeats", "1",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    env = report["environment"]
+    for key in ("device", "dtype", "torch", "torch_geometric", "threads", "cpu"):
+        assert key in env
+    assert len(report["scoring"]) == len(run.QUICK_SCORE_SIZES)
+    assert all("error" not in r for r in report["scoring"])
+    assert "sgraf_saf" in report["scaling"]
+
+
+def test_coco5k_eval_small(tmp_path):
+    import coco5k_eval
+
+    out = tmp_path / "coco.json"
+    assert coco5k_eval.main(["--scale", "0.004", "--preset", "sgraf_saf", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 20 and report["captions"] == 100
+    assert report["stages"]["score"]["pairs_per_s"] > 0
+    assert "EXTRAPOLATED" in report["extrapolated_to_5000x25000"]["label"]
