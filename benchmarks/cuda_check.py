@@ -7,7 +7,7 @@
    (looser, reported) under bf16 autocast;
 2. exactness: the dense chunked scorer equals the one-pair-at-a-time reference of ``tests/test_similarity_exactness``
    on CUDA in float64 (1e-5) and float32 (1e-5), both heads, with and without ``align_levels``, several chunk sizes,
-   and ``score_pairs``;
+   and re-ranking's ``pair_scores``;
 3. training: our forward/backward equals the original-style padded step (loss, gradients, SAF running statistics;
    ``benchmarks/run.py:check_training_matches``) on CUDA in float64 and float32, for the three presets;
 4. the fused local-alignment backward passes ``torch.autograd.gradcheck`` on CUDA;
@@ -104,7 +104,7 @@ def exactness(device: str) -> None:
                             got = model.score(img, cap, chunk_mb=chunk).double().cpu()
                             worst = max(worst, float((got - expected).abs().max()))
                         pi, pj = torch.tensor([0, 4, 2, 2, 1]), torch.tensor([6, 0, 3, 1, 1])
-                        paired = model.score_pairs(img[pi], cap[pj], chunk_mb=1e-6).double().cpu()
+                        paired = torch.from_numpy(T.pair_scores(model, img, cap, pi.numpy(), pj.numpy(), chunk_mb=1e-6)).double()
                         worst = max(worst, float((paired - expected[pi, pj]).abs().max()))
                     assert worst < 1e-5, f"max abs diff {worst:.3g}"
                     return f"max abs diff {worst:.2e}"

@@ -136,7 +136,7 @@ class PackedCaptions:
         steps = torch.arange(longest, device=self.starts.device)
         mask = steps[None, :] < self.lengths[:, None]
         rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
-        words = self.words[rows].masked_fill(~mask[:, :, None, None], 0)  # [M, L, V, d]
+        words = self.words[rows].masked_fill_(~mask[:, :, None, None], 0)  # [M, L, V, d]
         return CaptionEncoding(words.transpose(1, 2), mask, self.glo)
 
     def global_vectors(self) -> Tensor:
@@ -275,22 +275,29 @@ def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: 
 
 
 def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
-                rows: np.ndarray, cols: np.ndarray, block_pairs: int = 4096, chunk_mb: int | None = None,
-                amp: str = "off", progress: bool = False) -> np.ndarray:
-    """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32, through ``model.score_pairs``, in blocks of
-    ``block_pairs`` pairs taken in order of caption length."""
+                rows: np.ndarray, cols: np.ndarray, chunk_mb: int | None = None, amp: str = "off",
+                progress: bool = False, block_captions: int = 256) -> np.ndarray:
+    """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32.
+
+    The pairs are grouped by image; each image is scored with the dense scorer ``model.score`` against its own
+    candidate captions, taken in order of length in pieces of ``block_captions`` (each piece padded only to its own
+    longest caption)."""
     captions = _as_packed(captions)
     device, dtype = _model_device(model)
-    rows, cols = torch.as_tensor(np.asarray(rows), dtype=torch.long), torch.as_tensor(np.asarray(cols), dtype=torch.long)
-    out = np.empty(rows.numel(), dtype=np.float32)
-    order = torch.argsort(captions.lengths.cpu()[cols], stable=True)
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    lengths = captions.lengths.cpu().numpy()
+    out = np.empty(len(rows), dtype=np.float32)
+    order = np.lexsort((lengths[cols], rows))          # by image, then by caption length
+    bounds = np.flatnonzero(np.diff(rows[order])) + 1
     with eval_mode(model), autocast(device, amp), _bar(len(out), "scoring pairs", "pair", progress) as bar:
-        for p0 in range(0, len(out), block_pairs):
-            block = order[p0:p0 + block_pairs]
-            img = img_enc[rows[block].to(img_enc.regions.device)].to(device, dtype)
-            cap = captions[cols[block]].unpack().to(device, dtype)
-            out[block.numpy()] = model.score_pairs(img, cap, chunk_mb=chunk_mb).float().cpu().numpy()
-            bar.update(len(block))
+        for group in np.split(order, bounds) if len(order) else []:
+            i = int(rows[group[0]])
+            img = img_enc[i:i + 1].to(device, dtype)
+            for p0 in range(0, len(group), block_captions):
+                piece = group[p0:p0 + block_captions]
+                cap = captions[torch.from_numpy(cols[piece])].unpack().to(device, dtype)
+                out[piece] = model.score(img, cap, chunk_mb=chunk_mb)[0].float().cpu().numpy()
+                bar.update(len(piece))
     return out
 
 
@@ -361,8 +368,8 @@ def rerank_scores(cosine: np.ndarray, k: int, exact: Callable[[np.ndarray, np.nd
 Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
 
 
-def rerank_ensemble(members: Sequence[Member], k: int, block_pairs: int = 4096, chunk_mb: int | None = None,
-                    amp: str = "off", progress: bool = False) -> Reranked:
+def rerank_ensemble(members: Sequence[Member], k: int, chunk_mb: int | None = None, amp: str = "off",
+                    progress: bool = False) -> Reranked:
     """:func:`rerank_scores` for the average of several models: cosines averaged, exact pair scores averaged."""
     if not members:
         raise ConfigError("re-ranking needs at least one model")
@@ -374,17 +381,17 @@ def rerank_ensemble(members: Sequence[Member], k: int, block_pairs: int = 4096, 
     def exact(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         total = np.zeros(len(rows), dtype=np.float32)
         for model, img_enc, captions in members:
-            total += pair_scores(model, img_enc, captions, rows, cols, block_pairs, chunk_mb, amp, progress)
+            total += pair_scores(model, img_enc, captions, rows, cols, chunk_mb, amp, progress)
         return total / len(members)
 
     return rerank_scores(cosine, k, exact)
 
 
 def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
-           block_pairs: int = 4096, chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
+           chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
     """Rank all captions per image and all images per caption by the cosine of the global vectors, then score each
-    query's top ``k`` exactly with ``model.score_pairs`` (see :class:`Reranked`)."""
-    return rerank_ensemble([(model, img_enc, captions)], k, block_pairs, chunk_mb, amp, progress)
+    query's top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""
+    return rerank_ensemble([(model, img_enc, captions)], k, chunk_mb, amp, progress)
 
 
 # --------------------------------------------------------------------------- the whole protocol

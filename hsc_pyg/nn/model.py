@@ -200,15 +200,6 @@ class HSCModel(nn.Module):
                 out[:, order[c0:c1]] = part
         return out
 
-    def score_pairs(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
-        """Scores of given pairs: ``img[p]`` with ``cap[p]`` -> ``[P]`` (for re-ranking)."""
-        if len(img) != len(cap):
-            raise ValueError(f"score_pairs needs as many images as captions, got {len(img)} and {len(cap)}")
-        step = self._pairs_per_chunk(img, cap, chunk_mb)
-        parts = [self._score_block(img[p:p + step], cap[p:p + step].trimmed(), outer=False)
-                 for p in range(0, len(img), step)]
-        return torch.cat(parts) if parts else img.regions.new_zeros(0)
-
     def forward(self, pairs) -> Tensor:
         """Training: a :class:`hsc_pyg.data.graphs.PairBatch` -> scores ``[B, B]`` (row b = caption b's image)."""
         scores = self.score(self.encode_images(pairs.images), self.encode_captions(pairs.captions))
