@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DATA := data
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test test-slow bench bench-coco5k clean-demo
+.PHONY: demo test test-all bench bench-coco5k clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/synthetic_precomp/train_ims.npy || $(PY) -m hsc_pyg.data.synthetic --out $(DEMO_DATA)/synthetic_precomp

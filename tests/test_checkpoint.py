@@ -34,6 +34,7 @@ class _CreatesFile:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # the hostile file uses protocol 4 on purpose
 def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     marker = tmp_path / "pwned.txt"
     evil = tmp_path / "evil.pth"
