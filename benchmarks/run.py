@@ -186,30 +186,13 @@ def _train_inputs(batch: int, quick: bool, device: str, equal_lengths: int | Non
     return images.to(device), pairs, tokens.to(device), lengths
 
 
-def _train_step_fn():
-    try:
-        from hsc_pyg.engine.train import train_step
-        return train_step
-    except ImportError:       # the training engine is not there: the same step, written here
-        import math as _m
-
-        def train_step(model, pairs, criterion, optimizer, scaler, config, device, hardest):
-            optimizer.zero_grad(set_to_none=True)
-            scores = model(pairs)
-            loss = criterion(scores.float(), max_violation=hardest)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            return float(loss), scores
-        return train_step
-
-
 def check_training_matches(device: str, preset: str = "hsc", batch: int = 6, length: int = 7,
                            dtype: torch.dtype = torch.float64) -> dict[str, Any]:
     """Our training forward/backward equals the original-style padded step on a batch where the two are defined to
     agree (dropout off, equal caption lengths, distinct images): the loss, every gradient, and the SAF BatchNorm's
     running statistics (one update per caption, in caption order). Quick size, in ``dtype`` (float64: differences are
     rounding only, so the tolerances are tight; float32 also exercises the oneDNN products). AssertionError if not."""
+    from hsc_pyg.engine.train import train_step
     from hsc_pyg.nn.loss import ContrastiveLoss
 
     ours = cm.make_model(preset, quick=True, device=device).to(dtype).train()
@@ -257,9 +240,9 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     device = _setup(spec)
     quick, dtype, batch = spec["quick"], spec["dtype"], spec["batch_size"]
     steps = spec["steps"]
+    from hsc_pyg.engine.train import train_step
     from hsc_pyg.nn.loss import ContrastiveLoss
 
-    train_step = _train_step_fn()
     model = cm.make_model(spec["preset"], quick, device).train()
     config = model.config
     amp = "bf16" if dtype == "bf16" and device.startswith("cuda") else "off"
