@@ -99,7 +99,7 @@ def test_pack_then_unpack_gives_back_the_padded_captions():
 
 def test_packed_subsets_are_trimmed_to_their_own_longest_caption():
     enc = random_captions([3, 7, 1, 5, 7, 2])
-    packed = PackedCaptions.cat([PackedCaptions.pack(enc[0:2]), PackedCaptions.pack(enc[2:6])])
+    packed = PackedCaptions.pack(enc)
     pick = torch.tensor([5, 2, 0])
     sub = packed[pick].unpack()
     assert sub.mask.shape == (3, 3)

@@ -112,12 +112,6 @@ class PackedCaptions:
         words = enc.words.transpose(1, 2)[enc.mask]  # [T, V, d], caption after caption
         return cls(words, lengths.cumsum(0) - lengths, lengths, enc.glo)
 
-    @classmethod
-    def cat(cls, parts: Sequence["PackedCaptions"]) -> "PackedCaptions":
-        offsets = np.cumsum([0] + [p.words.size(0) for p in parts[:-1]])
-        return cls(torch.cat([p.words for p in parts]), torch.cat([p.starts + int(o) for p, o in zip(parts, offsets)]),
-                   torch.cat([p.lengths for p in parts]), torch.cat([p.glo for p in parts]))
-
     def __len__(self) -> int:
         return self.lengths.numel()
 
@@ -204,28 +198,46 @@ def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
     images_ds = ImageDataset(split, img_edges=model.config.img_edges)
     captions_ds = TextDataset(split, vocab, txt_edges=model.config.txt_edges)
     image_batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
-    by_length = sorted(range(num_captions), key=lambda k: len(split.captions[k].split()))
-    caption_batches = [by_length[i:i + batch_size] for i in range(0, num_captions, batch_size)]
+    lengths = torch.tensor([len(vocab.encode(split.captions[k])) for k in range(num_captions)], dtype=torch.long)
+    by_length = torch.argsort(lengths, stable=True)
+    caption_batches = [by_length[i:i + batch_size].tolist() for i in range(0, num_captions, batch_size)]
 
     def loader(dataset, batches):
         return DataLoader(dataset, batch_sampler=batches, collate_fn=dataset.collate_fn, num_workers=workers)
 
+    def empty_like(t: Tensor, rows: int) -> Tensor:   # the store for all items, filled batch by batch (no copy at the end)
+        return torch.empty((rows,) + tuple(t.shape[1:]), dtype=store_dtype, device=store_device)
+
     with eval_mode(model), autocast(device, amp):
-        image_parts = []
+        regions = img_glo = None
         with _bar(num_images, "encoding images", "image", progress) as bar:
-            for batch in loader(images_ds, image_batches):
-                image_parts.append(model.encode_images(batch.to(device)).to(store_device, store_dtype))
+            for ids, batch in zip(image_batches, loader(images_ds, image_batches)):
+                enc = model.encode_images(batch.to(device))
+                if regions is None:
+                    regions, img_glo = empty_like(enc.regions, num_images), empty_like(enc.glo, num_images)
+                regions[ids[0]:ids[-1] + 1] = enc.regions
+                img_glo[ids[0]:ids[-1] + 1] = enc.glo
                 bar.update(batch.num_graphs)
-        caption_parts = []
+        # captions: words back to back in encoding order, ``starts`` / ``glo`` in split order
+        words = cap_glo = None
+        starts = torch.empty(num_captions, dtype=torch.long)
+        offset = 0
         with _bar(num_captions, "encoding captions", "caption", progress) as bar:
-            for batch in loader(captions_ds, caption_batches):
-                encoding = model.encode_captions(batch.to(device)).to(store_device, store_dtype)
-                caption_parts.append(PackedCaptions.pack(encoding))
+            for ids, batch in zip(caption_batches, loader(captions_ds, caption_batches)):
+                enc = model.encode_captions(batch.to(device))
+                counts = enc.mask.sum(1).cpu()
+                if not torch.equal(counts, lengths[ids]):
+                    raise RuntimeError("the caption encoder returned other word counts than the tokenizer")
+                flat = enc.words.transpose(1, 2)[enc.mask]            # [words of the batch, V, d]
+                if words is None:
+                    words, cap_glo = empty_like(flat, int(lengths.sum())), empty_like(enc.glo, num_captions)
+                words[offset:offset + len(flat)] = flat
+                starts[ids] = offset + counts.cumsum(0) - counts
+                cap_glo[torch.tensor(ids, device=store_device)] = enc.glo.to(store_device, store_dtype)
+                offset += len(flat)
                 bar.update(batch.num_graphs)
-    captions = PackedCaptions.cat(caption_parts)
-    split_order = torch.empty(num_captions, dtype=torch.long)
-    split_order[torch.tensor(by_length)] = torch.arange(num_captions)
-    return ImageEncoding.cat(image_parts), captions[split_order]
+    return (ImageEncoding(regions, img_glo),
+            PackedCaptions(words, starts.to(store_device), lengths.to(store_device), cap_glo))
 
 
 # --------------------------------------------------------------------------- exact scoring
