@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data_dir", default="", help="where to write the synthetic split (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic split")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--encode_only", action="store_true",
+                        help="measure the encoding stage only (its time and peak memory), no scoring")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,27 +178,31 @@ def main(argv: list[str] | None = None) -> int:
             save_partial()
             enc_bytes = {"images": img_enc.regions.numel() * img_enc.regions.element_size()
                          + img_enc.glo.numel() * img_enc.glo.element_size(), "captions": cap_enc.nbytes}
-            with Sampler() as s:
-                t = time.perf_counter()
-                sims = ev.score_matrix(model, img_enc, cap_enc, chunk_mb=args.chunk_mb, amp=args.amp, progress=False)
-                cm.sync(str(device))
-                stages["score"] = {"wall_s": time.perf_counter() - t, "peak_rss_mb": s.peak_rss,
-                                   "peak_anon_mb": s.peak_anon, "pairs_per_s": sims.size / (time.perf_counter() - t)}
-            with Sampler() as s:
-                t = time.perf_counter()
-                metrics = recall_metrics(sims, PER_IMAGE)
-                stages["metrics"] = {"wall_s": time.perf_counter() - t, "peak_rss_mb": s.peak_rss}
+            if not args.encode_only:
+                with Sampler() as s:
+                    t = time.perf_counter()
+                    sims = ev.score_matrix(model, img_enc, cap_enc, chunk_mb=args.chunk_mb, amp=args.amp,
+                                           progress=False)
+                    cm.sync(str(device))
+                    stages["score"] = {"wall_s": time.perf_counter() - t, "peak_rss_mb": s.peak_rss,
+                                       "peak_anon_mb": s.peak_anon,
+                                       "pairs_per_s": sims.size / (time.perf_counter() - t)}
+                with Sampler() as s:
+                    t = time.perf_counter()
+                    metrics = recall_metrics(sims, PER_IMAGE)
+                    stages["metrics"] = {"wall_s": time.perf_counter() - t, "peak_rss_mb": s.peak_rss}
         report["stages"] = stages
         report["wall_s"] = sum(v["wall_s"] for v in stages.values())
         report["peak_rss_mb"] = whole.peak_rss
         report["peak_anon_mb"] = whole.peak_anon
         report["process_maxrss_mb"] = status_kb().get("VmHWM", 0) / 1024
         report["kept_bytes_mb"] = {"image_encodings": enc_bytes["images"] / 2**20,
-                                   "caption_encodings": enc_bytes["captions"] / 2**20,
-                                   "score_matrix": sims.nbytes / 2**20}
-        report["metrics_random_weights"] = {k: round(v, 3) for k, v in metrics.items()}
-        if args.scale < 1:
-            report["extrapolated_to_5000x25000"] = extrapolate(report, n_img)
+                                   "caption_encodings": enc_bytes["captions"] / 2**20}
+        if not args.encode_only:
+            report["kept_bytes_mb"]["score_matrix"] = sims.nbytes / 2**20
+            report["metrics_random_weights"] = {k: round(v, 3) for k, v in metrics.items()}
+            if args.scale < 1:
+                report["extrapolated_to_5000x25000"] = extrapolate(report, n_img)
     finally:
         if not args.keep and not args.data_dir:
             shutil.rmtree(root, ignore_errors=True)
