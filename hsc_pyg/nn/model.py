@@ -137,19 +137,15 @@ class HSCModel(nn.Module):
     CPU_BLOCK_CAPTIONS = 64
     CPU_BLOCK_BYTES = 24 * 2**20
 
-    def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, outer: bool, positions: Tensor | None = None,
-                     ) -> Tensor:
+    def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, positions: Tensor | None = None) -> Tensor:
         total = 0
         norm = self._caption_norm() if positions is not None else None
         for v in range(len(self.levels)):
             regions, img_glo = img.regions[:, v], img.glo[:, v]
             words, mask, cap_glo = cap.words[:, v], cap.mask, cap.glo[:, v]
-            if outer:
-                if norm is not None:      # running statistics: level by level, captions in batch order
-                    norm.set_keys(positions + (v << 40))
-                total = total + self.similarity.score_outer(regions, img_glo, words, mask, cap_glo)
-            else:
-                total = total + self.similarity(regions, img_glo, words, mask, cap_glo)
+            if norm is not None:      # running statistics: level by level, captions in batch order
+                norm.set_keys(positions + (v << 40))
+            total = total + self.similarity.score_outer(regions, img_glo, words, mask, cap_glo)
         return total / len(self.levels)
 
     def _caption_norm(self):
@@ -176,7 +172,7 @@ class HSCModel(nn.Module):
             cap_step = max(1, budget // n_img)
             norm = self._caption_norm()
             with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
-                columns = [self._score_block(img, cap[order[c0:c1]].trimmed(), outer=True, positions=order[c0:c1])
+                columns = [self._score_block(img, cap[order[c0:c1]].trimmed(), positions=order[c0:c1])
                            for c0, c1 in _length_blocks(lengths[order].tolist(), cap_step)]
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(n_cap, device=order.device)
@@ -190,7 +186,7 @@ class HSCModel(nn.Module):
         for c0, c1 in _length_blocks(sorted_lengths, cap_step):
             block = (cap[c0:c1] if order is None else cap[order[c0:c1]]).trimmed()
             img_step = max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
-            rows = [self._score_block(img[i0:i0 + img_step], block, outer=True) for i0 in range(0, n_img, img_step)]
+            rows = [self._score_block(img[i0:i0 + img_step], block) for i0 in range(0, n_img, img_step)]
             part = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
             if out is None:
                 out = part.new_empty(n_img, n_cap)

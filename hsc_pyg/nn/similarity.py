@@ -387,13 +387,6 @@ class SimilarityModule(nn.Module):
         """``l2norm(glo_proj((img_glo - cap_glo)^2))`` (broadcast) -> ``[..., m]``."""
         return _l2norm(apply_linear(self.glo_proj, (img_glo - cap_glo).square()))
 
-    def align(self, regions: Tensor, img_glo: Tensor, words: Tensor, mask: Tensor, cap_glo: Tensor) -> tuple[Tensor, Tensor]:
-        """Alignment nodes ``[..., L+1, m]`` (node 0 global) and their mask ``[..., L+1]``."""
-        attn = self.cross_attention(regions, words, mask)
-        local = self.local_alignment(attn @ regions, words)                           # [..., L, m]
-        glob = self.global_alignment(img_glo, cap_glo)
-        return self._nodes(glob, local, mask)
-
     @staticmethod
     def _nodes(glob: Tensor, local: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         sim_emb = torch.cat([glob.unsqueeze(-2).to(local.dtype), local], dim=-2)
@@ -406,12 +399,6 @@ class SimilarityModule(nn.Module):
         # scores would tie and ties count against the query in the ranking
         with torch.autocast(device_type=vec.device.type, enabled=False):
             return torch.sigmoid(apply_linear(self.score_proj, vec.to(self.score_proj.weight.dtype))).squeeze(-1)
-
-    def forward(self, regions: Tensor, img_glo: Tensor, words: Tensor, mask: Tensor, cap_glo: Tensor) -> Tensor:
-        """Scores of broadcast pairs: ``regions [..., R, d]``, ``img_glo [..., d]``, ``words [..., L, d]``,
-        ``mask [..., L]``, ``cap_glo [..., d]`` -> ``[...]`` in (0, 1)."""
-        sim_emb, node_mask = self.align(regions, img_glo, words, mask, cap_glo)
-        return self._final(sim_emb, node_mask)
 
     def _local_nodes_cpu(self, regions: Tensor, attn: Tensor, words_2d: Tensor, glob: Tensor, n_cap: int,
                          length: int) -> Tensor:
