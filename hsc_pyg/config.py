@@ -368,13 +368,6 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                          names: list[str] | None = None) -> None:
     """Add one ``--name`` flag per field of the three configurations (or per field in ``names``), all defaulting to
@@ -388,7 +381,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
             if names is not None and f.name not in names:
                 continue
             kind, _ = _type_name(str(f.type))
-            parse = {"bool": _parse_bool, "int": int, "float": _finite_float, "str": str}[kind]
+            parse = {"bool": _parse_bool, "int": int, "float": float, "str": str}[kind]
             parser.add_argument(
                 f"--{f.name}", type=parse, default=argparse.SUPPRESS,
                 metavar="BOOL" if kind == "bool" else f.name.upper(),

@@ -203,8 +203,8 @@ CASES = [
          r"^error: img_layers=-1 is invalid: expected an integer >= 0$"),
     Case("no reasoning step", TRAIN + ["--dry_run", "--sgr_step", "0"],
          r"^error: sgr_step=0 is invalid: expected an integer >= 1$"),
-    Case("NaN margin", TRAIN + ["--dry_run", "--margin", "nan"], r"argument --margin: expected a finite number, got "
-         r"'nan'"),
+    Case("NaN margin", TRAIN + ["--dry_run", "--margin", "nan"],
+         r"^error: margin=nan is invalid: expected a finite number >= 0\.0$"),
     Case("negative scorer memory", TRAIN + ["--dry_run", "--score_chunk_mb", "-5"],
          r"^error: score_chunk_mb=-5 is invalid: expected an integer >= 1$"),
     Case("a dropout the layer cannot take", TRAIN + ["--dry_run", "--txt_gnn", "gcn", "--txt_layer_dropout", "0.2"],
