@@ -98,8 +98,8 @@ def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any], source: str) -> Config:
-    """The config of a resumed run: the checkpoint's, with the options given on the command line (not the
-    architecture: the saved weights fix it)."""
+    """The config of a resumed run: the checkpoint's, with the options given on the command line; ConfigError for any
+    change to its ModelConfig (the saved weights fix it) or its vocabulary options."""
     check_resumable(checkpoint, source)
     base = run_config_of(checkpoint, source)
     config = base.replace(**overrides)
