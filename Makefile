@@ -21,7 +21,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)
-	test -f $(DEMO_DATA)/synthetic_precomp/train_ims.npy || $(PY) -m hsc_pyg.data.synthetic --out $(DEMO_DATA)/synthetic_precomp
+	test -f $(DEMO_DATA)/synthetic_precomp/train_ims.npy || $(PY) -m hsc_pyg.cli.synthetic --out $(DEMO_DATA)/synthetic_precomp
 	$(PY) train.py --config configs/demo.json --data_path $(DEMO_DATA) --data_name synthetic_precomp \
 		--logger_name $(DEMO_RUN)/log --model_name $(DEMO_RUN)/checkpoint --overwrite
 	$(PY) evaluate.py --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \

@@ -12,11 +12,10 @@ job (one process per GPU; --batch_size captions per process and step) and only r
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Sequence
 
-from hsc_pyg.config import Config, add_config_arguments, apply_preset, config_from_args
+from hsc_pyg.config import PART_OF, add_config_arguments, config_from_args
 from hsc_pyg.errors import ConfigError, HSCError
 
 DESCRIPTION = """\
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a JSON config (a config.json written by train.py, or configs/demo.json); flags override it")
     run.add_argument("--resume", default="", metavar="PATH",
                      help="continue a run exactly from its checkpoint.pth (its config is used; flags override all but "
-                          "the architecture)")
+                          "the model config, which the weights fix)")
     run.add_argument("--max_iters", type=int, default=0, metavar="N",
                      help="stop after N iterations in total, saving a resumable checkpoint (default: 0 = no limit)")
     run.add_argument("--dry_run", action="store_true", help="build everything, run one batch, print its loss, write nothing")
@@ -68,7 +67,7 @@ def make_config(args: argparse.Namespace):
     if args.config:
         raise ConfigError("--config and --resume exclude each other: a resumed run uses its checkpoint's config")
     checkpoint = read_checkpoint(args.resume)
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    given = {name: getattr(args, name) for name in PART_OF if hasattr(args, name)}
     return resume_config(checkpoint, given, source=args.resume), checkpoint
 
 

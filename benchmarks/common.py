@@ -1,7 +1,6 @@
 """Shared pieces of the benchmarks: full-size configs, synthetic inputs, timers, memory probes, environment record."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -21,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from hsc_pyg.config import Config, apply_preset  # noqa: E402
+from hsc_pyg.config import Config  # noqa: E402
 from hsc_pyg.data.graphs import caption_graph, collate_graphs, collate_pairs, image_graph  # noqa: E402
 from hsc_pyg.nn.model import CaptionEncoding, HSCModel, ImageEncoding, build_model  # noqa: E402
 
@@ -35,7 +34,7 @@ F30K_CAPTIONS = ROOT.parent / "shared" / "data" / "scan_text" / "f30k_test_caps.
 
 def make_config(preset: str, quick: bool = False, **overrides) -> Config:
     sizes = QUICK if quick else FULL
-    return dataclasses.replace(apply_preset(Config(preset=preset)), **sizes, **overrides)
+    return Config(preset=preset, **sizes, **overrides)
 
 
 def make_model(preset: str, quick: bool = False, device: str = "cpu", seed: int = 0) -> HSCModel:
@@ -90,11 +89,11 @@ def synthetic_captions(n: int, vocab_size: int, seed: int = 0) -> list[list[int]
 
 
 def image_batch(images: torch.Tensor, edges: str = "full"):
-    return collate_graphs([image_graph(f, edges=edges) for f in images], edges)
+    return collate_graphs([image_graph(f, edges=edges) for f in images])
 
 
 def caption_batch(captions: list[list[int]], edges: str = "full"):
-    return collate_graphs([caption_graph(c, edges=edges) for c in captions], edges)
+    return collate_graphs([caption_graph(c, edges=edges) for c in captions])
 
 
 def pair_batch(images: torch.Tensor, captions: list[list[int]]):

@@ -99,7 +99,7 @@ SYN=/tmp/gpu_check_data
 AMP=bf16; [ "$DEV" = cpu ] && AMP=off
 part train_amp 75 "$OUT/train_amp.log" bash -c "
     set -ex
-    $PY -m hsc_pyg.data.synthetic --out $SYN/synthetic_precomp --img_dim 2048 --overwrite
+    $PY -m hsc_pyg.cli.synthetic --out $SYN/synthetic_precomp --img_dim 2048 --overwrite
     $PY train.py --data_path $SYN --data_name synthetic_precomp --device $DEV --amp $AMP --vocab_threshold 1 \
         --dry_run --no_progress
     $PY train.py --data_path $SYN --data_name synthetic_precomp --device $DEV --amp $AMP --vocab_threshold 1 \

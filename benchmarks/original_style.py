@@ -189,7 +189,7 @@ def encode_images(model, images: Tensor) -> Tensor:
     """``images [B, 36, img_dim]`` -> ``[B, 36, d]`` (fc, the blocks in Conv1d layout, l2norm)."""
     enc = model.image_encoder
     v = enc.fc(images)
-    if len(enc.stack.layers) and enc.stack.layers[0].layer_name == "hsc":
+    if len(enc.stack.layers) and enc.stack.layers[0].registry_name == "hsc":
         v = v.permute(0, 2, 1)
         for layer in enc.stack.layers:
             v = image_block(layer, v)
@@ -202,7 +202,7 @@ def encode_captions(model, tokens: Tensor, lengths: Tensor) -> Tensor:
     enc = model.text_encoder
     x = enc.dropout(enc.embed(tokens))
     for layer in enc.stack.layers:
-        if layer.layer_name == "hsc_text":
+        if layer.registry_name == "hsc_text":
             x = word_block(layer, x)
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
     out, _ = enc.gru(packed)

@@ -244,10 +244,8 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     from hsc_pyg.nn.loss import ContrastiveLoss
 
     model = cm.make_model(spec["preset"], quick, device).train()
-    config = model.config
     amp = "bf16" if dtype == "bf16" and device.startswith("cuda") else "off"
-    import dataclasses
-    config = dataclasses.replace(config, amp=amp)
+    config = cm.Config(model.config, amp=amp)   # the run's options around the model's config
     criterion = ContrastiveLoss(config.margin, config.max_violation)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)

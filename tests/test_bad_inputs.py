@@ -41,6 +41,8 @@ from hsc_pyg.errors import DataError
 from hsc_pyg.nn.model import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
+#: a resumable checkpoint written by commit 7831cd1 (see test_checkpoint.py)
+FIXTURES = ROOT / "tests" / "fixtures"
 NAME = "synthetic_precomp"
 #: test split: 4 images x 16 regions x 8 features, 20 captions; train: 6 images, 30 captions
 SIZES = dict(num_train=6, num_dev=4, num_test=4, img_dim=8, num_regions=16)
@@ -55,10 +57,10 @@ TRAIN = TRAIN_RUN + ["--embed_size", "16", "--word_dim", "8", "--sim_dim", "8", 
                      "1", "--batch_size", "5", "--vocab_threshold", "1"]
 VIZ = ["-m", "hsc_pyg.viz", "--model", "{ckpt}", "--data_path", "{data}", "--data_name", NAME, "--split", "test",
        "--out", "{out}/graphs"]
-VOCAB = ["-m", "hsc_pyg.data.vocab", "--data_path", "{data}", "--data_name", NAME, "--out", "{out}/vocab.json",
+VOCAB = ["-m", "hsc_pyg.cli.vocab", "--data_path", "{data}", "--data_name", NAME, "--out", "{out}/vocab.json",
          "--threshold", "1", "--overwrite"]
-CONVERT = ["-m", "hsc_pyg.engine.checkpoint", "{ckpt}", "{out}/converted.pth", "--overwrite"]
-SYNTHETIC = ["-m", "hsc_pyg.data.synthetic", "--out", "{data}/" + NAME, "--overwrite", "--train", "6", "--dev", "4",
+CONVERT = ["-m", "hsc_pyg.cli.convert", "{ckpt}", "{out}/converted.pth", "--overwrite"]
+SYNTHETIC = ["-m", "hsc_pyg.cli.synthetic", "--out", "{data}/" + NAME, "--overwrite", "--train", "6", "--dev", "4",
              "--test", "4", "--img_dim", "8", "--regions", "16"]
 
 
@@ -132,7 +134,7 @@ class Case:
 CASES = [
     # ---- data folder and split
     Case("missing data folder", EVALUATE + ["--data_path", "{tree}/no_data"],
-         r"data folder {tree}/no_data does not exist .*python -m hsc_pyg.data.synthetic --out"),
+         r"data folder {tree}/no_data does not exist .*python -m hsc_pyg.cli.synthetic --out"),
     Case("missing split", EVALUATE + ["--split", "val"],
          r"{data}/synthetic_precomp/val_ims.npy is missing \(.* has splits: dev, test, train\); every split needs"),
     # ---- region features
@@ -188,9 +190,37 @@ CASES = [
          r"checkpoint {tree}/nowhere.pth does not exist"),
     # ---- options
     Case("unknown layer name", TRAIN + ["--dry_run", "--img_gnn", "gat9"],
-         r"--img_gnn 'gat9' is unknown; choose one of gat, gatv2, gcn, .*hsc, hsc_text, none"),
+         r"img_gnn='gat9': unknown layer 'gat9'; choose one of gat, gatv2, gcn, .*hsc, hsc_text, none"),
     Case("unknown edge builder", TRAIN + ["--dry_run", "--img_edges", "delaunay"],
-         r"--img_edges: edge spec 'delaunay' is unknown; valid: full, knn:K, spatial, window:K, none"),
+         r"img_edges: edge spec 'delaunay' is unknown; valid: full, knn:K, none, spatial, window:K"),
+    Case("non-ASCII digit as K", TRAIN + ["--dry_run", "--img_edges", "knn:²"],
+         r"img_edges: edge spec 'knn:²': knn needs a positive integer K, e\.g\. knn:8; found '²'$"),
+    Case("no GRU layer", TRAIN + ["--dry_run", "--gru_layers", "0"],
+         r"^error: gru_layers=0 is invalid: expected an integer >= 1$"),
+    Case("dropout above 1", TRAIN + ["--dry_run", "--word_dropout", "1.5"],
+         r"^error: word_dropout=1\.5 is invalid: expected a finite number >= 0\.0 and < 1\.0$"),
+    Case("negative layer count", TRAIN + ["--dry_run", "--img_layers", "-1"],
+         r"^error: img_layers=-1 is invalid: expected an integer >= 0$"),
+    Case("no reasoning step", TRAIN + ["--dry_run", "--sgr_step", "0"],
+         r"^error: sgr_step=0 is invalid: expected an integer >= 1$"),
+    Case("NaN margin", TRAIN + ["--dry_run", "--margin", "nan"],
+         r"^error: margin=nan is invalid: expected a finite number >= 0\.0$"),
+    Case("negative scorer memory", TRAIN + ["--dry_run", "--score_chunk_mb", "-5"],
+         r"^error: score_chunk_mb=-5 is invalid: expected an integer >= 1$"),
+    Case("a dropout the layer cannot take", TRAIN + ["--dry_run", "--txt_gnn", "gcn", "--txt_layer_dropout", "0.2"],
+         r"^error: txt_gnn='gcn', txt_layer_dropout=0\.2: layer 'gcn' cannot take dropout; it accepts no arguments$"),
+    Case("a string for an int in --config", TRAIN + ["--dry_run", "--config", "{tree}/c.json"],
+         r"^error: {tree}/c.json: embed_size='32' is invalid: expected an integer >= 1$",
+         write("c.json", b'{"embed_size": "32"}')),
+    Case("null in --config", TRAIN + ["--dry_run", "--config", "{tree}/c.json"],
+         r"^error: {tree}/c.json: batch_size=None is invalid: expected an integer >= 1$",
+         write("c.json", b'{"batch_size": null}')),
+    Case("a model too large for memory", TRAIN + ["--dry_run", "--embed_size", str(2**40)],
+         r"^error: the model would need about [0-9.e+]+ GiB of float32 weights \(embed_size=1099511627776, .*\), "
+         r"more than this machine's [0-9.]+ GiB of memory; lower the sizes$"),
+    Case("a score-shaping option changed on --resume", TRAIN_RUN + ["--resume", str(FIXTURES / "v1_checkpoint.pth"),
+                                                                    "--lambda_softmax", "9"],
+         r"^error: --lambda_softmax cannot change when resuming .*v1_checkpoint.pth \(it was 4\.0\); start a new run"),
     Case("unknown similarity head", TRAIN + ["--dry_run", "--head", "cosine"],
          r"--head 'cosine' is unknown; choose one of saf, sgr"),
     Case("batch_size larger than the dataset", TRAIN + ["--dry_run", "--batch_size", "31"],

@@ -9,13 +9,16 @@ import sys
 import textwrap
 import time
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from hsc_pyg import load_checkpoint
-from hsc_pyg.config import Config
-from hsc_pyg.engine.checkpoint import save_checkpoint
-from hsc_pyg.errors import CheckpointError
+from hsc_pyg.config import Config, ModelConfig
+from hsc_pyg.engine.checkpoint import read_checkpoint, run_config_of, save_checkpoint, upgrade_v1
+from hsc_pyg.errors import CheckpointError, HSCError
 from hsc_pyg.nn.model import build_model
 
 SMALL = dict(img_dim=10, vocab_size=20, embed_size=16, word_dim=8, sim_dim=8, num_regions=6)
@@ -86,10 +89,59 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     path = tmp_path / "m.pth"
     save_checkpoint(path, tiny_model())
     ckpt = torch.load(path, weights_only=True)
-    ckpt["config"]["embed_size"] = 32
+    ckpt["model_config"]["embed_size"] = 32
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=r"weights do not fit the model its config describes"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c["model_config"].update(embed_size=0), r"m\.pth: embed_size=0 is invalid: expected an integer >= 1$"),
+    (lambda c: c["model_config"].update(embed_size="16"), r"m\.pth: embed_size='16' is invalid: expected an integer"),
+    (lambda c: c["model_config"].update(embed_size=2**40),
+     r"m\.pth: the model would need about [0-9.e+]+ GiB of float32 weights \(embed_size=1099511627776, .*\), more "
+     r"than this machine's [0-9.]+ GiB of memory; lower the sizes$"),
+    (lambda c: c["model_config"].update(lambda_softmax=float("nan")), r"lambda_softmax=nan is invalid"),
+    (lambda c: c.pop("model_config"), r"m\.pth holds no model config; the file is damaged"),
+    (lambda c: c.update(model_config=[1, 2]), r"m\.pth: the model config must be an object of field names to values, "
+                                              r"found list$"),
+    (lambda c: c.update(model=[1, 2]), r"m\.pth: its 'model' is a list, not a state dict; the file is damaged$"),
+    (lambda c: c.update(train_config={"score_chunk_mb": -5}), r"m\.pth: train_config: score_chunk_mb=-5 is invalid"),
+])
+def test_damaged_configs_in_a_checkpoint_are_one_line_errors(tmp_path, damage, message):
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny_model(), Config(**SMALL))
+    ckpt = torch.load(path, weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, path)
+    with pytest.raises(HSCError, match=message) as err:
+        load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_checkpoint_written_by_the_flat_config_code_loads_with_the_same_scores():
+    # written by commit 7831cd1 (one flat "config" dict, version 1): a 2-iteration run with lambda_softmax 4, knn:2 /
+    # window:2 edges, hsc_text dropout 0.1; the JSON holds the scores that code gave on fixed inputs
+    expected = json.loads((FIXTURES / "v1_checkpoint.json").read_text())
+    model = load_checkpoint(FIXTURES / "v1_checkpoint.pth")
+    assert isinstance(model.config, ModelConfig)
+    assert (model.config.lambda_softmax, model.config.img_edges, model.config.txt_edges) == (4.0, "knn:2", "window:2")
+    assert (model.config.txt_layer_dropout, model.config.img_layers, model.config.txt_layers) == (0.1, 1, 1)
+    images = torch.randn(*expected["images_shape"], generator=torch.Generator().manual_seed(expected["images_seed"]))
+    sims = model.similarity_matrix(images, expected["captions"])
+    torch.testing.assert_close(sims, torch.tensor(expected["scores"]), rtol=0, atol=1e-6)
+    run = run_config_of(read_checkpoint(FIXTURES / "v1_checkpoint.pth"))
+    assert (run.batch_size, run.vocab_threshold, run.model) == (8, 1, model.config)
+
+
+def test_flat_config_upgrade_drops_the_dropout_a_layer_never_received():
+    flat = {**Config(**SMALL, txt_gnn="gcn").to_dict(), "txt_layer_dropout": 0.3}
+    upgraded = upgrade_v1({"format": "hsc_pyg", "version": 1, "config": flat, "model": {}})
+    assert upgraded["model_config"]["txt_layer_dropout"] is None and "config" not in upgraded
+    assert upgraded["version"] == 2 and upgraded["train_config"]["batch_size"] == 128
 
 
 def test_roundtrip_keeps_weights_and_state(tmp_path):

@@ -12,7 +12,7 @@ from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
 from hsc_pyg.engine.evaluation import (PackedCaptions, Reranked, cosine_matrix, encode_split, evaluate, pair_scores,
                                        rerank, rerank_scores, score_matrix)
-from hsc_pyg.engine.metrics import i2t_ranks, recall_metrics, t2i_ranks
+from hsc_pyg.engine.metrics import METRIC_KEYS, fold5_metrics, i2t_ranks, recall_metrics, t2i_ranks
 from hsc_pyg.errors import ConfigError, DataError, VocabError
 from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
 
@@ -46,9 +46,9 @@ def model(data_path):
 def direct_encodings(model, split):
     """Every image and every caption of the split in one batch each, in split order."""
     with torch.no_grad():
-        images = model.encode_images(collate_graphs([ImageDataset(split)[i] for i in range(split.num_images)], "full"))
+        images = model.encode_images(collate_graphs([ImageDataset(split)[i] for i in range(split.num_images)]))
         captions = model.encode_captions(collate_graphs(
-            [TextDataset(split, model.vocab)[k] for k in range(split.num_captions)], "full"))
+            [TextDataset(split, model.vocab)[k] for k in range(split.num_captions)]))
     return images, captions
 
 
@@ -273,3 +273,24 @@ def test_features_of_another_size_are_refused(model, tmp_path):
     other = PrecompSplit.open(tmp_path, "other", "test")
     with pytest.raises(DataError, match=r"\[2, 16, 17\].*\[\*, 16, 16\]"):
         encode_split(model, other, progress=False)
+
+
+def test_fold5_scores_only_the_diagonal_blocks_with_the_metrics_of_the_full_matrix(model, split, monkeypatch):
+    # 20 test images in folds of 4: five diagonal blocks of 4 x 20 pairs = a fifth of the 20 x 100 matrix
+    scored = []
+    real_score = type(model).score
+
+    def counting_score(self, img, cap, chunk_mb=None):
+        scored.append(len(img) * len(cap))
+        return real_score(self, img, cap, chunk_mb)
+
+    monkeypatch.setattr(type(model), "score", counting_score)
+    folds = evaluate(model, split, fold5=True, fold_size=4)
+    fold_pairs, scored[:] = sum(scored), []
+    full = score_matrix(model, *encode_split(model, split, progress=False), progress=False)
+    full_pairs = sum(scored)
+    assert (full_pairs, fold_pairs) == (20 * 100, 5 * 4 * 20)
+    expected = fold5_metrics(full, split.per_image, fold_size=4)
+    assert len(folds["folds"]) == 5
+    for key in METRIC_KEYS:
+        assert folds[key] == pytest.approx(expected[key], abs=1e-9), key

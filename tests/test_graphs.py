@@ -9,8 +9,8 @@ from torch_geometric.data import Batch
 
 from hsc_pyg.data import graphs
 from hsc_pyg.data.graphs import (
-    EDGE_BUILDERS, PairBatch, PairCollate, GraphCollate, caption_graph, collate_graphs, collate_pairs, complete_edges,
-    image_graph, make_edges, parse_edge_spec, register_edge_builder,
+    EDGE_BUILDERS, PairBatch, caption_graph, collate_graphs, collate_pairs, complete_edges, image_graph, is_complete,
+    make_edges, parse_edge_spec, register_edge_builder,
 )
 from hsc_pyg.errors import ConfigError, DataError
 
@@ -22,7 +22,7 @@ def grid_boxes(side: int = 6) -> torch.Tensor:
 
 def test_full_graph_of_five_images():
     images = [image_graph(torch.randn(36, 16)) for _ in range(5)]
-    batch = collate_graphs(images, "full")
+    batch = collate_graphs(images)
     assert batch.num_nodes == 180 and batch.x.shape == (180, 16)
     assert batch.edge_index.shape == (2, 5 * 36 * 36)
     assert batch.max_nodes == 36 and batch.complete is True
@@ -100,19 +100,19 @@ def test_spatial_overlap_and_geometry():
 def test_no_edges():
     edge_index, attr = make_edges("none", 7)
     assert edge_index.shape == (2, 0) and edge_index.dtype == torch.long and attr is None
-    batch = collate_graphs([caption_graph([1, 4, 2], "none"), caption_graph([1, 2], "none")], "none")
+    batch = collate_graphs([caption_graph([1, 4, 2], "none"), caption_graph([1, 2], "none")])
     assert batch.edge_index.shape == (2, 0) and batch.num_nodes == 5 and batch.complete is False
 
 
 def test_caption_batch_has_no_padding():
     captions = [caption_graph([1, 5, 6, 2]), caption_graph([1, 4, 5, 6, 7, 8, 2]), caption_graph([1, 2])]
-    batch = collate_graphs(captions, "full")
+    batch = collate_graphs(captions)
     assert batch.x.tolist() == [1, 5, 6, 2, 1, 4, 5, 6, 7, 8, 2, 1, 2]  # 13 nodes = 4 + 7 + 2
     assert torch.bincount(batch.batch).tolist() == [4, 7, 2]
     assert batch.ptr.tolist() == [0, 4, 11, 13]
     assert batch.edge_index.shape == (2, 16 + 49 + 4)
     assert batch.max_nodes == 7 and batch.complete is True
-    assert collate_graphs(captions, "window:1").complete is False
+    assert collate_graphs([caption_graph(c.x, "window:1") for c in captions]).complete is False
 
 
 def test_caption_graph_accepts_tensors():
@@ -121,7 +121,7 @@ def test_caption_graph_accepts_tensors():
 
 
 def test_batch_attributes_survive_to_clone_and_pickle():
-    batch = collate_graphs([image_graph(torch.randn(5, 4)), image_graph(torch.randn(3, 4))], "full")
+    batch = collate_graphs([image_graph(torch.randn(5, 4)), image_graph(torch.randn(3, 4))])
     moved = batch.to("cpu")
     assert (moved.max_nodes, moved.complete) == (5, True)
     assert (batch.clone().max_nodes, batch.clone().complete) == (5, True)
@@ -138,7 +138,7 @@ def _item(i, k, regions=4, words=3, img_edges="full", txt_edges="full"):
 
 def test_collate_pairs_deduplicates_images():
     items = [_item(3, 15), _item(1, 5), _item(3, 16), _item(2, 10), _item(1, 9)]
-    pb = collate_pairs(items, "full", "full")
+    pb = collate_pairs(items)
     assert isinstance(pb, PairBatch) and len(pb) == 5
     assert pb.img_ids.tolist() == [3, 1, 2]
     assert pb.img_index.tolist() == [0, 1, 0, 2, 1]
@@ -150,14 +150,18 @@ def test_collate_pairs_deduplicates_images():
     assert isinstance(moved, PairBatch) and moved.images.max_nodes == 4 and moved.img_index.tolist() == [0, 1, 0, 2, 1]
 
 
-def test_collators_are_picklable():
-    collate = pickle.loads(pickle.dumps(PairCollate("knn:2", "window:1")))
-    # the edges are built per item (by the dataset); the collator's specs must name the same ones
-    pb = collate([_item(0, 0, img_edges="knn:2", txt_edges="window:1"), _item(0, 1, img_edges="knn:2", txt_edges="window:1")])
-    assert pb.images.edge_index.shape == (2, 4 * 3) and pb.images.complete is False
-    assert pb.captions.edge_index.shape == (2, 2 * 7)
-    g = pickle.loads(pickle.dumps(GraphCollate("full")))([caption_graph([1, 2]), caption_graph([1, 5, 2])])
+def test_collate_reads_completeness_from_the_edges():
+    # the collate functions take no spec: knn / window graphs are never mistaken for complete ones
+    pb = pickle.loads(pickle.dumps(collate_pairs))(
+        [_item(0, 0, img_edges="knn:2", txt_edges="window:1"), _item(1, 1, img_edges="knn:2", txt_edges="window:1")])
+    assert pb.images.edge_index.shape == (2, 2 * 4 * 3) and pb.images.complete is False
+    assert pb.captions.edge_index.shape == (2, 2 * 7) and pb.captions.complete is False
+    g = collate_graphs([caption_graph([1, 2]), caption_graph([1, 5, 2])])
     assert g.max_nodes == 3 and g.complete is True
+    # one incomplete graph makes the batch incomplete; N * N edges in another order are not the dense path's order
+    assert collate_graphs([caption_graph([1, 2]), caption_graph([1, 5, 2], "window:1")]).complete is False
+    full = complete_edges(3)
+    assert is_complete(full.clone(), 3) and not is_complete(full.flip(1), 3) and not is_complete(full, 4)
 
 
 def test_register_a_new_edge_builder():
@@ -170,12 +174,13 @@ def test_register_a_new_edge_builder():
         with pytest.raises(ValueError, match="edge builder 'chain_test' is already registered"):
             register_edge_builder("chain_test")(chain)
     finally:
-        del EDGE_BUILDERS["chain_test"]
+        EDGE_BUILDERS.unregister("chain_test")
         parse_edge_spec.cache_clear()
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("grid", r"^edge spec 'grid' is unknown; valid: full, knn:K, spatial, window:K, none$"),
+    ("grid", r"^edge spec 'grid' is unknown; valid: full, knn:K, none, spatial, window:K$"),
+    ("knn:²", r"^edge spec 'knn:²': knn needs a positive integer K, e\.g\. knn:8; found '²'$"),
     ("knn", r"^edge spec 'knn': knn needs a positive integer K, e\.g\. knn:8; found ''$"),
     ("knn:0", r"^edge spec 'knn:0': knn needs a positive integer K, e\.g\. knn:8; found '0'$"),
     ("window:two", r"^edge spec 'window:two': window needs a positive integer K, e\.g\. window:8; found 'two'$"),

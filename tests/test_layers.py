@@ -1,19 +1,23 @@
-"""Relational layers: the dense complete-graph path equals plain message passing, and every registered type trains."""
+"""Relational layers: the dense complete-graph path equals plain message passing, every registered type trains, layer
+arguments are explicit, edge features reach the layers that declare them, completeness comes from the edges."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hsc_pyg.config import Config
+from torch_geometric.utils import to_dense_batch
+
+from hsc_pyg.config import Config, ModelConfig
 from hsc_pyg.data.graphs import PairBatch, caption_graph, collate_graphs, image_graph
 from hsc_pyg.errors import ConfigError
-from hsc_pyg.nn.layers import LAYERS, build_layer
+from hsc_pyg.nn.encoders import RelationalStack
+from hsc_pyg.nn.layers import LAYERS, RelationalLayer, build_layer, register_layer
 from hsc_pyg.nn.model import build_model
 
 
 def complete_batch(sizes, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return collate_graphs([image_graph(torch.randn(n, dim, generator=g)) for n in sizes], "full")
+    return collate_graphs([image_graph(torch.randn(n, dim, generator=g)) for n in sizes])
 
 
 @pytest.mark.parametrize("name", ["hsc", "hsc_text"])
@@ -57,7 +61,7 @@ def test_hsc_block_starts_as_identity():
 
 
 def test_unknown_layer_name_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"unknown layer type 'gcnn'; choose one of .*gat.*hsc"):
+    with pytest.raises(ConfigError, match=r"^unknown layer 'gcnn'; choose one of .*gat.*hsc"):
         build_layer("gcnn", 8)
 
 
@@ -74,7 +78,7 @@ def test_every_layer_type_trains_on_both_graphs(name):
     g = torch.Generator().manual_seed(0)
     images = [image_graph(torch.randn(6, 10, generator=g)) for _ in range(3)]
     captions = [caption_graph(torch.randint(4, 30, (n,), generator=g)) for n in (5, 3, 8, 4)]
-    pairs = PairBatch(images=collate_graphs(images, "full"), captions=collate_graphs(captions, "full"),
+    pairs = PairBatch(images=collate_graphs(images), captions=collate_graphs(captions),
                       img_index=torch.tensor([0, 1, 2, 0]), img_ids=torch.arange(3), cap_ids=torch.arange(4))
     scores = model(pairs)
     assert scores.shape == (4, 4)
@@ -88,3 +92,85 @@ def test_every_layer_type_trains_on_both_graphs(name):
             assert w.shape == (pairs.images.edge_index.size(1),)
         else:
             assert w is None
+
+
+# --------------------------------------------------------------------------- explicit layer arguments
+def test_layer_arguments_are_explicit_and_reach_every_layer():
+    cfg = ModelConfig(img_dim=10, vocab_size=30, embed_size=16, word_dim=16, sim_dim=8, num_regions=6,
+                      img_gnn="gat", txt_gnn="transformer", img_layer_heads=2, txt_layer_heads=8,
+                      txt_layer_dropout=0.25)
+    model = build_model(cfg)
+    assert [layer.conv.heads for layer in model.image_encoder.stack.layers] == [2] * 4
+    assert [(layer.conv.heads, layer.conv.dropout) for layer in model.text_encoder.stack.layers] == [(8, 0.25)] * 4
+    hsc = build_model(ModelConfig(img_dim=10, vocab_size=30, embed_size=16, word_dim=16, sim_dim=8, num_regions=6,
+                                  txt_layer_dropout=0.3))
+    assert [layer.dropout.p for layer in hsc.text_encoder.stack.layers] == [0.3] * 4
+
+
+@pytest.mark.parametrize("values, message", [
+    (dict(txt_gnn="gcn", txt_layer_dropout=0.1),
+     r"^txt_gnn='gcn', txt_layer_dropout=0\.1: layer 'gcn' cannot take dropout; it accepts no arguments$"),
+    (dict(txt_layer_heads=2), r"^txt_gnn='hsc_text', txt_layer_heads=2: layer 'hsc_text' cannot take heads; "
+                              r"it accepts dropout$"),
+    (dict(img_layer_dropout=0.1), r"^img_gnn='hsc', img_layer_dropout=0\.1: layer 'hsc' cannot take dropout; "
+                                  r"it accepts heads$"),
+])
+def test_an_argument_the_layer_cannot_take_is_an_error(values, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**values)
+    with pytest.raises(ConfigError, match=r"^layer 'sage' cannot take heads; it accepts no arguments$"):
+        build_layer("sage", 8, heads=2)
+
+
+# --------------------------------------------------------------------------- edge features and completeness
+class _EdgeAttrProbe(RelationalLayer):
+    """Test layer: adds the mean edge feature it receives to every node (so its output proves what it got)."""
+
+    supports_edge_attr = True
+    has_edge_weights = False
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.received = []
+
+    def forward(self, x, edge_index, batch=None, return_weights=False, edge_attr=None):
+        self.received.append(edge_attr)
+        return x + (0.0 if edge_attr is None else edge_attr.mean()), None
+
+
+def test_edge_features_reach_the_layers_that_declare_them():
+    register_layer("edge_attr_probe")(_EdgeAttrProbe)
+    try:
+        boxes = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9], [0.0, 0.6, 0.2, 0.8]])
+        graphs = [image_graph(torch.randn(3, 4), boxes, edges="spatial") for _ in range(2)]
+        batch = collate_graphs(graphs)
+        assert batch.edge_attr.shape == (batch.edge_index.size(1), 5)
+        probe = RelationalStack("edge_attr_probe", 4, 2)
+        probe(batch.x, batch)
+        assert all(torch.equal(got, batch.edge_attr) for got in (layer.received[0] for layer in probe.layers))
+        # layers that do not declare it run on the same batch without it
+        plain = RelationalStack("hsc", 4, 1)
+        states, _, _ = plain(batch.x, batch)
+        assert states[-1].shape == (2, 3, 4)
+    finally:
+        LAYERS.unregister("edge_attr_probe")
+
+
+def test_knn_graphs_take_the_sparse_path_whatever_the_caller_calls_them():
+    # bug of the spec-based flag: knn graphs collated as "full" took the dense complete-graph path (states off by 0.23)
+    torch.manual_seed(0)
+    stack = RelationalStack("hsc", 8, 2).double().eval()
+    for layer in stack.layers:   # non-zero BatchNorm so that the layers change the states
+        torch.nn.init.ones_(layer.norm.weight)
+    graphs = [image_graph(torch.randn(n, 8), edges="knn:2") for n in (5, 4)]
+    batch = collate_graphs(graphs)
+    assert batch.complete is False
+    states, mask, _ = stack(batch.x.double(), batch)
+    x = batch.x.double()
+    for layer in stack.layers:   # the plain message passing over the knn edges
+        x, _ = layer(x, batch.edge_index, batch.batch)
+    dense_reference, _ = to_dense_batch(x, batch.batch)
+    torch.testing.assert_close(states[-1], dense_reference)
+    complete = collate_graphs([image_graph(g.x, edges="full") for g in graphs])
+    assert complete.complete is True
+    assert (stack(complete.x.double(), complete)[0][-1] - states[-1]).abs().max() > 1e-3

@@ -115,7 +115,7 @@ def test_dataset_edge_spec_errors(tmp_path):
         CaptionDataset(s, Vocabulary(), img_edges="spatial")
     with pytest.raises(ConfigError, match=r"^txt_edges='knn:3' applies to region graphs only"):
         TextDataset(s, Vocabulary(), txt_edges="knn:3")
-    with pytest.raises(ConfigError, match=r"^edge spec 'grid' is unknown; valid: full, knn:K, spatial, window:K, none$"):
+    with pytest.raises(ConfigError, match=r"^edge spec 'grid' is unknown; valid: full, knn:K, none, spatial, window:K$"):
         ImageDataset(s, "grid")
 
 
@@ -149,7 +149,7 @@ def test_missing_data_folder(tmp_path):
     with pytest.raises(DataError, match=rf"^data folder {tmp_path / 'nope'} does not exist \(looked for "
                                         rf"{tmp_path / 'nope' / 'f30k_precomp'}\); get the SCAN precomp features "
                                         r"\(kuanghueilee/scan-features on Kaggle\) or make the built-in data with "
-                                        rf"`python -m hsc_pyg\.data\.synthetic --out {tmp_path / 'nope'}/synthetic_precomp`$"):
+                                        rf"`python -m hsc_pyg\.cli\.synthetic --out {tmp_path / 'nope'}/synthetic_precomp`$"):
         PrecompSplit.open(tmp_path / "nope", "f30k_precomp", "train")
 
 

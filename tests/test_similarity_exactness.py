@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hsc_pyg.config import Config, apply_preset
+from hsc_pyg.config import Config
 from hsc_pyg.engine.evaluation import pair_scores
 from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
 
@@ -54,8 +54,8 @@ def reference_pair(sim, regions, img_glo, words, cap_glo):
 
 
 def random_model(head: str, levels: str):
-    cfg = apply_preset(Config(preset="sgraf_" + head, img_dim=10, vocab_size=20, embed_size=D, word_dim=8,
-                              sim_dim=M_DIM, num_regions=R, align_levels=levels))
+    cfg = Config(preset="sgraf_" + head, img_dim=10, vocab_size=20, embed_size=D, word_dim=8, sim_dim=M_DIM,
+                 num_regions=R, align_levels=levels)
     torch.manual_seed(0)
     model = build_model(cfg).double().eval()
     with torch.no_grad():  # randomise BatchNorm statistics so that they matter

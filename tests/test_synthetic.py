@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from hsc_pyg.data.precomp import CaptionDataset, PrecompSplit
-from hsc_pyg.data.synthetic import COLOURS, RELATIONS, main, make_synthetic, relation
+from hsc_pyg.cli.synthetic import main
+from hsc_pyg.data.synthetic import COLOURS, RELATIONS, make_synthetic, relation
 from hsc_pyg.data.vocab import UNK, build_vocab, tokenize
 from hsc_pyg.errors import ConfigError
 

@@ -104,6 +104,11 @@ def test_resume_refuses_to_change_the_architecture_but_takes_a_new_schedule(tiny
     train(tiny_config(tiny_data, tmp_path, lr_update=20), max_iters=2)
     with pytest.raises(ConfigError, match="--embed_size cannot change when resuming"):
         resume(tmp_path / "checkpoint" / CHECKPOINT, embed_size=32)
+    # every ModelConfig field is compared, also those that shape only the scores (once missed: lambda_softmax, the
+    # norms, the edges)
+    for name, value in (("lambda_softmax", 4.0), ("no_imgnorm", True), ("img_edges", "knn:4"), ("txt_layer_dropout", 0.1)):
+        with pytest.raises(ConfigError, match=f"^--{name} cannot change when resuming .*; start a new run"):
+            resume(tmp_path / "checkpoint" / CHECKPOINT, **{name: value})
     config, checkpoint = resume(tmp_path / "checkpoint" / CHECKPOINT, lr_update=1, num_epochs=2)
     result = train(config, resume=checkpoint)
     saved = read_checkpoint(tmp_path / "checkpoint" / CHECKPOINT)

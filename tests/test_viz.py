@@ -30,7 +30,7 @@ from hsc_pyg.viz import (
     word_graph,
     write_graph,
 )
-from hsc_pyg.viz.__main__ import main
+from hsc_pyg.cli.viz import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REGIONS, IMG_DIM = 16, 12

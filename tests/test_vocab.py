@@ -8,7 +8,8 @@ import nltk
 import pytest
 from nltk.tokenize import word_tokenize
 
-from hsc_pyg.data.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, build_vocab, main, tokenize
+from hsc_pyg.cli.vocab import main
+from hsc_pyg.data.vocab import END, PAD, SPECIALS, START, UNK, Vocabulary, build_vocab, tokenize
 from hsc_pyg.errors import ConfigError, VocabError
 
 TRICKY = [

@@ -8,7 +8,9 @@ graph of word nodes (``x [L]`` token ids). Edges come from a builder named by a 
 ``knn:K``      each node receives edges from its K nearest nodes by feature cosine, plus a self-loop: ``N * (K + 1)``
                edges (K is clamped to ``N - 1``); region graphs only
 ``spatial``    regions that overlap or whose centres are near (within 1.5 x the mean box size), self-loops included;
-               ``edge_attr [E, 5]`` = relative geometry; needs boxes; region graphs only
+               ``edge_attr [E, 5]`` = relative geometry (source centre offset / target size, log size ratios, IoU),
+               kept in the ``Data`` / ``Batch`` and passed to layers that declare ``supports_edge_attr``; needs
+               boxes (asking for it on data without boxes is a DataError); region graphs only
 ``window:K``   nodes at most K positions apart, self-loops included: ``N * (2K + 1) - K * (K + 1)`` edges when N > K
 ``none``       no edges (``E = 0``)
 =============  ==========================================================================================================
@@ -16,6 +18,9 @@ graph of word nodes (``x [L]`` token ids). Edges come from a builder named by a 
 Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source j, ``edge_index[1]`` the target i,
 and edges are sorted by target, then by source. For ``full`` this is row-major over (target, source): edge ``e = i * N +
 j``, so per-edge weights reshaped to ``[N, N]`` give ``w[i, j]`` with i the target (receiving) node.
+
+Whether a graph is complete (which lets the layers use their dense path) is read from its edges by
+:func:`collate_graphs`, never from the spec.
 
 Edge tensors of ``full``, ``window:K`` and ``none`` depend only on the node count: they are built once per count and
 cached, so many ``Data`` objects share one tensor. Do not modify an ``edge_index`` in place.
@@ -25,61 +30,48 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
 
 from ..errors import ConfigError, DataError
+from ..registry import Registry
 
 #: A region pair is "near" for ``spatial`` when its centre distance is at most this many times the mean box size
 #: (the mean of the two boxes' sqrt(w * h)). 1.5 joins a grid cell to its 8 neighbours.
 SPATIAL_NEAR = 1.5
 
 
-class EdgeBuilderInfo(NamedTuple):
-    fn: Callable[..., tuple[Tensor, Tensor | None]]
-    takes_k: bool
-    needs_x: bool
-    needs_pos: bool
+#: Edge builders by name: ``fn(num_nodes, x, pos, k) -> (edge_index [2, E], edge_attr [E, F] | None)``, with the
+#: capabilities ``takes_k`` (the spec is ``name:K`` with a positive integer K), ``needs_x`` / ``needs_pos`` (the builder
+#: needs node features / boxes, so it applies to region graphs only) and ``edge_attr`` (features per edge it returns).
+EDGE_BUILDERS: Registry[Callable[..., tuple[Tensor, Tensor | None]]] = Registry("edge builder")
 
 
-EDGE_BUILDERS: dict[str, EdgeBuilderInfo] = {}
-
-
-def register_edge_builder(name: str, *, takes_k: bool = False, needs_x: bool = False, needs_pos: bool = False):
-    """Register ``fn(num_nodes, x, pos, k) -> (edge_index [2, E], edge_attr [E, F] | None)`` under ``name``.
-
-    ``takes_k``: the spec is ``name:K`` with a positive integer K; ``needs_x`` / ``needs_pos``: the builder needs node
-    features / boxes (so it applies to region graphs only).
-    """
-
-    def decorator(fn):
-        if name in EDGE_BUILDERS:
-            raise ValueError(f"edge builder {name!r} is already registered")
-        EDGE_BUILDERS[name] = EdgeBuilderInfo(fn, takes_k, needs_x, needs_pos)
-        return fn
-
-    return decorator
+def register_edge_builder(name: str, *, takes_k: bool = False, needs_x: bool = False, needs_pos: bool = False,
+                          edge_attr: int = 0):
+    """Register ``fn(num_nodes, x, pos, k) -> (edge_index [2, E], edge_attr [E, edge_attr] | None)`` under ``name``."""
+    return EDGE_BUILDERS.register(name, takes_k=takes_k, needs_x=needs_x, needs_pos=needs_pos, edge_attr=edge_attr)
 
 
 def _valid_specs() -> str:
-    return ", ".join(f"{n}:K" if info.takes_k else n for n, info in EDGE_BUILDERS.items())
+    return ", ".join(f"{n}:K" if EDGE_BUILDERS.capability(n, "takes_k") else n for n in EDGE_BUILDERS)
 
 
 @functools.lru_cache(maxsize=None)
 def parse_edge_spec(spec: str) -> tuple[str, int | None]:
     """``"knn:8"`` -> ``("knn", 8)``, ``"full"`` -> ``("full", None)``; ConfigError on an unknown name or a bad K."""
     name, sep, arg = str(spec).partition(":")
-    info = EDGE_BUILDERS.get(name)
-    if info is None:
+    if name not in EDGE_BUILDERS:
         raise ConfigError(f"edge spec {spec!r} is unknown; valid: {_valid_specs()}")
-    if not info.takes_k:
+    if not EDGE_BUILDERS.capability(name, "takes_k"):
         if sep:
             raise ConfigError(f"edge spec {spec!r}: {name} takes no :K; write {name!r}")
         return name, None
-    if not arg.isdigit() or int(arg) < 1:
+    # ASCII digits only: "²".isdigit() is True but int("²") fails
+    if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:
         raise ConfigError(f"edge spec {spec!r}: {name} needs a positive integer K, e.g. {name}:8; found {arg!r}")
     return name, int(arg)
 
@@ -87,11 +79,11 @@ def parse_edge_spec(spec: str) -> tuple[str, int | None]:
 def check_edge_spec(spec: str, *, graph: str, has_pos: bool = True) -> None:
     """Fail early (ConfigError / DataError) if ``spec`` cannot build ``graph`` ("image" or "caption") edges."""
     name, _ = parse_edge_spec(spec)
-    info = EDGE_BUILDERS[name]
-    if graph == "caption" and (info.needs_x or info.needs_pos):
+    needs_x, needs_pos = (EDGE_BUILDERS.capability(name, key) for key in ("needs_x", "needs_pos"))
+    if graph == "caption" and (needs_x or needs_pos):
         raise ConfigError(f"txt_edges={spec!r} applies to region graphs only (it needs region features or boxes); "
                           "for captions use full, window:K or none")
-    if info.needs_pos and not has_pos:
+    if needs_pos and not has_pos:
         raise DataError(f"img_edges={spec!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data has none; "
                         "add the boxes file or use img_edges=full or knn:K")
 
@@ -103,13 +95,12 @@ def make_edges(spec: str, num_nodes: int, x: Tensor | None = None, pos: Tensor |
     ``x [N, D]`` node features (for ``knn``), ``pos [N, 4]`` boxes x1, y1, x2, y2 (for ``spatial``).
     """
     name, k = parse_edge_spec(spec)
-    info = EDGE_BUILDERS[name]
-    if info.needs_x and x is None:
+    if EDGE_BUILDERS.capability(name, "needs_x") and x is None:
         raise ConfigError(f"edge spec {spec!r} needs node features x; it applies to region graphs only")
-    if info.needs_pos and pos is None:
+    if EDGE_BUILDERS.capability(name, "needs_pos") and pos is None:
         raise DataError(f"edge spec {spec!r} needs region boxes (pos [N, 4]) but none were given; "
                         "add {split}_boxes.npy to the data or use full or knn:K")
-    return info.fn(num_nodes, x, pos, k)
+    return EDGE_BUILDERS.get(name)(num_nodes, x, pos, k)
 
 
 # ---- builders ----------------------------------------------------------------------------------------------------
@@ -157,7 +148,7 @@ def _knn(num_nodes, x, pos, k):
     return torch.stack([source.reshape(-1), target.reshape(-1)]), None
 
 
-@register_edge_builder("spatial", needs_pos=True)
+@register_edge_builder("spatial", needs_pos=True, edge_attr=5)
 def _spatial(num_nodes, x, pos, k):
     box = pos.float()
     if box.shape != (num_nodes, 4):
@@ -226,16 +217,26 @@ def caption_graph(token_ids: Sequence[int] | Tensor, edges: str = "full") -> Dat
 
 # ---- collate -------------------------------------------------------------------------------------------------------
 
-def collate_graphs(data_list: Sequence[Data], edges_spec: str) -> Batch:
+def is_complete(edge_index: Tensor, num_nodes: int) -> bool:
+    """Whether ``edge_index`` is exactly the ``full`` builder's complete graph with self-loops, in its edge order
+    (target-major), which the layers' dense paths assume. The cached tensor is recognised without comparing."""
+    if edge_index.size(1) != num_nodes * num_nodes:
+        return False
+    full = complete_edges(num_nodes)
+    return edge_index is full or torch.equal(edge_index.cpu(), full)
+
+
+def collate_graphs(data_list: Sequence[Data]) -> Batch:
     """``Batch.from_data_list`` plus two plain attributes for the dense paths of the layers.
 
     ``batch.max_nodes`` (int): nodes of the largest graph, the ``max_num_nodes`` of ``to_dense_batch``;
-    ``batch.complete`` (bool): every graph is complete (``edges_spec == "full"``), so layers may use batched matmul.
-    Both survive ``batch.to(device)``, ``clone()`` and pickling (DataLoader workers).
+    ``batch.complete`` (bool): every graph's edges are the complete graph with self-loops (read from the edges, see
+    :func:`is_complete`), so layers may use batched matmul. Edge features (``edge_attr``, e.g. of ``spatial``) are
+    batched with the edges. Both attributes survive ``batch.to(device)``, ``clone()`` and pickling (DataLoader workers).
     """
     batch = Batch.from_data_list(list(data_list))
     batch.max_nodes = max((int(d.num_nodes) for d in data_list), default=0)
-    batch.complete = edges_spec == "full"
+    batch.complete = all(is_complete(d.edge_index, int(d.num_nodes)) for d in data_list)
     return batch
 
 
@@ -267,8 +268,7 @@ class PairBatch:
         return int(self.cap_ids.numel())
 
 
-def collate_pairs(items: Sequence[tuple[Data, Data, int, int]], img_edges: str = "full", txt_edges: str = "full",
-                  ) -> PairBatch:
+def collate_pairs(items: Sequence[tuple[Data, Data, int, int]]) -> PairBatch:
     """Collate ``(image Data, caption Data, image index, caption index)`` items; each distinct image is one graph."""
     rows: dict[int, int] = {}
     images: list[Data] = []
@@ -280,34 +280,9 @@ def collate_pairs(items: Sequence[tuple[Data, Data, int, int]], img_edges: str =
             images.append(image)
         img_index.append(rows[i])
     return PairBatch(
-        images=collate_graphs(images, img_edges),
-        captions=collate_graphs([item[1] for item in items], txt_edges),
+        images=collate_graphs(images),
+        captions=collate_graphs([item[1] for item in items]),
         img_index=torch.tensor(img_index, dtype=torch.long),
         img_ids=torch.tensor(list(rows), dtype=torch.long),
         cap_ids=torch.tensor([int(item[3]) for item in items], dtype=torch.long),
     )
-
-
-class PairCollate:
-    """Picklable ``collate_fn`` for ``CaptionDataset`` loaders (DataLoader workers).
-
-    The edges are built per item by the dataset; the specs here only set ``complete`` and must be the dataset's
-    (``CaptionDataset.collate_fn`` is this class with the right specs).
-    """
-
-    def __init__(self, img_edges: str = "full", txt_edges: str = "full") -> None:
-        self.img_edges, self.txt_edges = img_edges, txt_edges
-
-    def __call__(self, items) -> PairBatch:
-        return collate_pairs(items, self.img_edges, self.txt_edges)
-
-
-class GraphCollate:
-    """Picklable ``collate_fn`` for ``ImageDataset`` / ``TextDataset`` loaders: a list of Data -> Batch (see
-    :class:`PairCollate` about the spec; the datasets' ``collate_fn`` is this class with the right spec)."""
-
-    def __init__(self, edges_spec: str = "full") -> None:
-        self.edges_spec = edges_spec
-
-    def __call__(self, data_list) -> Batch:
-        return collate_graphs(data_list, self.edges_spec)

@@ -20,14 +20,14 @@ from torch.utils.data import Dataset
 from torch_geometric.data import Data
 
 from ..errors import DataError
-from .graphs import GraphCollate, PairCollate, caption_graph, check_edge_spec, image_graph
+from .graphs import caption_graph, check_edge_spec, collate_graphs, collate_pairs, image_graph
 from .vocab import Vocabulary
 
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 #: Images per chunk of :meth:`PrecompSplit.scan_finite` (bounds its memory: 256 x 36 x 2048 float32 = 75 MB).
 FINITE_CHUNK = 256
 _GET_DATA = ("get the SCAN precomp features (kuanghueilee/scan-features on Kaggle) or make the built-in data with "
-             "`python -m hsc_pyg.data.synthetic --out {}`")
+             "`python -m hsc_pyg.cli.synthetic --out {}`")
 
 
 def _one_line(error: Exception) -> str:
@@ -247,15 +247,15 @@ class PrecompSplit:
 class CaptionDataset(Dataset):
     """Training items, one per caption: ``(image Data, caption Data, image index, caption index)``.
 
-    Collate with :attr:`collate_fn` (a picklable :class:`~hsc_pyg.data.graphs.PairCollate` for the same edge specs:
-    each distinct image of a batch becomes one graph).
+    Collate with :attr:`collate_fn` (:func:`~hsc_pyg.data.graphs.collate_pairs`: each distinct image of a batch
+    becomes one graph).
     """
 
     def __init__(self, split: PrecompSplit, vocab: Vocabulary, img_edges: str = "full", txt_edges: str = "full"):
         check_edge_spec(img_edges, graph="image", has_pos=split.boxes is not None)
         check_edge_spec(txt_edges, graph="caption")
         self.split, self.vocab, self.img_edges, self.txt_edges = split, vocab, img_edges, txt_edges
-        self.collate_fn = PairCollate(img_edges, txt_edges)
+        self.collate_fn = collate_pairs
 
     def __len__(self) -> int:
         return self.split.num_captions
@@ -273,7 +273,7 @@ class ImageDataset(Dataset):
     def __init__(self, split: PrecompSplit, img_edges: str = "full"):
         check_edge_spec(img_edges, graph="image", has_pos=split.boxes is not None)
         self.split, self.img_edges = split, img_edges
-        self.collate_fn = GraphCollate(img_edges)
+        self.collate_fn = collate_graphs
 
     def __len__(self) -> int:
         return self.split.num_images
@@ -288,7 +288,7 @@ class TextDataset(Dataset):
     def __init__(self, split: PrecompSplit, vocab: Vocabulary, txt_edges: str = "full"):
         check_edge_spec(txt_edges, graph="caption")
         self.split, self.vocab, self.txt_edges = split, vocab, txt_edges
-        self.collate_fn = GraphCollate(txt_edges)
+        self.collate_fn = collate_graphs
 
     def __len__(self) -> int:
         return self.split.num_captions

@@ -16,23 +16,20 @@ Files per split (``train``, ``dev``, ``test``): ``{split}_ims.npy`` float32 ``[N
 image), ``{split}_boxes.npy`` float32 ``[N, R, 4]``, ``{split}_ids.txt`` (``synth_000123``), and ``{split}_scenes.json``
 (the objects of every image and its twin, for analysis); ``synthetic.json`` records the generation options.
 
-    python -m hsc_pyg.data.synthetic --out data/synthetic_precomp
+    python -m hsc_pyg.cli.synthetic --out data/synthetic_precomp
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import os
-import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, HSCError, os_error_reason
+from ..errors import ConfigError, os_error_reason
 
 CLASSES = ("cube", "ball", "cone", "cylinder", "ring", "pyramid")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -254,41 +251,3 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS
     for name in sorted(files, key=lambda n: n == "train_ims.npy"):
         _write(out / name, files[name])
     return out
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hsc_pyg.data.synthetic",
-        description="Write the built-in synthetic dataset (scenes of objects with colours, sizes and spatial "
-                    "relations; 5 template captions per image; twin scenes whose captions differ only by a swapped "
-                    "relation or colour) in the SCAN precomp format. Deterministic from --seed.")
-    parser.add_argument("--out", default="data/synthetic_precomp",
-                        help="dataset folder to write, <data_path>/<data_name> (default: data/synthetic_precomp)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--train", type=int, default=DEFAULTS["num_train"], help="train images (default: %(default)s)")
-    parser.add_argument("--dev", type=int, default=DEFAULTS["num_dev"], help="dev images (default: %(default)s)")
-    parser.add_argument("--test", type=int, default=DEFAULTS["num_test"], help="test images (default: %(default)s)")
-    parser.add_argument("--img_dim", type=int, default=DEFAULTS["img_dim"], help="region feature size (default: %(default)s)")
-    parser.add_argument("--regions", type=int, default=DEFAULTS["num_regions"],
-                        help="regions per image, a square grid (default: %(default)s = 6 x 6)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset in --out")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        out = make_synthetic(args.out, seed=args.seed, num_train=args.train, num_dev=args.dev, num_test=args.test,
-                             img_dim=args.img_dim, num_regions=args.regions, overwrite=args.overwrite)
-    except HSCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {out}: train {args.train} / dev {args.dev} / test {args.test} images, {CAPTIONS_PER_IMAGE} captions "
-          f"each, {args.regions} regions x {args.img_dim} features, seed {args.seed} "
-          f"({time.perf_counter() - start:.1f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,22 +1,25 @@
 """Checkpoints: this project's format, and an explicit converter for the official SGRAF and HSC (LHSC) layouts.
 
-This project's checkpoint is a dict ``{"format": "hsc_pyg", "version", "config", "vocab", "model", ...}`` holding the
-config, the vocabulary and the training state, so that one file is enough to evaluate or resume.
+This project's checkpoint is a dict ``{"format": "hsc_pyg", "version": 2, "model_config", "data_config",
+"train_config", "vocab", "model", ...}``: the :class:`~hsc_pyg.config.ModelConfig` the weights were built from (the
+model is rebuilt from it alone), the run's other configurations (for information and resuming), the vocabulary and the
+training state, so that one file is enough to evaluate or resume. Version 1 files (one flat ``config`` dict, written
+until the configurations were split) are converted on load by :func:`upgrade_v1`.
 
 The official layout (SGRAF ``train.py`` / LHSC ``train.py``) is ``{"epoch", "model": [img_enc, txt_enc, sim_enc],
 "best_rsum", "opt", "Eiters"}`` with ``opt`` an ``argparse.Namespace``; its sizes come from ``opt``. Loading always uses
 ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed: a file that needs anything else to
 unpickle is refused, never executed.
 
-Command: ``python -m hsc_pyg.engine.checkpoint IN OUT [--vocab_path VOCAB.json]`` converts an official checkpoint.
+Command: ``python -m hsc_pyg.cli.convert IN OUT [--vocab_path VOCAB.json]`` converts an official checkpoint.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import re
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -24,13 +27,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ..config import Config
+from ..config import PART_OF, Config, DataConfig, ModelConfig, TrainConfig, model_config_from_dict
 from ..data.vocab import Vocabulary
-from ..errors import CheckpointError, HSCError, os_error_reason
-from ..nn.model import HSCModel, build_model
+from ..errors import CheckpointError, ConfigError, os_error_reason
+from ..nn.model import HSCModel
 
 FORMAT = "hsc_pyg"
-VERSION = 1
+VERSION = 2
 
 
 # --------------------------------------------------------------------------- writing
@@ -65,22 +68,70 @@ def atomic_save(obj: Any, path: str | Path) -> None:
         raise
 
 
-def checkpoint_dict(model: HSCModel, **state: Any) -> dict[str, Any]:
-    """The dict this project saves: config, vocabulary, weights, plus any training state given."""
+def checkpoint_dict(model: HSCModel, run: Config | None = None, **state: Any) -> dict[str, Any]:
+    """The dict this project saves: the model config, the run's data and train configs (when ``run`` is given),
+    vocabulary, weights, plus any training state given."""
     return {
         "format": FORMAT,
         "version": VERSION,
-        "config": model.config.to_dict(),
+        "model_config": dataclasses.asdict(model.config),
+        "data_config": dataclasses.asdict(run.data) if run is not None else None,
+        "train_config": dataclasses.asdict(run.train) if run is not None else None,
         "vocab": model.vocab.to_dict() if model.vocab is not None else None,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **state,
     }
 
 
-def save_checkpoint(path: str | Path, model: HSCModel, **state: Any) -> None:
-    """Save ``model`` (with its config and vocabulary) and optional training state (``epoch``, ``iteration``,
-    ``best_rsum``, ``optimizer``, ``scheduler``, ``rng`` ...) atomically to ``path``."""
-    atomic_save(checkpoint_dict(model, **state), path)
+def save_checkpoint(path: str | Path, model: HSCModel, run: Config | None = None, **state: Any) -> None:
+    """Save ``model`` (with its config and vocabulary), the run's configs and optional training state (``epoch``,
+    ``iteration``, ``best_rsum``, ``optimizer``, ``scheduler``, ``rng`` ...) atomically to ``path``."""
+    atomic_save(checkpoint_dict(model, run, **state), path)
+
+
+def upgrade_v1(raw: dict[str, Any], source: str = "checkpoint") -> dict[str, Any]:
+    """A version 1 checkpoint (one flat ``config`` dict of every option) in the version 2 layout.
+
+    ``txt_layer_dropout`` was a float given to every text layer type and ignored by all but ``hsc_text``: it is kept
+    only where it took effect (a non-zero value on ``hsc_text``), so the model config says what the weights saw.
+    """
+    flat = raw.get("config")
+    if not isinstance(flat, dict):
+        raise CheckpointError(f"{source}: its 'config' is a {type(flat).__name__}, not a dict of options; the file is "
+                              "damaged")
+    flat = dict(flat)
+    if flat.get("txt_gnn") != "hsc_text" or flat.get("txt_layer_dropout") == 0.0:
+        flat["txt_layer_dropout"] = None
+    parts: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for key, value in flat.items():
+        if key not in PART_OF:
+            raise CheckpointError(f"{source}: unknown option {key!r} in its version 1 config")
+        parts[PART_OF[key]][key] = value
+    upgraded = {k: v for k, v in raw.items() if k != "config"}
+    upgraded.update(version=VERSION, model_config=parts["model"], data_config=parts["data"],
+                    train_config=parts["train"])
+    return upgraded
+
+
+def model_config_of(ckpt: dict[str, Any], source: str = "checkpoint") -> ModelConfig:
+    """The checked :class:`ModelConfig` of a checkpoint dict (ConfigError naming ``source`` for a bad value)."""
+    if "model_config" not in ckpt:
+        raise CheckpointError(f"{source} holds no model config; the file is damaged or was not written by hsc_pyg")
+    return model_config_from_dict(ckpt["model_config"], source=source)
+
+
+def run_config_of(ckpt: dict[str, Any], source: str = "checkpoint") -> Config:
+    """The run's :class:`Config` saved in a checkpoint (defaults for the data and train parts it lacks)."""
+    parts = {}
+    for key, cls in (("data_config", DataConfig), ("train_config", TrainConfig)):
+        values = ckpt.get(key) or {}
+        if not isinstance(values, dict):
+            raise CheckpointError(f"{source}: its {key!r} is a {type(values).__name__}, not a dict; the file is damaged")
+        try:
+            parts[key.split("_")[0]] = cls(**values)
+        except (ConfigError, TypeError) as e:
+            raise ConfigError(f"{source}: {key}: {e}") from None
+    return Config(model_config_of(ckpt, source), **parts)
 
 
 # --------------------------------------------------------------------------- reading
@@ -108,7 +159,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a checkpoint dict")
     if raw.get("format") == FORMAT:
-        return raw
+        return upgrade_v1(raw, str(path)) if raw.get("version") == 1 else raw
     if isinstance(raw.get("model"), (list, tuple)) and isinstance(raw.get("opt"), argparse.Namespace):
         return convert_official(raw, source=str(path))
     raise CheckpointError(f"checkpoint {path} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint "
@@ -116,9 +167,15 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> HSCModel:
-    """Build the model a checkpoint dict describes and load its weights (strictly)."""
-    config = Config.from_dict(ckpt["config"], source=source)
-    model = build_model(config)
+    """Build the model a checkpoint dict describes (from its ModelConfig alone) and load its weights (strictly); the
+    scorer's memory bound comes from its train config when it has one."""
+    config = model_config_of(ckpt, source)
+    model = HSCModel(config)
+    if isinstance(ckpt.get("train_config"), dict) and "score_chunk_mb" in ckpt["train_config"]:
+        model.score_chunk_mb = run_config_of(ckpt, source).score_chunk_mb
+    if not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{source}: its 'model' is a {type(ckpt.get('model')).__name__}, not a state dict; the "
+                              "file is damaged")
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
@@ -220,62 +277,38 @@ def convert_official(raw: dict[str, Any], source: str = "checkpoint") -> dict[st
     sgr_steps = len({k.split(".")[1] for k in sim_sd if k.startswith("SGR_module.")})
     head = "sgr" if sgr_steps else "saf"
     preset = "hsc" if img_layers or txt_layers else f"sgraf_{head}"
+    drop_out = getattr(opt, "drop_out", 0.0)
+    missing = [k for k in ("img_dim", "embed_size", "word_dim", "sim_dim", "vocab_size") if not hasattr(opt, k)]
+    if missing:
+        raise CheckpointError(f"{source}: its opt has no {', '.join(missing)}; it is not a complete SGRAF/HSC checkpoint")
     values = dict(
         preset=preset, head=head, img_dim=opt.img_dim, embed_size=opt.embed_size, word_dim=opt.word_dim,
         sim_dim=opt.sim_dim, vocab_size=opt.vocab_size, sgr_step=sgr_steps or getattr(opt, "sgr_step", 3),
         img_gnn="hsc" if img_layers else "none", txt_gnn="hsc_text" if txt_layers else "none",
         img_layers=img_layers, txt_layers=txt_layers, gru_layers=getattr(opt, "num_layers", 1),
         no_imgnorm=bool(getattr(opt, "no_imgnorm", False)), no_txtnorm=bool(getattr(opt, "no_txtnorm", False)),
-        txt_layer_dropout=float(getattr(opt, "drop_out", 0.0)) if txt_layers else 0.0,
+        txt_layer_dropout=drop_out if txt_layers and drop_out != 0.0 else None,
     )
-    for name in ("data_name", "margin", "max_violation", "learning_rate", "batch_size", "num_epochs", "lr_update",
-                 "grad_clip"):
-        if hasattr(opt, name):
-            values[name] = getattr(opt, name)
+    if hasattr(opt, "lambda_softmax"):
+        values["lambda_softmax"] = opt.lambda_softmax
+    # the opt's values go through the same checks as any other config (a string or a NaN is a ConfigError)
+    model_config = model_config_from_dict(values, source=f"{source} (opt)")
+    train_values = {name: getattr(opt, name) for name in ("margin", "max_violation", "learning_rate", "batch_size",
+                                                            "num_epochs", "lr_update", "grad_clip")
+                    if hasattr(opt, name)}
+    data_values = {"data_name": opt.data_name} if hasattr(opt, "data_name") else {}
+    try:
+        run = Config(model_config, DataConfig(**data_values), TrainConfig(**train_values))
+    except ConfigError as e:
+        raise ConfigError(f"{source} (opt): {e}") from None
     model = {}
     for part, sd, rules in (("img_enc", img_sd, IMAGE_RULES), ("txt_enc", txt_sd, TEXT_RULES),
                             ("sim_enc", sim_sd, SIM_RULES)):
         model.update(_rename(sd, rules, source, part))
     return {
-        "format": FORMAT, "version": VERSION, "config": Config(**values).to_dict(), "vocab": None, "model": model,
+        "format": FORMAT, "version": VERSION, "model_config": dataclasses.asdict(run.model),
+        "data_config": dataclasses.asdict(run.data), "train_config": dataclasses.asdict(run.train),
+        "vocab": None, "model": model,
         "epoch": raw.get("epoch", 0), "iteration": raw.get("Eiters", 0), "best_rsum": raw.get("best_rsum", 0.0),
         "converted_from": f"official {preset} checkpoint",
     }
-
-
-# --------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hsc_pyg.engine.checkpoint",
-        description="Convert an official SGRAF (SAF/SGR) or HSC checkpoint into this project's format, optionally "
-                    "bundling the vocabulary it was trained with, so that evaluate.py needs only the one file.")
-    parser.add_argument("source", help="official checkpoint (e.g. model_best.pth.tar)")
-    parser.add_argument("output", help="where to write the converted checkpoint (.pth)")
-    parser.add_argument("--vocab_path", default="", help="vocabulary JSON to bundle (e.g. f30k_precomp_vocab.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = parser.parse_args(argv)
-    try:
-        out = Path(args.output)
-        if out.exists() and not args.overwrite:
-            raise CheckpointError(f"{out} already exists; pass --overwrite to replace it or choose another path")
-        ckpt = read_checkpoint(args.source)
-        model = model_from_checkpoint(ckpt, source=args.source)
-        if args.vocab_path:
-            model.vocab = Vocabulary.load(args.vocab_path)
-            if len(model.vocab) != model.config.vocab_size:
-                raise CheckpointError(f"{args.vocab_path} has {len(model.vocab)} words but {args.source} was trained "
-                                      f"with vocab_size={model.config.vocab_size}; pass the matching vocabulary")
-        keep = {k: ckpt[k] for k in ("epoch", "iteration", "best_rsum", "converted_from") if k in ckpt}
-        save_checkpoint(out, model, **keep)
-        print(f"wrote {out} ({model.config.preset}, {model.num_parameters():,} parameters)")
-        return 0
-    except HSCError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from ..nn.model import HSCModel, ImageEncoding
+from .device import resolve_device
 
 #: Bound of the rank-0 receive buffer of one :func:`gather_rows` call, in MiB.
 GATHER_CHUNK_MB = 256
@@ -89,7 +90,6 @@ def torchrun_job(device: str) -> contextlib.AbstractContextManager:
     ``cpu``, ``cuda``); otherwise nothing."""
     if not launched_by_torchrun():
         return contextlib.nullcontext()
-    from .evaluation import resolve_device  # imported here: evaluation imports this module
 
     return process_group(resolve_device(device))
 

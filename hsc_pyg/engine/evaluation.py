@@ -16,9 +16,8 @@ Re-ranking (:func:`rerank`): rank by the cosine of the global vectors, score onl
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -32,53 +31,12 @@ from ..errors import ConfigError, DataError, VocabError
 from ..nn.functional import l2norm
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import distributed
-from .metrics import fold5_metrics, recall_metrics
+from .device import autocast, eval_mode, resolve_device
+from .metrics import FOLD_SIZE, average_metrics, fold_slices, recall_metrics
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 #: Images of the validation subset (the first 1,000 images / 5,000 captions of dev, as the original).
 VALIDATION_IMAGES = 1000
-
-
-# --------------------------------------------------------------------------- devices
-def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> the first GPU when there is one, else the CPU; ``cpu``; ``cuda[:N]`` (ConfigError without one)."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device; use auto, cpu or cuda[:N]") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name!r} is not supported; use auto, cpu or cuda[:N]")
-    return device
-
-
-def autocast(device: torch.device, amp: str = "off") -> contextlib.AbstractContextManager:
-    """The autocast context of ``--amp off|bf16|fp16`` (fp32 is the reference; autocast is a GPU option)."""
-    if amp not in AMP_DTYPES:
-        raise ConfigError(f"--amp {amp!r} is unknown; choose off, bf16 or fp16")
-    if AMP_DTYPES[amp] is None:
-        return contextlib.nullcontext()
-    if device.type != "cuda":
-        raise ConfigError(f"--amp {amp} needs a CUDA device (found {device}); use --amp off on the CPU")
-    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; the model's previous mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -147,6 +105,15 @@ def _as_packed(captions: CaptionEncoding | PackedCaptions) -> PackedCaptions:
 
 
 # --------------------------------------------------------------------------- encoding
+def check_features(model: HSCModel, split: PrecompSplit, source: str = "the model") -> None:
+    """DataError unless the split's region features have the shape ``[*, num_regions, img_dim]`` the model reads."""
+    config = model.config
+    if split.img_dim != config.img_dim or split.num_regions != config.num_regions:
+        raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
+                        f"features but {source} expects [*, {config.num_regions}, {config.img_dim}]; evaluate it on "
+                        "the dataset it was trained on")
+
+
 def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, source: str = "the model",
                      ) -> Vocabulary:
     """The vocabulary to use (``vocab`` or the model's); VocabError / DataError when the model cannot read the split."""
@@ -158,10 +125,7 @@ def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | N
     if len(vocab) != config.vocab_size:
         raise VocabError(f"the vocabulary has {len(vocab)} words but {source} was trained with vocab_size="
                          f"{config.vocab_size}; pass the vocabulary it was trained with (--vocab_path)")
-    if split.img_dim != config.img_dim or split.num_regions != config.num_regions:
-        raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
-                        f"features but {source} expects [*, {config.num_regions}, {config.img_dim}]; evaluate it on "
-                        "the dataset it was trained on")
+    check_features(model, split, source)
     return vocab
 
 
@@ -409,20 +373,23 @@ def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | 
 # --------------------------------------------------------------------------- the whole protocol
 def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = None, max_images: int | None = None,
              fold5: bool = False, batch_size: int = 128, device: str | torch.device | None = None, amp: str = "off",
-             chunk_mb: int | None = None, progress: bool = False) -> dict[str, Any]:
+             chunk_mb: int | None = None, progress: bool = False, fold_size: int = FOLD_SIZE) -> dict[str, Any]:
     """Recall metrics of ``model`` on ``split`` (all of it, or its first ``max_images`` images and their captions;
-    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol. The model's mode is kept.
+    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol, which scores only the diagonal
+    blocks of ``fold_size`` images x their captions (a fifth of the pairs of the whole matrix on COCO testall) and
+    averages their metrics. The model's mode is kept.
 
-    Under ``torchrun`` every rank calls it and gets the same metrics: each encodes the split, scores its rows of the
-    matrix (:func:`score_matrix_distributed`), rank 0 ranks them and sends the metrics to the others."""
+    Under ``torchrun`` every rank calls it and gets the same metrics: each encodes the split, scores its rows of each
+    block (:func:`score_matrix_distributed`), rank 0 ranks them and sends the metrics to the others."""
     progress = progress and distributed.is_main()
     img_enc, captions = encode_split(model, split, vocab, batch_size=batch_size, device=device, max_images=max_images,
                                      amp=amp, progress=progress)
-    if distributed.is_distributed():  # rows split across the ranks; every rank gets rank 0's metrics
-        sims = score_matrix_distributed(model, img_enc, captions, chunk_mb=chunk_mb, amp=amp, progress=progress)
-        metrics = None
-        if sims is not None:
-            metrics = fold5_metrics(sims, split.per_image) if fold5 else recall_metrics(sims, split.per_image)
-        return distributed.broadcast_object(metrics)
-    sims = score_matrix(model, img_enc, captions, chunk_mb=chunk_mb, amp=amp, progress=progress)
-    return fold5_metrics(sims, split.per_image) if fold5 else recall_metrics(sims, split.per_image)
+    blocks = fold_slices(len(img_enc), split.per_image, fold_size) if fold5 else [(slice(None), slice(None))]
+    score = score_matrix_distributed if distributed.is_distributed() else score_matrix
+    parts = [score(model, img_enc[rows], captions[cols], chunk_mb=chunk_mb, amp=amp, progress=progress)
+             for rows, cols in blocks]
+    metrics = None
+    if all(part is not None for part in parts):   # rank 0 (or the single process) holds the matrices
+        per_block = [recall_metrics(part, split.per_image) for part in parts]
+        metrics = average_metrics(per_block) if fold5 else per_block[0]
+    return distributed.broadcast_object(metrics) if distributed.is_distributed() else metrics

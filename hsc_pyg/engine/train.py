@@ -27,7 +27,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import random
 import signal
@@ -42,25 +41,21 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import Config
-from ..data.graphs import parse_edge_spec
+from ..config import Config, model_differences
 from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
-from ..nn.layers import LAYERS
 from ..nn.loss import ContrastiveLoss
 from ..nn.model import HSCModel, build_model
 from ..nn.similarity import HEADS
 from . import distributed
-from .checkpoint import read_checkpoint, save_checkpoint
-from .evaluation import VALIDATION_IMAGES, autocast, evaluate, resolve_device
+from .checkpoint import read_checkpoint, run_config_of, save_checkpoint
+from .device import autocast, resolve_device
+from .evaluation import VALIDATION_IMAGES, evaluate
 from .metrics import RECALL_KEYS
 
 CHECKPOINT = "checkpoint.pth"
 BEST = "model_best.pth"
-#: Options that shape the model's weights: they cannot change when resuming.
-ARCHITECTURE = ("preset", "embed_size", "word_dim", "sim_dim", "img_gnn", "txt_gnn", "img_layers", "txt_layers",
-                "head", "sgr_step", "gru_layers", "align_levels", "vocab_path", "vocab_threshold")
 
 Log = Callable[[str], None]
 
@@ -89,29 +84,9 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- config checks
 def check_config(config: Config) -> None:
-    """ConfigError for option values the loop cannot run with."""
-    positive = ("batch_size", "num_epochs", "lr_update", "val_step", "log_step", "embed_size", "word_dim", "sim_dim")
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, found {getattr(config, name)}")
-    if not config.learning_rate > 0:
-        raise ConfigError(f"--learning_rate must be positive, found {config.learning_rate}")
-    for name in ("grad_clip", "margin", "max_violation_after", "workers"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"--{name} must not be negative, found {getattr(config, name)}")
-    if config.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"--nan_policy {config.nan_policy!r} is unknown; choose stop or skip")
-    # names are resolved deep inside the model and the data set: say which flag is wrong
-    for flag, choices in (("img_gnn", LAYERS), ("txt_gnn", LAYERS), ("head", HEADS)):
-        name = getattr(config, flag)
-        if name not in choices:
-            raise ConfigError(f"--{flag} {name!r} is unknown; choose one of {', '.join(sorted(choices))}")
-    for flag in ("img_edges", "txt_edges"):
-        try:
-            parse_edge_spec(getattr(config, flag))
-        except ConfigError as e:
-            raise ConfigError(f"--{flag}: {e}") from None
-    config.levels()
+    """ConfigError for a name the registries do not know (values and ranges are checked by the Config itself)."""
+    if config.head not in HEADS:
+        raise ConfigError(f"--head {config.head!r} is unknown; choose one of {', '.join(sorted(HEADS))}")
 
 
 def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
@@ -123,15 +98,19 @@ def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any], source: str) -> Config:
-    """The config of a resumed run: the checkpoint's, with the options given on the command line (not the
-    architecture: the saved weights fix it)."""
+    """The config of a resumed run: the checkpoint's, with the options given on the command line; ConfigError for any
+    change to its ModelConfig (the saved weights fix it) or its vocabulary options."""
     check_resumable(checkpoint, source)
-    base = Config.from_dict(checkpoint["config"], source=source)
-    changed = [k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(base, k)]
+    base = run_config_of(checkpoint, source)
+    config = base.replace(**overrides)
+    changed = model_differences(base.model, config.model)
+    for name in ("vocab_path", "vocab_threshold"):   # the checkpoint's vocabulary is the run's
+        if checkpoint.get("vocab") is not None and getattr(config, name) != getattr(base, name):
+            changed.append(name)
     if changed:
         raise ConfigError(f"--{changed[0]} cannot change when resuming {source} (it was {getattr(base, changed[0])!r}); "
                           "start a new run with --model_name NEW_FOLDER instead")
-    return dataclasses.replace(base, **overrides)
+    return config
 
 
 # --------------------------------------------------------------------------- seeds and RNG state
@@ -328,8 +307,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
         raise DataError(f"{train_split.file('ims.npy')} has {train_split.num_regions} x {train_split.img_dim} "
                         f"features per image but the checkpoint was trained on {config.num_regions} x "
                         f"{config.img_dim}; resume on the dataset it was trained on")
-    config = dataclasses.replace(config, img_dim=train_split.img_dim, num_regions=train_split.num_regions,
-                                 vocab_size=len(vocab))
+    config = config.replace(img_dim=train_split.img_dim, num_regions=train_split.num_regions, vocab_size=len(vocab))
     dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges)
     batch_sampler = distributed.DistributedBatchSampler(len(dataset), config.batch_size)
     batches_per_epoch = batch_sampler.steps_per_epoch()
@@ -386,7 +364,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     def save(path: Path) -> None:
         nonlocal last_saved
         if main:
-            save_checkpoint(path, model, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
+            save_checkpoint(path, model, config, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), rng=rng_state(), world_size=batch_sampler.world,
                             sampler={"epoch_start": sampler.epoch_start, "position": sampler.position})

@@ -3,14 +3,16 @@
 Both take a PyG ``Batch`` (from :func:`hsc_pyg.data.graphs.collate_graphs`) and return dense padded node states
 ``[num_graphs, max_nodes, d]`` with a mask, for the per-pair similarity part. They keep the states of the three levels
 of the paper: ``object`` (the input of the relational stack), ``relational`` (after its first layer) and ``higher``
-(after its last layer). On complete graphs (``batch.complete``) a layer with a dense path runs as batched matrix
-products; otherwise as sparse message passing over ``batch.edge_index``.
+(after its last layer). On complete graphs (``batch.complete``, read from the edges by ``collate_graphs``) a layer with
+a dense path runs as batched matrix products; otherwise as sparse message passing over ``batch.edge_index``, with the
+batch's ``edge_attr`` passed to the layers that declare ``supports_edge_attr``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.utils import to_dense_batch
@@ -40,15 +42,22 @@ def level_index(level: str, num_layers: int) -> int:
 
 
 class RelationalStack(nn.Module):
-    """``num_layers`` layers of one registered type, run densely on complete graphs and sparsely otherwise."""
+    """``num_layers`` layers of one registered type, run densely on complete graphs and sparsely otherwise.
 
-    def __init__(self, layer: str, channels: int, num_layers: int, **layer_kwargs):
+    ``layer_args``: keyword arguments of every layer (ConfigError for one the layer cannot take).
+    """
+
+    def __init__(self, layer: str, channels: int, num_layers: int, layer_args: dict[str, Any] | None = None):
         super().__init__()
-        self.layers = nn.ModuleList(build_layer(layer, channels, **layer_kwargs) for _ in range(num_layers))
+        self.layers = nn.ModuleList(build_layer(layer, channels, **(layer_args or {})) for _ in range(num_layers))
 
     @property
     def dense_capable(self) -> bool:
         return all(layer.supports_dense for layer in self.layers)
+
+    @property
+    def uses_edge_attr(self) -> bool:
+        return any(layer.supports_edge_attr for layer in self.layers)
 
     def forward(self, x: Tensor, batch, return_weights: bool = False) -> tuple[list[Tensor], Tensor, list]:
         """``x [num_nodes, C]`` -> (dense states of every depth ``[B, N, C]``, mask ``[B, N]``, weights per layer)."""
@@ -57,7 +66,8 @@ class RelationalStack(nn.Module):
             max_nodes = int((batch.ptr[1:] - batch.ptr[:-1]).max())
         dense, mask = to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)
         states, weights = [dense], []
-        if getattr(batch, "complete", False) and self.dense_capable:
+        edge_attr = getattr(batch, "edge_attr", None) if self.uses_edge_attr else None
+        if getattr(batch, "complete", False) and self.dense_capable and edge_attr is None:
             pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
             for layer in self.layers:
                 dense, w = layer.forward_dense(dense, mask, return_weights)
@@ -66,7 +76,8 @@ class RelationalStack(nn.Module):
                 weights.append(w[pair_mask] if w is not None else None)
         else:
             for layer in self.layers:
-                x, w = layer(x, batch.edge_index, batch.batch, return_weights)
+                extra = {"edge_attr": edge_attr} if layer.supports_edge_attr and edge_attr is not None else {}
+                x, w = layer(x, batch.edge_index, batch.batch, return_weights, **extra)
                 states.append(to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0])
                 weights.append(w)
         return states, mask, weights
@@ -79,10 +90,10 @@ class RegionGraphEncoder(nn.Module):
     """
 
     def __init__(self, img_dim: int, embed_size: int, layer: str = "hsc", num_layers: int = 4,
-                 no_imgnorm: bool = False):
+                 layer_args: dict[str, Any] | None = None, no_imgnorm: bool = False):
         super().__init__()
         self.fc = xavier_linear(nn.Linear(img_dim, embed_size))
-        self.stack = RelationalStack(layer, embed_size, num_layers)
+        self.stack = RelationalStack(layer, embed_size, num_layers, layer_args)
         self.num_layers = num_layers
         self.no_imgnorm = no_imgnorm
 
@@ -102,12 +113,12 @@ class WordGraphEncoder(nn.Module):
     """
 
     def __init__(self, vocab_size: int, word_dim: int, embed_size: int, layer: str = "hsc_text",
-                 num_layers: int = 4, word_dropout: float = 0.4, layer_dropout: float = 0.0,
+                 num_layers: int = 4, layer_args: dict[str, Any] | None = None, word_dropout: float = 0.4,
                  gru_layers: int = 1, no_txtnorm: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, word_dim)
         self.dropout = nn.Dropout(word_dropout)
-        self.stack = RelationalStack(layer, word_dim, num_layers, dropout=layer_dropout)
+        self.stack = RelationalStack(layer, word_dim, num_layers, layer_args)
         self.gru = nn.GRU(word_dim, embed_size, gru_layers, batch_first=True, bidirectional=True)
         self.num_layers = num_layers
         self.no_txtnorm = no_txtnorm

@@ -1,8 +1,13 @@
 """Relational message-passing layers, chosen by name.
 
 Every layer maps node states ``x [num_nodes, channels]`` on a (batched) graph to new states of the same size and can
-return the learned weight of each edge (affinity or attention) for visualisation. The registry :data:`LAYERS` maps a
-name to a class; ``img_gnn`` / ``txt_gnn`` in the config pick one.
+return the learned weight of each edge (affinity or attention) for visualisation. The registry :data:`LAYERS` (a
+:class:`~hsc_pyg.registry.Registry`) maps a name to a class; ``img_gnn`` / ``txt_gnn`` in the model config pick one and
+``img_layer_*`` / ``txt_layer_*`` give its keyword arguments, which must be ones its constructor takes.
+
+Each class declares what it can do, as PyG's convolutions do: ``has_edge_weights`` (returns learned per-edge weights),
+``supports_dense`` (a batched-matmul path for complete graphs) and ``supports_edge_attr`` (its ``forward`` takes
+``edge_attr [E, F]``, e.g. the ``spatial`` builder's relative geometry; the encoders pass it only to such layers).
 
 Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source ``j``, ``edge_index[1]`` the target
 ``i``; a message travels ``j -> i``.
@@ -14,8 +19,6 @@ message tensor. ``tests/test_layers.py`` checks that the dense path equals the p
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import (
@@ -31,23 +34,15 @@ from torch_geometric.nn import (
 from torch_geometric.utils import degree
 
 from ..errors import ConfigError
+from ..registry import Registry
 
-LAYERS: dict[str, type["RelationalLayer"]] = {}
-
-
-def register_layer(name: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        cls.layer_name = name
-        LAYERS[name] = cls
-        return cls
-
-    return wrap
+LAYERS: Registry[type["RelationalLayer"]] = Registry("layer")
+register_layer = LAYERS.register
 
 
 def build_layer(name: str, channels: int, **kwargs) -> "RelationalLayer":
-    if name not in LAYERS:
-        raise ConfigError(f"unknown layer type {name!r}; choose one of {', '.join(sorted(LAYERS))}")
-    return LAYERS[name](channels, **kwargs)
+    """``LAYERS[name](channels, **kwargs)``; ConfigError for an unknown name or an argument the layer cannot take."""
+    return LAYERS.build(name, channels, **kwargs)
 
 
 def xavier_linear(layer: nn.Linear) -> nn.Linear:
@@ -65,20 +60,29 @@ def graph_sizes(batch: Tensor | None, x: Tensor) -> Tensor:
     return degree(batch, dtype=x.dtype)[batch].unsqueeze(-1)
 
 
+def _head_split(channels: int, heads: int, name: str) -> int:
+    if heads < 1 or channels % heads:
+        raise ConfigError(f"{name} layer: channels {channels} must be a multiple of heads {heads} (heads >= 1)")
+    return channels // heads
+
+
 class RelationalLayer(MessagePassing):
     """Base class: a residual relational layer on node states of a fixed width.
 
-    Subclasses declare ``has_edge_weights`` (whether :meth:`forward` can return learned per-edge weights) and
-    ``supports_dense`` (whether :meth:`forward_dense` exists for complete graphs).
+    Subclasses declare ``has_edge_weights`` (whether :meth:`forward` can return learned per-edge weights),
+    ``supports_dense`` (whether :meth:`forward_dense` exists for complete graphs) and ``supports_edge_attr`` (whether
+    :meth:`forward` takes ``edge_attr``). Constructors take ``channels`` and explicit keyword arguments only.
     """
 
-    layer_name = "?"
+    registry_name = "?"
     has_edge_weights = True
     supports_dense = False
+    supports_edge_attr = False
 
     def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor | None = None,
                 return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``x [num_nodes, C]`` -> ``(x' [num_nodes, C], edge weights [E] or None)``."""
+        """``x [num_nodes, C]`` -> ``(x' [num_nodes, C], edge weights [E] or None)``; layers that declare
+        ``supports_edge_attr`` also take ``edge_attr [E, F]``."""
         raise NotImplementedError
 
     def forward_dense(self, x: Tensor, mask: Tensor, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -86,7 +90,7 @@ class RelationalLayer(MessagePassing):
 
         ``weights[b, i, j]`` is the weight of the edge ``j -> i``; padded rows and columns are zero.
         """
-        raise NotImplementedError(f"layer {self.layer_name!r} has no dense path")
+        raise NotImplementedError(f"layer {self.registry_name!r} has no dense path")
 
 
 @register_layer("none")
@@ -96,7 +100,7 @@ class IdentityLayer(RelationalLayer):
     has_edge_weights = False
     supports_dense = True
 
-    def __init__(self, channels: int, **_):
+    def __init__(self, channels: int):
         super().__init__()
 
     def forward(self, x, edge_index, batch=None, return_weights=False):
@@ -127,10 +131,9 @@ class HSCRegionBlock(RelationalLayer):
 
     supports_dense = True
 
-    def __init__(self, channels: int, heads: int = 4, **_):
+    def __init__(self, channels: int, heads: int = 4):
         super().__init__(aggr="add")
-        if channels % heads:
-            raise ConfigError(f"hsc layer: channels {channels} must be a multiple of heads {heads}")
+        _head_split(channels, heads, "hsc")
         self.channels = channels
         self.message_proj = nn.Linear(channels, channels)   # g
         self.theta = nn.Linear(channels, channels)          # heads x (channels / heads), stacked
@@ -194,7 +197,7 @@ class HSCWordBlock(RelationalLayer):
 
     supports_dense = True
 
-    def __init__(self, channels: int, dropout: float = 0.0, **_):
+    def __init__(self, channels: int, dropout: float = 0.0):
         super().__init__(aggr="add")
         self.query = nn.Linear(channels, channels)
         self.key = nn.Linear(channels, channels)
@@ -233,18 +236,15 @@ class HSCWordBlock(RelationalLayer):
 class PyGConvLayer(RelationalLayer):
     """A PyG convolution as a residual relational layer: ``x' = x + conv(x, edge_index)``.
 
-    Subclasses only say how to build the convolution (``make_conv``) and whether it returns attention weights, the way
-    PyG's ``BasicGNN`` subclasses only override ``init_conv``.
+    Subclasses only build their convolution in ``__init__`` (with their own explicit arguments) and say whether it
+    returns attention weights, the way PyG's ``BasicGNN`` subclasses only override ``init_conv``.
     """
 
     has_edge_weights = False
 
-    def __init__(self, channels: int, heads: int = 4, **_):
+    def __init__(self, conv: MessagePassing):
         super().__init__()
-        self.conv = self.make_conv(channels, heads)
-
-    def make_conv(self, channels: int, heads: int) -> MessagePassing:
-        raise NotImplementedError
+        self.conv = conv
 
     def reset_parameters(self):
         self.conv.reset_parameters()
@@ -258,70 +258,70 @@ class PyGConvLayer(RelationalLayer):
         return x + self.conv(x, edge_index), None
 
 
-def _head_split(channels: int, heads: int, name: str) -> int:
-    if channels % heads:
-        raise ConfigError(f"{name} layer: channels {channels} must be a multiple of heads {heads}")
-    return channels // heads
-
-
 @register_layer("gcn")
 class GCNLayer(PyGConvLayer):
     """``GCNConv`` (symmetric-normalised, fixed edge weights: nothing learned per edge)."""
 
-    def make_conv(self, channels, heads):
-        return GCNConv(channels, channels, add_self_loops=False)
+    def __init__(self, channels: int):
+        super().__init__(GCNConv(channels, channels, add_self_loops=False))
+
+
+class AttentionConvLayer(PyGConvLayer):
+    """An attention convolution with ``heads`` heads concatenated (``channels / heads`` each) and ``dropout`` on its
+    attention coefficients; returns the attention averaged over heads. Subclasses name the PyG class."""
+
+    has_edge_weights = True
+    conv_class: type[MessagePassing]
+    conv_options: dict = {}
+
+    def __init__(self, channels: int, heads: int = 4, dropout: float = 0.0):
+        out = _head_split(channels, heads, self.registry_name)
+        super().__init__(self.conv_class(channels, out, heads=heads, dropout=dropout, **self.conv_options))
 
 
 @register_layer("gat")
-class GATLayer(PyGConvLayer):
-    """``GATConv`` with ``heads`` heads concatenated; returns the attention averaged over heads."""
+class GATLayer(AttentionConvLayer):
+    """``GATConv`` (no added self-loops: the edge builders decide them)."""
 
-    has_edge_weights = True
-
-    def make_conv(self, channels, heads):
-        return GATConv(channels, _head_split(channels, heads, "gat"), heads=heads, add_self_loops=False)
+    conv_class = GATConv
+    conv_options = {"add_self_loops": False}
 
 
 @register_layer("gatv2")
-class GATv2Layer(PyGConvLayer):
-    """``GATv2Conv`` with ``heads`` heads concatenated; returns the attention averaged over heads."""
+class GATv2Layer(AttentionConvLayer):
+    """``GATv2Conv`` (no added self-loops: the edge builders decide them)."""
 
-    has_edge_weights = True
-
-    def make_conv(self, channels, heads):
-        return GATv2Conv(channels, _head_split(channels, heads, "gatv2"), heads=heads, add_self_loops=False)
+    conv_class = GATv2Conv
+    conv_options = {"add_self_loops": False}
 
 
 @register_layer("transformer")
-class TransformerLayer(PyGConvLayer):
-    """``TransformerConv`` (graph transformer attention) with ``heads`` heads concatenated."""
+class TransformerLayer(AttentionConvLayer):
+    """``TransformerConv`` (graph transformer attention)."""
 
-    has_edge_weights = True
-
-    def make_conv(self, channels, heads):
-        return TransformerConv(channels, _head_split(channels, heads, "transformer"), heads=heads)
+    conv_class = TransformerConv
 
 
 @register_layer("sage")
 class SAGELayer(PyGConvLayer):
     """``SAGEConv`` with mean aggregation (no learned edge weights)."""
 
-    def make_conv(self, channels, heads):
-        return SAGEConv(channels, channels)
+    def __init__(self, channels: int):
+        super().__init__(SAGEConv(channels, channels))
 
 
 @register_layer("graphconv")
 class GraphConvLayer(PyGConvLayer):
     """``GraphConv`` (Morris et al.), sum aggregation (no learned edge weights)."""
 
-    def make_conv(self, channels, heads):
-        return GraphConv(channels, channels)
+    def __init__(self, channels: int):
+        super().__init__(GraphConv(channels, channels))
 
 
 @register_layer("gin")
 class GINLayer(PyGConvLayer):
     """``GINConv`` with a two-layer MLP (no learned edge weights)."""
 
-    def make_conv(self, channels, heads):
+    def __init__(self, channels: int):
         mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
-        return GINConv(mlp, train_eps=True)
+        super().__init__(GINConv(mlp, train_eps=True))

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
@@ -84,20 +84,28 @@ class CaptionEncoding:
 
 
 class HSCModel(nn.Module):
-    """Region-graph encoder + word-graph encoder + similarity module (MODEL.md §2-3)."""
+    """Region-graph encoder + word-graph encoder + similarity module (MODEL.md §2-3), built from a
+    :class:`~hsc_pyg.config.ModelConfig` alone.
 
-    def __init__(self, config: Config):
+    ``score_chunk_mb`` (a run option, not part of the model) bounds the memory of one chunk of the pair scorer; the
+    command lines set it from ``--score_chunk_mb``.
+    """
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"HSCModel takes a ModelConfig, found {type(config).__name__}")
         if config.img_dim <= 0 or config.vocab_size <= 0:
             raise ConfigError(f"img_dim ({config.img_dim}) and vocab_size ({config.vocab_size}) must be set before "
                               "building a model; they come from the data and the vocabulary")
         self.config = config
+        self.score_chunk_mb = 512
         self.levels = config.levels()
         self.vocab = None  # a hsc_pyg.data.vocab.Vocabulary, attached by training or checkpoint loading
         self.image_encoder = RegionGraphEncoder(config.img_dim, config.embed_size, config.img_gnn, config.img_layers,
-                                                config.no_imgnorm)
+                                                config.layer_arguments("img"), config.no_imgnorm)
         self.text_encoder = WordGraphEncoder(config.vocab_size, config.word_dim, config.embed_size, config.txt_gnn,
-                                             config.txt_layers, config.word_dropout, config.txt_layer_dropout,
+                                             config.txt_layers, config.layer_arguments("txt"), config.word_dropout,
                                              config.gru_layers, config.no_txtnorm)
         self.similarity = SimilarityModule(config.embed_size, config.sim_dim, config.num_regions, config.head,
                                            config.sgr_step, config.lambda_softmax, config.sa_dropout)
@@ -123,7 +131,7 @@ class HSCModel(nn.Module):
         d, regions, length = img.regions.size(-1), img.regions.size(-2), cap.words.size(-2)
         # the live [pairs, L, d] tensors of the alignment (context, difference, square) dominate
         per_pair = (4 * length * d + 3 * regions * length + 4 * length * self.config.sim_dim) * img.regions.element_size()
-        budget = (chunk_mb or self.config.score_chunk_mb) * 2**20
+        budget = (chunk_mb or self.score_chunk_mb) * 2**20
         pairs = max(1, int(budget // per_pair))
         if img.regions.device.type == "cpu" and not torch.is_grad_enabled():
             # CPU: blocks whose [pairs, L, d] context stays near CPU_BLOCK_BYTES run in cache and under the allocator's
@@ -212,11 +220,11 @@ class HSCModel(nn.Module):
             device = next(self.parameters()).device
             images = torch.as_tensor(images, dtype=torch.float32)
             img_parts = [self.encode_images(collate_graphs(
-                [image_graph(f, edges=self.config.img_edges) for f in images[i:i + batch_size]],
-                self.config.img_edges).to(device)) for i in range(0, len(images), batch_size)]
+                [image_graph(f, edges=self.config.img_edges) for f in images[i:i + batch_size]]).to(device))
+                for i in range(0, len(images), batch_size)]
             cap_parts = [self.encode_captions(collate_graphs(
-                [caption_graph(c, edges=self.config.txt_edges) for c in captions[i:i + batch_size]],
-                self.config.txt_edges).to(device)) for i in range(0, len(captions), batch_size)]
+                [caption_graph(c, edges=self.config.txt_edges) for c in captions[i:i + batch_size]]).to(device))
+                for i in range(0, len(captions), batch_size)]
             return self.score(ImageEncoding.cat(img_parts), CaptionEncoding.cat(cap_parts)).float().cpu()
         finally:
             self.train(was_training)
@@ -247,6 +255,11 @@ def _length_blocks(lengths: list[int], max_captions: int) -> list[tuple[int, int
     return blocks
 
 
-def build_model(config: Config) -> HSCModel:
-    """Build an untrained model from a config (presets already applied)."""
+def build_model(config: ModelConfig | Config) -> HSCModel:
+    """Build an untrained model from a ModelConfig (or from a run's Config: its ``model`` part, with its
+    ``score_chunk_mb``)."""
+    if isinstance(config, Config):
+        model = HSCModel(config.model)
+        model.score_chunk_mb = config.score_chunk_mb
+        return model
     return HSCModel(config)

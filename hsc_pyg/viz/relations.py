@@ -34,7 +34,8 @@ from ..config import LEVELS
 from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..data.precomp import PrecompSplit
 from ..data.vocab import SPECIALS, Vocabulary
-from ..engine.evaluation import check_compatible, eval_mode
+from ..engine.device import eval_mode
+from ..engine.evaluation import check_compatible, check_features
 from ..errors import ConfigError, DataError, HSCError
 from ..nn.encoders import GraphStates, level_index
 from ..nn.layers import LAYERS
@@ -157,14 +158,10 @@ def encode_image_item(model: HSCModel, split: PrecompSplit, image: int) -> Image
     """Run the region-graph encoder on image ``image`` of ``split`` alone, keeping every level and every layer's
     edge weights."""
     image = _check_index("image", image, split.num_images, split)
-    config = model.config
-    if split.img_dim != config.img_dim or split.num_regions != config.num_regions:
-        raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
-                        f"features but the model expects [*, {config.num_regions}, {config.img_dim}]; draw it on the "
-                        "dataset it was trained on")
+    check_features(model, split)
     boxes = split.box_tensor(image)
     graph = image_graph(split.features(image), boxes, model.config.img_edges)
-    batch = collate_graphs([graph], model.config.img_edges)
+    batch = collate_graphs([graph])
     with eval_mode(model):
         states = model.image_encoder(batch, LEVELS, return_weights=True)
     item_id = split.ids[image] if split.ids is not None else ""
@@ -178,7 +175,7 @@ def encode_caption_item(model: HSCModel, split: PrecompSplit, caption: int, voca
     text = split.captions[caption]
     token_ids = vocab.encode(text)
     graph = caption_graph(token_ids, model.config.txt_edges)
-    batch = collate_graphs([graph], model.config.txt_edges)
+    batch = collate_graphs([graph])
     with eval_mode(model):
         states = model.text_encoder(batch, LEVELS, return_weights=True)
     return CaptionItem(caption, text, token_ids, vocab.decode(token_ids), graph.edge_index, states.edge_weights, states)
@@ -200,10 +197,8 @@ def cross_attention(model: HSCModel, image: ImageItem, caption: CaptionItem, lev
 @torch.no_grad()
 def pair_score(model: HSCModel, split: PrecompSplit, image: int, caption: int, vocab: Vocabulary) -> float:
     """``model.score`` of image ``image`` with caption ``caption`` of ``split``, computed on the single pair."""
-    img = collate_graphs([image_graph(split.features(image), split.box_tensor(image), model.config.img_edges)],
-                         model.config.img_edges)
-    cap = collate_graphs([caption_graph(vocab.encode(split.captions[caption]), model.config.txt_edges)],
-                         model.config.txt_edges)
+    img = collate_graphs([image_graph(split.features(image), split.box_tensor(image), model.config.img_edges)])
+    cap = collate_graphs([caption_graph(vocab.encode(split.captions[caption]), model.config.txt_edges)])
     with eval_mode(model):
         return float(model.score(model.encode_images(img), model.encode_captions(cap))[0, 0])
 

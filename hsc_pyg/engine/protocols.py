@@ -1,0 +1,248 @@
+"""The retrieval protocols behind ``evaluate.py``: one split, several sources (checkpoints and saved score matrices)
+averaged, the whole matrix or COCO's five 1K folds, optionally re-ranked; saved score matrices read and written.
+
+:func:`run_protocol` does the work and returns a report dict; the command line only parses flags and prints it. Under
+``torchrun`` the image rows of each matrix are split across the processes and only rank 0 gets the report (the other
+ranks get None). Warnings go to the ``warn`` callback (the library never prints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..data.precomp import PrecompSplit
+from ..data.vocab import Vocabulary
+from ..errors import ConfigError, DataError, os_error_reason
+from . import distributed
+from .checkpoint import load_checkpoint
+from .device import resolve_device
+from .evaluation import STORE_DTYPES, check_compatible, encode_split, rerank_ensemble, score_matrix_distributed
+from .metrics import average_metrics, fold_slices, recall_metrics
+
+Warn = Callable[[str], None]
+
+
+@dataclass
+class Protocol:
+    """What to evaluate and how (the flags of ``evaluate.py``)."""
+
+    data_path: str
+    data_name: str
+    split: str = "test"
+    models: Sequence[str] = ()
+    sims: Sequence[str] = ()
+    vocab_path: str = ""
+    fold5: bool = False
+    rerank_k: int = 0
+    save_sims: str = ""
+    overwrite: bool = False
+    json: str = ""
+    device: str = "auto"
+    amp: str = "off"
+    batch_size: int = 128
+    workers: int = 0
+    score_chunk_mb: int = 0
+    store_dtype: str = "float32"
+    progress: bool = True
+
+    def check(self) -> None:
+        """ConfigError for flag combinations that cannot work (before any work)."""
+        if not self.models and not self.sims:
+            raise ConfigError("nothing to evaluate: pass --model CKPT and/or --sims FILE.npy")
+        if self.rerank_k and not self.models:
+            raise ConfigError("--rerank_k needs --model (re-ranking uses the model's global vectors and its pair "
+                              "scorer)")
+        if self.rerank_k and self.sims:
+            raise ConfigError("--rerank_k cannot use --sims matrices (they hold no global vectors); drop --sims")
+        if self.rerank_k < 0:
+            raise ConfigError(f"--rerank_k must be at least 1, found {self.rerank_k}")
+        if self.save_sims and self.fold5:
+            raise ConfigError("--save_sims with --fold5 would save only the five diagonal blocks; save the full "
+                              "matrix without --fold5, then evaluate it with --sims FILE --fold5")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, found {self.batch_size}")
+
+
+# --------------------------------------------------------------------------- output files
+def check_output(path: str, flag: str, overwrite: bool, make_folder: bool = False) -> Path | None:
+    """Fail before any work when an output file cannot be written."""
+    if not path:
+        return None
+    target = Path(path)
+    if make_folder:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{flag} {target}: cannot create folder {target.parent} ({os_error_reason(e)}); "
+                              "choose another file") from None
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{flag} {target} already exists; pass --overwrite to replace it or choose another file")
+    if not target.parent.is_dir():
+        raise ConfigError(f"{flag} {target}: folder {target.parent} does not exist; create it first")
+    if not os.access(target.parent, os.W_OK):
+        raise ConfigError(f"{flag} {target}: folder {target.parent} is not writable; choose another file")
+    return target
+
+
+def write_atomic(target: Path, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a temporary file beside ``target``, renamed over it when complete."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- saved score matrices
+def sims_metadata_path(path: Path) -> Path:
+    """The JSON written beside a saved matrix: which data, split and sources it was computed from."""
+    return path.with_name(path.name + ".json")
+
+
+def load_sims(path: str, shape: tuple[int, int], data_name: str, split: str, warn: Warn) -> np.ndarray:
+    """A saved score matrix, memory-mapped; DataError unless it is a float ``shape`` matrix. Warns when the JSON beside
+    it names another dataset or split (COCO dev and testall have the same shape)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"--sims {file} does not exist; write one with --save_sims")
+    try:
+        sims = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"--sims {file} is not a readable .npy matrix ({' '.join(str(e).split())[:160]})") from None
+    if sims.ndim != 2 or sims.dtype.kind != "f":
+        raise DataError(f"--sims {file} holds a {sims.dtype} array of shape {list(sims.shape)}; expected a 2-D float "
+                        "matrix [images, captions]")
+    if tuple(sims.shape) != shape:
+        raise DataError(f"--sims {file} has shape {list(sims.shape)} but {data_name}/{split} needs "
+                        f"[{shape[0]}, {shape[1]}] (images x captions); it was saved for another split")
+    meta_path = sims_metadata_path(file)
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        saved = (meta.get("data_name"), meta.get("split")) if isinstance(meta, dict) else (None, None)
+        if None not in saved and saved != (data_name, split):
+            warn(f"--sims {file} was saved for {saved[0]}/{saved[1]} ({meta_path}), not {data_name}/{split}")
+    return sims
+
+
+def save_sims(path: Path, scores: np.ndarray, meta: dict[str, Any]) -> None:
+    """The matrix as ``.npy`` and its metadata JSON beside it, each written atomically."""
+    write_atomic(path, lambda f: np.save(f, scores, allow_pickle=False))
+    text = json.dumps(meta, indent=2) + "\n"
+    write_atomic(sims_metadata_path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+class Average:
+    """Running mean of score blocks, in float32."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] | None = None
+        self.count = 0
+
+    def add(self, blocks: Sequence[np.ndarray], owned: bool = False) -> None:
+        """Add one source's blocks; ``owned``: they are fresh float32 arrays that may be summed into (no copy)."""
+        if self.blocks is None:
+            self.blocks = list(blocks) if owned else [np.array(b, dtype=np.float32) for b in blocks]
+        else:
+            for total, b in zip(self.blocks, blocks):
+                total += b
+        self.count += 1
+
+    def mean(self) -> list[np.ndarray]:
+        if self.count > 1:
+            for total in self.blocks:
+                total /= self.count
+        return self.blocks
+
+
+# --------------------------------------------------------------------------- the protocol
+def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
+    """Evaluate ``p``; the report dict (``metrics``, ``exact_pairs``, ``rerank``, ``seconds`` ...) on rank 0 (or the
+    single process), None on the other ranks. Writes ``--save_sims`` and ``--json`` when asked."""
+    p.check()
+    save_path = check_output(p.save_sims, "--save_sims", p.overwrite)
+    json_path = check_output(p.json, "--json", overwrite=True, make_folder=True)
+    main_rank = distributed.is_main()  # under torchrun the other ranks only score their rows of each matrix
+    progress = p.progress and main_rank
+    split = PrecompSplit.open(p.data_path, p.data_name, p.split)
+    n, m, per_image = split.num_images, split.num_captions, split.per_image
+    if p.data_name.lower().startswith("coco") and p.split == "test":
+        warn(f"evaluating {p.data_name} on split 'test' gives higher numbers than the published COCO protocols; "
+             "use --split testall (5K) or --split testall --fold5 (1K)")
+    blocks = fold_slices(n, per_image) if p.fold5 else [(slice(0, n), slice(0, m))]
+    if p.fold5 and len(blocks) != 5:
+        warn(f"--fold5 on {n} images makes {len(blocks)} fold(s) of 1,000; the COCO 1K protocol has five (testall)")
+    exact_pairs = sum((b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in blocks)
+    average = Average()
+    seconds: dict[str, float] = {}
+    for path in p.sims if main_rank else []:
+        sims = load_sims(path, (n, m), p.data_name, p.split, warn)
+        average.add([sims[rows, cols] for rows, cols in blocks])
+    members = _score_models(p, split, blocks, average, seconds, progress)
+    if not main_rank:
+        return None
+    scores = average.mean()
+    if save_path is not None:
+        save_sims(save_path, scores[0], {"data_name": p.data_name, "split": p.split, "shape": [n, m],
+                                         "models": list(p.models), "sims": list(p.sims)})
+    per_block = [recall_metrics(block, per_image) for block in scores]
+    report: dict[str, Any] = {
+        "data_name": p.data_name, "split": p.split, "protocol": "fold5" if p.fold5 else "all",
+        "num_images": n, "num_captions": m, "models": list(p.models), "sims": list(p.sims),
+        "metrics": average_metrics(per_block) if p.fold5 else per_block[0], "exact_pairs": exact_pairs,
+    }
+    if p.rerank_k:
+        start = time.perf_counter()
+        reranked = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], p.rerank_k,
+                                    chunk_mb=p.score_chunk_mb or None, amp=p.amp, progress=progress)
+                    for rows, cols in blocks]
+        seconds["rerank"] = time.perf_counter() - start
+        per_block = [r.metrics(per_image) for r in reranked]
+        rerank_pairs = sum(r.num_exact_pairs for r in reranked)
+        report["rerank"] = {"k": p.rerank_k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
+                            "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs}
+    if seconds:
+        report["seconds"] = seconds
+    if json_path is not None:
+        text = json.dumps(report, indent=2) + "\n"
+        write_atomic(json_path, lambda f: f.write(text.encode("utf-8")))
+    return report
+
+
+def _score_models(p: Protocol, split: PrecompSplit, blocks: list[tuple[slice, slice]], average: Average,
+                  seconds: dict[str, float], progress: bool) -> list[tuple]:
+    """Encode the split with each checkpoint, score only ``blocks`` into ``average``; the encodings kept for
+    re-ranking (``[(model, images, captions)]`` when ``p.rerank_k``)."""
+    device = distributed.local_device(resolve_device(p.device)) if p.models else None
+    vocab = Vocabulary.load(p.vocab_path) if p.vocab_path and p.models else None
+    members = []
+    for path in p.models:
+        start = time.perf_counter()
+        model = load_checkpoint(path, map_location="cpu").to(device).eval()
+        check_compatible(model, split, vocab, source=f"checkpoint {path}")
+        img_enc, captions = encode_split(model, split, vocab, batch_size=p.batch_size, amp=p.amp,
+                                         store_dtype=STORE_DTYPES[p.store_dtype], workers=p.workers,
+                                         progress=progress)
+        seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - start
+        start = time.perf_counter()
+        parts = [score_matrix_distributed(model, img_enc[rows], captions[cols], amp=p.amp, progress=progress,
+                                          chunk_mb=p.score_chunk_mb or None) for rows, cols in blocks]
+        seconds["score"] = seconds.get("score", 0.0) + time.perf_counter() - start
+        if distributed.is_main():
+            average.add(parts, owned=True)
+        if p.rerank_k:
+            members.append((model, img_enc, captions))
+    return members
