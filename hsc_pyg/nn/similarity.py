@@ -282,6 +282,7 @@ class SimilarityModule(nn.Module):
         ``words [C, L, d]`` (zero at padding), ``mask [C, L]``, ``cap_glo [C, d]`` -> scores ``[A, C]``."""
         sim_glo = global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0), self.glo_proj)     # [A, C, m]
         if self.kernels.fused:
+            words = words.contiguous()       # (a trimmed block is a strided view; the kernels flatten it twice)
             attn = self.kernels.cross_attention(regions, words, mask, self.lambda_softmax)       # [A, C, L, R]
             nodes = self.kernels.alignment_nodes(attn, regions, words, sim_glo, self.loc_proj)   # [A, C, L+1, m]
         else:
