@@ -128,15 +128,15 @@ def training(device: str) -> None:
 def gradcheck(device: str) -> None:
     @check("fused local alignment gradcheck")
     def one():
-        from hsc_pyg.nn.similarity import _LocalAlignment
+        from hsc_pyg.nn.kernels import Kernels, LocalAlignment
 
         g = torch.Generator(device=device).manual_seed(0)
         kw = dict(device=device, dtype=torch.float64)
         attn = torch.softmax(torch.randn(2, 4, 3, generator=g, **kw), -1).requires_grad_()
         args = (attn, torch.randn(2, 3, 5, generator=g, **kw).requires_grad_(),
                 torch.randn(4, 5, generator=g, **kw).requires_grad_(),
-                torch.randn(3, 5, generator=g, **kw).requires_grad_(), torch.randn(3, generator=g, **kw).requires_grad_())
-        assert torch.autograd.gradcheck(_LocalAlignment.apply, args)
+                torch.randn(3, 5, generator=g, **kw).requires_grad_(), torch.randn(3, generator=g, **kw).requires_grad_(), Kernels())
+        assert torch.autograd.gradcheck(LocalAlignment.apply, args)
         return "ok"
 
     one()

@@ -19,9 +19,7 @@ Nothing here is used by the library.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,21 +28,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 LABEL = "original-style per-caption loop, re-implemented"
-
-
-@contextlib.contextmanager
-def plain_linears(model: nn.Module) -> Iterator[None]:
-    """Run ``model``'s Linear layers as plain ``nn.Linear`` (PyTorch's default CPU path, as the original code runs)
-    inside; our :class:`hsc_pyg.nn.similarity.FastLinear` is restored after."""
-    swapped = [m for m in model.modules() if type(m) is not nn.Linear and isinstance(m, nn.Linear)]
-    classes = [type(m) for m in swapped]
-    for m in swapped:
-        m.__class__ = nn.Linear
-    try:
-        yield
-    finally:
-        for m, cls in zip(swapped, classes):
-            m.__class__ = cls
 
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
@@ -140,11 +123,6 @@ def similarity(sim, img_emb: Tensor, cap_emb: Tensor, cap_lens) -> Tensor:
 def shard_scores(sim, img_embs: Tensor, cap_embs: Tensor, cap_lens, shard_size: int = 100) -> np.ndarray:
     """``shard_attn_scores``: the loop above on shards of ``shard_size`` images x ``shard_size`` captions, filling a
     float64 NumPy matrix (the original's layout)."""
-    with plain_linears(sim):
-        return _shard_scores(sim, img_embs, cap_embs, cap_lens, shard_size)
-
-
-def _shard_scores(sim, img_embs: Tensor, cap_embs: Tensor, cap_lens, shard_size: int) -> np.ndarray:
     n_im_shard = (len(img_embs) - 1) // shard_size + 1
     n_cap_shard = (len(cap_embs) - 1) // shard_size + 1
     sims = np.zeros((len(img_embs), len(cap_embs)))
@@ -238,9 +216,8 @@ def train_step(model, optimizer, images: Tensor, tokens: Tensor, lengths: Tensor
     """One original-style HSC training step on a padded dense batch: ``images [B, 36, img_dim]`` (caption b's image
     at row b), ``tokens [B, L_max]``, ``lengths [B]``. Returns the loss."""
     optimizer.zero_grad()
-    with plain_linears(model):
-        loss = forward_loss(model, images, tokens, lengths, margin)
-        loss.backward()
+    loss = forward_loss(model, images, tokens, lengths, margin)
+    loss.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -38,18 +38,6 @@ def test_training_step_equals_the_original_style_step(preset, dtype):
     assert result["loss_abs_diff"] < 1e-4
 
 
-def test_fused_local_alignment_gradient():
-    from hsc_pyg.nn.similarity import _LocalAlignment
-
-    g = torch.Generator().manual_seed(0)
-    attn = torch.softmax(torch.randn(2, 4, 3, generator=g, dtype=torch.float64), -1).requires_grad_()
-    regions = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    words = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_LocalAlignment.apply, (attn, regions, words, weight, bias))
-
-
 def test_score_and_train_workers_report_their_fields():
     score = run.worker_score(_spec(kind="score", preset="sgraf_saf", n_img=6, n_cap=20, repeats=1))
     for key in ("pairs", "pairs_per_s", "pairs_per_cpu_s", "wall_s", "cpu_s", "peak_memory", "mean_caption_tokens"):

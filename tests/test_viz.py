@@ -172,6 +172,25 @@ def test_pair_graph_holds_the_cross_attention_and_the_single_pair_score(split):
     assert g.graph["caption_of_image"] == 0 and g.graph["attention_level"] == "higher"
 
 
+def test_pair_graph_shows_the_attention_the_scorer_uses(split):
+    """The picture's word-to-region weights are the ones the fast scorer computes for the pair inside a block."""
+    from hsc_pyg.data.graphs import collate_graphs
+    from hsc_pyg.nn.kernels import Kernels
+
+    model = tiny_model(split).eval()
+    image, caption = 2, 5
+    g = pair_graph(model, split, image, caption)
+    ids = model.vocab.encode(split.captions[caption])
+    with torch.no_grad():
+        img = model.encode_images(collate_graphs([image_graph(split.features(i), edges=model.config.img_edges)
+                                                  for i in (0, image)], model.config.img_edges))
+        cap = model.encode_captions(collate_graphs([caption_graph(ids, edges=model.config.txt_edges)],
+                                                   model.config.txt_edges))
+        attn = Kernels().cross_attention(img.regions[:, -1], cap.words[:, -1], cap.mask, model.config.lambda_softmax)
+    shown = np.array([[g.edges[f"w{k}", f"r{j}"]["weight"] for j in range(REGIONS)] for k in range(len(ids))])
+    np.testing.assert_allclose(shown, attn[1, 0].numpy(), atol=1e-6)
+
+
 def test_regions_are_shaded_by_the_chosen_words_attention(split):
     model = tiny_model(split)
     caption = 5

@@ -17,7 +17,7 @@ from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
 from .functional import l2norm
-from .similarity import SimilarityModule, use_fast_linears
+from .similarity import SimilarityModule
 
 
 def _index(t: Tensor, idx) -> Tensor:
@@ -109,7 +109,6 @@ class HSCModel(nn.Module):
                                              config.gru_layers, config.no_txtnorm)
         self.similarity = SimilarityModule(config.embed_size, config.sim_dim, config.num_regions, config.head,
                                            config.sgr_step, config.lambda_softmax, config.sa_dropout)
-        use_fast_linears(self)   # float32 CPU products through oneDNN (exact float32, 2x MKL's speed here)
 
     # ---------------------------------------------------------------- per item
     def encode_images(self, images) -> ImageEncoding:
@@ -127,6 +126,57 @@ class HSCModel(nn.Module):
         return CaptionEncoding(words, states.mask, glo)
 
     # ---------------------------------------------------------------- per pair
+    def set_kernels(self, mode: str) -> None:
+        """Score with the faster steps of :mod:`hsc_pyg.nn.kernels` (``"auto"``, the default) or the plain formulas
+        of :mod:`hsc_pyg.nn.similarity` (``"reference"``); both give the same scores."""
+        self.similarity.set_kernels(mode)
+
+    #: Captions per eval block (captions are taken in order of length, so a block carries little padding); on the CPU
+    #: a block has at most CPU_BLOCK_CAPTIONS captions and about CPU_BLOCK_BYTES of context (see benchmarks/NOTES.md).
+    SCORE_BLOCK_CAPTIONS = 256
+    CPU_BLOCK_CAPTIONS = 64
+    CPU_BLOCK_BYTES = 24 * 2**20
+
+    def score(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
+        """Exact scores of every image against every caption, ``[N_img, N_cap]`` (the level average of
+        :meth:`SimilarityModule.forward`).
+
+        Captions are taken in order of length and cut into blocks, each trimmed to its own longest caption (so a
+        block carries little padding); each block is scored against the images in as few pieces as ``chunk_mb`` MiB
+        of working memory allow (default ``config.score_chunk_mb``). In training mode every piece holds all images
+        (the SAF gate's BatchNorm takes its statistics per caption over all images), and that BatchNorm's running
+        statistics are updated caption after caption in the batch's order, as the original's loop does.
+        """
+        n_img, n_cap = len(img), len(cap)
+        out = img.regions.new_zeros(n_img, n_cap, dtype=self.similarity.score_proj.weight.dtype)
+        if n_img == 0 or n_cap == 0:
+            return out
+        lengths = cap.mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        if self.training:
+            max_captions = max(1, self._pairs_per_chunk(img, cap, chunk_mb) // n_img)
+        else:
+            max_captions = self.CPU_BLOCK_CAPTIONS if img.regions.device.type == "cpu" else self.SCORE_BLOCK_CAPTIONS
+        norm = self._caption_norm() if self.training else None
+        with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
+            for c0, c1 in _length_blocks(lengths[order].tolist(), max_captions):
+                columns = order[c0:c1]
+                block = cap[columns].trimmed()
+                img_step = n_img if self.training else max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
+                for i0 in range(0, n_img, img_step):
+                    out[i0:i0 + img_step, columns] = self._score_block(img[i0:i0 + img_step], block, columns, norm)
+        return out
+
+    def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, columns: Tensor, norm) -> Tensor:
+        """Scores ``[A, C]`` of a block, averaged over the aligned levels; ``columns``: the captions' batch positions,
+        for the deferred running statistics of ``norm`` (None outside training)."""
+        total = 0
+        for v in range(len(self.levels)):
+            if norm is not None:      # running statistics: level by level, captions in batch order
+                norm.next_captions(v, columns)
+            total = total + self.similarity(img.regions[:, v], img.glo[:, v], cap.words[:, v], cap.mask, cap.glo[:, v])
+        return total / len(self.levels)
+
     def _pairs_per_chunk(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None) -> int:
         d, regions, length = img.regions.size(-1), img.regions.size(-2), cap.words.size(-2)
         # the live [pairs, L, d] tensors of the alignment (context, difference, square) dominate
@@ -139,70 +189,10 @@ class HSCModel(nn.Module):
             pairs = min(pairs, max(1, self.CPU_BLOCK_BYTES // (length * d * img.regions.element_size())))
         return pairs
 
-    #: Captions per eval block (captions are taken in order of length, so a block carries little padding); on the CPU
-    #: a block has at most CPU_BLOCK_CAPTIONS captions and about CPU_BLOCK_BYTES of context (see benchmarks/NOTES.md).
-    SCORE_BLOCK_CAPTIONS = 256
-    CPU_BLOCK_CAPTIONS = 64
-    CPU_BLOCK_BYTES = 24 * 2**20
-
-    def _score_block(self, img: ImageEncoding, cap: CaptionEncoding, positions: Tensor | None = None) -> Tensor:
-        total = 0
-        norm = self._caption_norm() if positions is not None else None
-        for v in range(len(self.levels)):
-            regions, img_glo = img.regions[:, v], img.glo[:, v]
-            words, mask, cap_glo = cap.words[:, v], cap.mask, cap.glo[:, v]
-            if norm is not None:      # running statistics: level by level, captions in batch order
-                norm.set_keys(positions + (v << 40))
-            total = total + self.similarity.score_outer(regions, img_glo, words, mask, cap_glo)
-        return total / len(self.levels)
-
     def _caption_norm(self):
         """The SAF gate's caption-wise BatchNorm (None for heads without one)."""
         norm = getattr(self.similarity.head, "norm", None)
         return norm if hasattr(norm, "deferred_updates") else None
-
-    def score(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
-        """Exact scores of every image against every caption, ``[N_img, N_cap]``.
-
-        Computed in blocks of images x captions whose working memory stays under ``chunk_mb`` MiB (default
-        ``config.score_chunk_mb``). Captions are taken in order of length, each block trimmed to its own longest
-        caption (so a block carries little padding), and the columns are put back in place. In training mode every
-        block holds all images (the SAF gate's BatchNorm takes its statistics per caption over all images), and that
-        BatchNorm's running statistics are updated caption after caption in the batch's order, as the original's loop.
-        """
-        n_img, n_cap = len(img), len(cap)
-        if n_img == 0 or n_cap == 0:
-            return img.regions.new_zeros(n_img, n_cap)
-        lengths = cap.mask.sum(1)
-        order = torch.argsort(lengths, stable=True)
-        if self.training:
-            budget = self._pairs_per_chunk(img, cap, chunk_mb)
-            cap_step = max(1, budget // n_img)
-            norm = self._caption_norm()
-            with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
-                columns = [self._score_block(img, cap[order[c0:c1]].trimmed(), positions=order[c0:c1])
-                           for c0, c1 in _length_blocks(lengths[order].tolist(), cap_step)]
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(n_cap, device=order.device)
-            return torch.cat(columns, 1)[:, inverse]
-        cpu = img.regions.device.type == "cpu"
-        cap_step = min(n_cap, self.CPU_BLOCK_CAPTIONS if cpu else self.SCORE_BLOCK_CAPTIONS)
-        if bool((order[1:] > order[:-1]).all()):          # already in order of length (as evaluation passes them)
-            order = None
-        out = None
-        sorted_lengths = (lengths if order is None else lengths[order]).tolist()
-        for c0, c1 in _length_blocks(sorted_lengths, cap_step):
-            block = (cap[c0:c1] if order is None else cap[order[c0:c1]]).trimmed()
-            img_step = max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
-            rows = [self._score_block(img[i0:i0 + img_step], block) for i0 in range(0, n_img, img_step)]
-            part = torch.cat(rows, 0) if len(rows) > 1 else rows[0]
-            if out is None:
-                out = part.new_empty(n_img, n_cap)
-            if order is None:
-                out[:, c0:c1] = part
-            else:
-                out[:, order[c0:c1]] = part
-        return out
 
     def forward(self, pairs) -> Tensor:
         """Training: a :class:`hsc_pyg.data.graphs.PairBatch` -> scores ``[B, B]`` (row b = caption b's image)."""

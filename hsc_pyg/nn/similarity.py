@@ -1,15 +1,23 @@
-"""The per-pair part (MODEL.md §2): global vectors, word-to-region attention, alignments and the similarity heads.
+"""The per-pair part of the model (MODEL.md §2), the reference for every scorer of the project.
 
-Everything here works on dense padded tensors whose leading axes *broadcast*: the scorer passes
-``regions [A, 1, R, d]`` with ``words [1, C, L, d]`` to score A images against C captions at once (no loop over
-captions, no repetition of a caption per image), or ``[P, R, d]`` with ``[P, L, d]`` to score P given pairs.
-Padded words are masked out of every normalisation, softmax and mean, so a pair's score does not depend on the other
-pairs it is computed with.
+Read top to bottom, as MODEL.md §2: the global vectors (:class:`VisualSA`, :class:`TextSA`, computed once per item),
+then per pair: :func:`cross_attention` (words attend to regions), :func:`attended_context`, :func:`local_alignment`,
+:func:`global_alignment`, the nodes of the similarity graph (:func:`similarity_nodes`), a head (:class:`SAFHead` or
+:class:`SGRHead`, registered by name in :data:`HEADS`) and the final score. :meth:`SimilarityModule.forward` scores
+every image of a block against every caption; scoring, training, re-ranking and the pictures all go through it (the
+pictures show :func:`cross_attention`).
+
+The functions work on dense padded tensors whose leading axes broadcast: ``regions [A, 1, R, d]`` with
+``words [1, C, L, d]`` are the A x C pairs of a block. Padded words are masked out of every normalisation, softmax and
+mean, so a pair's score does not depend on the pairs it is computed with.
+
+:mod:`hsc_pyg.nn.kernels` holds faster versions of these steps (one matrix product for all pairs, fused local
+alignment, ...) that compute the same numbers; the module's ``kernels`` switch (``"auto"`` or ``"reference"``) picks
+them or the plain formulas here.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Iterator
 
 import torch
@@ -18,147 +26,15 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .functional import l2norm, masked_mean, masked_softmax
+from .kernels import Kernels
 from .layers import xavier_linear
 
 HEADS: dict[str, type[nn.Module]] = {}
 
 
-# --------------------------------------------------------------------------- fast exact float32 GEMMs on the CPU
-# On the CPU, ``F.linear`` / ``torch.mm`` in float32 go to MKL's sgemm, while oneDNN (``mkldnn``) has its own JIT
-# kernels; on the AMD EPYC of the benchmarks oneDNN's float32 GEMM ran 2.0-2.2x faster than MKL's at the scorer's
-# shapes, with the same float32 arithmetic (no reduced precision; see benchmarks/NOTES.md). ``linear`` below uses it for
-# float32 CPU tensors outside autocast when it is available and passes a self-check, else ``F.linear``.
-# HSC_ONEDNN_LINEAR=0 in the environment turns it off.
-_ONEDNN: bool | None = None
-
-
-def _onednn_available() -> bool:
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = False
-        if os.environ.get("HSC_ONEDNN_LINEAR", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                op = torch.ops.mkldnn._linear_pointwise
-                g = torch.Generator().manual_seed(0)
-                x, w, b, c = (torch.randn(s, generator=g) for s in ((37, 70), (19, 70), (19,), (37, 19)))
-                ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-                # strided (transposed) operands, as the backward pass gives them
-                ok = ok and torch.allclose(op(x.t(), c.t(), None, "none", [], ""), x.t() @ c, atol=1e-5, rtol=1e-5)
-                _ONEDNN = bool(ok)
-            except (AttributeError, RuntimeError):
-                _ONEDNN = False
-    return _ONEDNN
-
-
-def _mm_t(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a @ b.T (+ bias)`` for 2-D float32 CPU tensors through oneDNN (strided operands are fine)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` with oneDNN GEMMs forward and backward (input ``[..., K]``, weight ``[M, K]``)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        x2 = x.reshape(-1, x.size(-1))
-        ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
-        ctx.in_shape = x.shape
-        return _mm_t(x2, weight, bias).view(*x.shape[:-1], weight.size(0))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, weight.size(0))
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _mm_t(g2, weight.t()).view(ctx.in_shape)          # g @ W
-        if ctx.needs_input_grad[1]:
-            gw = _mm_t(g2.t(), x2.t())                             # g^T @ x
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g2.sum(0)
-        return gx, gw, gb
-
-
-def _fast(*tensors: Tensor) -> bool:
-    t = tensors[0]
-    return (t.device.type == "cpu" and all(u.dtype == torch.float32 for u in tensors if u is not None)
-            and not torch.is_autocast_enabled("cpu") and t.numel() > 0 and _onednn_available())
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN on the CPU in float32 (exact float32; see above)."""
-    if weight.size(0) >= 16 and _fast(x, weight, bias):    # (a matrix-vector product gains nothing)
-        return _OneDNNLinear.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def apply_linear(layer: nn.Linear, x: Tensor) -> Tensor:
-    return linear(x, layer.weight, layer.bias)
-
-
-class _LocalAlignment(torch.autograd.Function):
-    """``loc_proj((l2norm(attn @ regions) - words)^2)`` (before the final l2norm), for training.
-
-    ``attn [A, P, R]``, ``regions [A, R, d]``, ``words [P, d]`` (the same for every image), ``weight [m, d]``,
-    ``bias [m]`` -> ``[A, P, m]``. Plain autograd would keep four ``[A, P, d]`` tensors per block until the backward
-    pass (the context, its normalised form, the difference and its square); this keeps only the attention
-    ``[A, P, R]`` and the norms, and recomputes the context in the backward pass (one product with K = R). The
-    gradients are the analytic ones of the same formula (checked against autograd in float64).
-    """
-
-    @staticmethod
-    def forward(ctx, attn: Tensor, regions: Tensor, words: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        context = torch.bmm(attn, regions)
-        norm = torch.linalg.vector_norm(context, dim=-1, keepdim=True)
-        inv = 1.0 / (norm + EPS)
-        x = torch.addcmul(words, context, inv, value=-1, out=context).square_()     # (l2norm(context) - words)^2
-        ctx.save_for_backward(attn, regions, words, weight, norm, inv)
-        ctx.has_bias = bias is not None
-        return linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        attn, regions, words, weight, norm, inv = ctx.saved_tensors
-        c = torch.bmm(attn, regions).mul_(inv)                                         # l2norm(context)
-        diff = c - words
-        x = diff.square()
-        n_img, n_pos, dim = c.shape
-        g2 = grad.reshape(-1, grad.size(-1))
-        g_weight = linear(g2.t(), x.reshape(-1, dim).t()) if ctx.needs_input_grad[3] else None
-        g_bias = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
-        del x
-        g = linear(grad, weight.t()).mul_(diff).mul_(2)                                # d loss / d l2norm(context)
-        del diff
-        g_words = -g.sum(0) if ctx.needs_input_grad[2] else None
-        # through the l2norm x / (|x| + eps): g_x = inv * (g - c * (c . g) * (|x| + eps) / |x|)
-        scale = (c * g).sum(-1, keepdim=True) / (norm * inv)
-        scale = torch.where(norm > 0, scale, torch.zeros_like(scale))
-        g = g.addcmul_(c, scale, value=-1).mul_(inv)
-        del c
-        g_attn = torch.bmm(g, regions.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        g_regions = torch.bmm(attn.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
-        return g_attn, g_regions, g_words, g_weight, g_bias
-
-
-class FastLinear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear` (oneDNN for float32 on the CPU). Same parameters and state dict;
-    :func:`use_fast_linears` turns a model's plain ``nn.Linear`` modules into this class in place."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def use_fast_linears(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` inside ``module`` a :class:`FastLinear` (the class only: weights, names and
-    hooks stay). The encoders' relational layers spend most of a training step in such products."""
-    for sub in module.modules():
-        if type(sub) is nn.Linear:
-            sub.__class__ = FastLinear
-    return module
-
-
 def register_head(name: str) -> Callable[[type], type]:
+    """Class decorator: make a similarity head available as ``head=name``. A head maps the nodes ``[..., K, m]``,
+    their mask ``[..., K]`` and the module's :class:`~hsc_pyg.nn.kernels.Kernels` to a vector ``[..., m]``."""
     def wrap(cls: type) -> type:
         HEADS[name] = cls
         return cls
@@ -166,6 +42,7 @@ def register_head(name: str) -> Callable[[type], type]:
     return wrap
 
 
+# --------------------------------------------------------------------------- global vectors (once per item)
 class VisualSA(nn.Module):
     """Global image vector by self-attention over regions: ``[N, R, d] -> [N, d]`` (l2-normalised).
 
@@ -209,6 +86,41 @@ class TextSA(nn.Module):
         return l2norm((weights.unsqueeze(-1) * words).sum(1))
 
 
+# --------------------------------------------------------------------------- per pair: steps 1-4
+def cross_attention(regions: Tensor, words: Tensor, mask: Tensor, lambda_softmax: float) -> Tensor:
+    """Step 1, words attend to regions (SCAN text-to-image): ``regions [..., R, d]``, ``words [..., L, d]``,
+    ``mask [..., L]`` -> attention ``[..., L, R]`` (each word's row sums to 1 over the regions).
+
+    ``s = LeakyReLU_0.1(regions @ words^T)`` ``[..., R, L]`` over the real words, l2-normalised over the words, then
+    ``softmax_regions(lambda * s)``.
+    """
+    s = F.leaky_relu(regions @ words.transpose(-1, -2), 0.1) * mask.unsqueeze(-2).to(regions.dtype)
+    s = l2norm(s, dim=-1)
+    return torch.softmax(lambda_softmax * s, dim=-2).transpose(-1, -2)
+
+
+def attended_context(attn: Tensor, regions: Tensor) -> Tensor:
+    """Step 1, the attended regions per word: ``l2norm(attn @ regions)``, ``[..., L, R], [..., R, d] -> [..., L, d]``."""
+    return l2norm(attn @ regions)
+
+
+def local_alignment(context: Tensor, words: Tensor, proj: nn.Linear) -> Tensor:
+    """Step 2: ``l2norm(proj((context - words)^2))``, ``[..., L, d]`` -> ``[..., L, m]``."""
+    return l2norm(proj((context - words).square()))
+
+
+def global_alignment(img_glo: Tensor, cap_glo: Tensor, proj: nn.Linear) -> Tensor:
+    """Step 3: ``l2norm(proj((img_glo - cap_glo)^2))``, ``[..., d]`` -> ``[..., m]``."""
+    return l2norm(proj((img_glo - cap_glo).square()))
+
+
+def similarity_nodes(sim_glo: Tensor, sim_loc: Tensor) -> Tensor:
+    """Step 4: the nodes of the similarity graph ``[sim_glo; sim_loc]``: ``[..., m], [..., L, m] -> [..., L+1, m]``
+    (node 0 is the global alignment)."""
+    return torch.cat([sim_glo.unsqueeze(-2).to(sim_loc.dtype), sim_loc], dim=-2)
+
+
+# --------------------------------------------------------------------------- step 5: the heads
 class CaptionwiseBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d(1)`` of the SAF gate, with the original's training statistics.
 
@@ -220,35 +132,33 @@ class CaptionwiseBatchNorm(nn.BatchNorm1d):
 
     def __init__(self):
         super().__init__(1)
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] | None = None
-        self._keys: Tensor | None = None
+        self._pending: list[tuple[list, Tensor, Tensor]] | None = None
+        self._next: list | None = None
 
     @contextlib.contextmanager
     def deferred_updates(self) -> Iterator[None]:
         """Collect the running-statistics updates of the training calls inside and apply them at the end, one
-        momentum update per caption, in the order of the keys given by :meth:`set_keys` before each call.
+        momentum update per caption, ordered by the ``(level, position)`` that :meth:`next_captions` gives each.
 
         The scorer uses this to compute caption blocks in order of length (less padding) while the running statistics
         still see the captions in their batch order, as the original's per-caption loop does.
         """
-        if self._pending is not None:     # nested: the outer context applies them
-            yield
-            return
         self._pending = []
         try:
             yield
             pending = self._pending
         finally:
-            self._pending, self._keys = None, None
+            self._pending, self._next = None, None
         if pending:
-            keys = torch.cat([k for k, _, _ in pending])
-            order = torch.argsort(keys, stable=True)
+            keys = [key for keys, _, _ in pending for key in keys]
+            order = torch.tensor(sorted(range(len(keys)), key=keys.__getitem__), device=pending[0][1].device)
             self._update_running(torch.cat([m for _, m, _ in pending])[order],
                                  torch.cat([v for _, _, v in pending])[order])
 
-    def set_keys(self, keys: Tensor) -> None:
-        """Sort keys (int64, one per caption) of the captions of the next call inside :meth:`deferred_updates`."""
-        self._keys = keys
+    def next_captions(self, level: int, positions: Tensor) -> None:
+        """Inside :meth:`deferred_updates`: the captions of the next call are at ``positions`` (int ``[C]``) of the
+        batch and at alignment level ``level``."""
+        self._next = [(level, p) for p in positions.tolist()]
 
     def _update_running(self, mu: Tensor, unbiased: Tensor) -> None:
         """Sequential momentum updates with ``mu[0], mu[1], ...`` (and the variances), in closed form."""
@@ -262,6 +172,7 @@ class CaptionwiseBatchNorm(nn.BatchNorm1d):
             self.num_batches_tracked.add_(steps)
 
     def forward(self, t: Tensor, node_mask: Tensor) -> Tensor:
+        """``t [..., C, K]`` (gate logits of C captions' K nodes), ``node_mask`` broadcast to it -> the same shape."""
         if not self.training:
             scale = self.weight / torch.sqrt(self.running_var + self.eps)
             return (t - self.running_mean) * scale + self.bias
@@ -277,15 +188,13 @@ class CaptionwiseBatchNorm(nn.BatchNorm1d):
             with torch.no_grad():
                 mu, n = mean.flatten().detach(), count.flatten()
                 unbiased = var.flatten().detach() * n / (n - 1).clamp_min(1)
-                if self._pending is not None:
-                    keys = self._keys
-                    if keys is None:          # no keys: call order, then caption order
-                        base = sum(k.numel() for k, _, _ in self._pending)
-                        keys = torch.arange(base, base + mu.numel(), device=mu.device) + (1 << 62)
-                    self._pending.append((keys.to(mu.device), mu, unbiased))
-                    self._keys = None
-                else:
+                if self._pending is None:
                     self._update_running(mu, unbiased)
+                elif self._next is None or len(self._next) != mu.numel():
+                    raise RuntimeError("CaptionwiseBatchNorm.deferred_updates: call next_captions before each call")
+                else:
+                    self._pending.append((self._next, mu, unbiased))
+                    self._next = None
         return out
 
 
@@ -302,9 +211,9 @@ class SAFHead(nn.Module):
         self.gate = xavier_linear(nn.Linear(sim_dim, 1))
         self.norm = CaptionwiseBatchNorm()
 
-    def forward(self, sim_emb: Tensor, node_mask: Tensor) -> Tensor:
-        gate = torch.sigmoid(self.norm(apply_linear(self.gate, sim_emb).squeeze(-1), node_mask)) * node_mask
-        gate = gate / (gate.sum(-1, keepdim=True) + 1e-8)
+    def forward(self, sim_emb: Tensor, node_mask: Tensor, kernels: Kernels) -> Tensor:
+        gate = torch.sigmoid(self.norm(self.gate(sim_emb).squeeze(-1), node_mask)) * node_mask
+        gate = gate / (gate.sum(-1, keepdim=True) + 1e-8)                               # l1norm (gates are > 0)
         return l2norm(torch.matmul(gate.unsqueeze(-2), sim_emb).squeeze(-2))
 
 
@@ -317,15 +226,13 @@ class SGRStep(nn.Module):
         self.key = xavier_linear(nn.Linear(sim_dim, sim_dim))
         self.update = xavier_linear(nn.Linear(sim_dim, sim_dim))
 
-    def forward(self, x: Tensor, node_mask: Tensor) -> Tensor:
-        # q_i . k_j = x_i^T Wq^T Wk x_j + (Wk^T bq) . x_j + (terms constant along row i, which the row softmax
-        # cancels exactly), so the logits are z @ x^T with z = x (Wq^T Wk) + Wk^T bq: one m x m product per node
-        # instead of two (SGR spends most of its time in these products)
-        weight = (self.query.weight.t() @ self.key.weight).t()
-        bias = self.key.weight.t() @ self.query.bias
-        z = linear(x, weight, bias)
-        edges = masked_softmax(z @ x.transpose(-1, -2), node_mask.unsqueeze(-2), dim=-1)
-        return F.relu(apply_linear(self.update, edges @ x))
+    def forward(self, x: Tensor, node_mask: Tensor, kernels: Kernels) -> Tensor:
+        if kernels.fused:
+            logits = kernels.sgr_logits(x, self.query, self.key)
+        else:
+            logits = self.query(x) @ self.key(x).transpose(-1, -2)
+        edges = masked_softmax(logits, node_mask.unsqueeze(-2), dim=-1)
+        return F.relu(kernels.linear(edges @ x, self.update.weight, self.update.bias))
 
 
 @register_head("sgr")
@@ -337,18 +244,23 @@ class SGRHead(nn.Module):
         super().__init__()
         self.steps = nn.ModuleList(SGRStep(sim_dim) for _ in range(sgr_step))
 
-    def forward(self, sim_emb: Tensor, node_mask: Tensor) -> Tensor:
+    def forward(self, sim_emb: Tensor, node_mask: Tensor, kernels: Kernels) -> Tensor:
         x = sim_emb
         for step in self.steps:
-            x = step(x, node_mask)
+            x = step(x, node_mask, kernels)
         return x[..., 0, :]
 
 
+# --------------------------------------------------------------------------- the whole per-pair part
 class SimilarityModule(nn.Module):
-    """Cross attention, local and global alignment, a registered head, and the final sigmoid score."""
+    """Cross attention, local and global alignment, a registered head and the final sigmoid score.
+
+    ``kernels``: ``"auto"`` (the faster steps of :mod:`hsc_pyg.nn.kernels` where they apply) or ``"reference"`` (the
+    plain functions of this file); both give the same scores. :meth:`set_kernels` changes it.
+    """
 
     def __init__(self, embed_size: int, sim_dim: int, num_regions: int = 36, head: str = "saf", sgr_step: int = 3,
-                 lambda_softmax: float = 9.0, sa_dropout: float = 0.4):
+                 lambda_softmax: float = 9.0, sa_dropout: float = 0.4, kernels: str = "auto"):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"unknown similarity head {head!r}; choose one of {', '.join(sorted(HEADS))}")
@@ -359,127 +271,31 @@ class SimilarityModule(nn.Module):
         self.glo_proj = xavier_linear(nn.Linear(embed_size, sim_dim))
         self.head = HEADS[head](sim_dim, sgr_step)
         self.score_proj = xavier_linear(nn.Linear(sim_dim, 1))
+        self.kernels = Kernels(kernels)
 
-    def cross_attention(self, regions: Tensor, words: Tensor, mask: Tensor) -> Tensor:
-        """Word-to-region attention (SCAN t2i, MODEL.md §2 step 1): ``[..., R, d], [..., L, d] -> [..., L, R]``."""
-        s = F.leaky_relu(regions @ words.transpose(-1, -2), 0.1) * mask.unsqueeze(-2)   # [..., R, L]
-        s = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)               # l2norm over the words
-        return torch.softmax(self.lambda_softmax * s, dim=-2).transpose(-1, -2)
+    def set_kernels(self, mode: str) -> None:
+        """``"auto"`` or ``"reference"`` (see the class docstring)."""
+        self.kernels = Kernels(mode)
 
-    def local_alignment(self, context: Tensor, words: Tensor) -> Tensor:
-        """``l2norm(loc_proj((l2norm(context) - words)^2))``: ``[..., L, d]`` (broadcast) -> ``[..., L, m]``.
-
-        The ``[..., L, d]`` tensors are the largest of the scorer; without autograd the normalisation, difference and
-        square run in place on ``context`` (a temporary the caller hands over) and allocate nothing.
-        """
-        return _l2norm(apply_linear(self.loc_proj, self._squared_difference(context, words)))
-
-    @staticmethod
-    def _squared_difference(context: Tensor, words: Tensor) -> Tensor:
-        """``(l2norm(context) - words)^2``; without autograd in place on ``context`` (two passes, no allocation)."""
-        inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
-        if _no_grad(context, words):
-            # words - context * inv = -(l2norm(context) - words), the same rounding; its square is the same number
-            return torch.addcmul(words, context, inv, value=-1, out=context).square_()
-        return (context * inv - words).square()
-
-    def global_alignment(self, img_glo: Tensor, cap_glo: Tensor) -> Tensor:
-        """``l2norm(glo_proj((img_glo - cap_glo)^2))`` (broadcast) -> ``[..., m]``."""
-        return _l2norm(apply_linear(self.glo_proj, (img_glo - cap_glo).square()))
-
-    @staticmethod
-    def _nodes(glob: Tensor, local: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        sim_emb = torch.cat([glob.unsqueeze(-2).to(local.dtype), local], dim=-2)
-        node_mask = torch.cat([mask.new_ones(mask.shape[:-1] + (1,)), mask], dim=-1).expand(sim_emb.shape[:-1])
-        return sim_emb, node_mask
-
-    def _final(self, sim_emb: Tensor, node_mask: Tensor) -> Tensor:
-        vec = self.head(sim_emb, node_mask)
-        # the final score in float32 even under autocast: bf16 has ~3 significant digits near 0.5, so reduced-precision
-        # scores would tie and ties count against the query in the ranking
-        with torch.autocast(device_type=vec.device.type, enabled=False):
-            return torch.sigmoid(apply_linear(self.score_proj, vec.to(self.score_proj.weight.dtype))).squeeze(-1)
-
-    def _local_nodes_cpu(self, regions: Tensor, attn: Tensor, words_2d: Tensor, glob: Tensor, n_cap: int,
-                         length: int) -> Tensor:
-        """CPU, no autograd: the nodes ``[A, C, L+1, m]`` of a block, one image at a time, in reused buffers.
-
-        Per image the context ``[C*L, d]`` is written into one reused buffer, normalised, differenced and squared in
-        place, projected, and its l2-normalised projection written straight into the node tensor (also reused): no
-        stack, no concatenation, and no large allocation per image, whose page faults and heap trimming cost more
-        than the arithmetic around them (NOTES.md).
-        """
-        n_img = regions.size(0)
-        context = _workspace("context", (n_cap * length, regions.size(-1)), regions)
-        sim_emb = _workspace("nodes", (n_img, n_cap, length + 1, glob.size(-1)), glob)
-        sim_emb[:, :, 0] = glob
-        for a in range(n_img):
-            torch.mm(attn[a], regions[a], out=context)
-            local = apply_linear(self.loc_proj, self._squared_difference(context, words_2d)).view(n_cap, length, -1)
-            torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=sim_emb[a, :, 1:])
-        return sim_emb
-
-    def score_outer(self, regions: Tensor, img_glo: Tensor, words: Tensor, mask: Tensor, cap_glo: Tensor) -> Tensor:
-        """Every image against every caption: ``regions [A, R, d]``, ``img_glo [A, d]``, ``words [C, L, d]``,
-        ``mask [C, L]``, ``cap_glo [C, d]`` -> ``[A, C]``; the same numbers as :meth:`forward` on the broadcast
-        ``[A, 1, ...]`` x ``[1, C, ...]`` pairs, in matmul-friendly layouts.
-
-        The word-region products of all pairs are ONE matrix product ``[A*R, d] @ [d, C*L]`` and the attended context
-        one product ``[C*L, R] @ [R, d]`` per image, so no operand is expanded (copied) per pair. The only per-pair
-        ``[C, L, d]`` tensors are the context and its squared difference with the words, which go straight into the
-        ``loc_proj`` product: on the CPU one image at a time (they stay in cache), elsewhere for the whole block.
-        """
-        n_img, n_reg, dim = regions.shape
-        n_cap, length = mask.shape
-        words_2d = words.reshape(n_cap * length, dim)
-        # scores s[a, r, c, l] = regions[a, r] . words[c, l]
-        s = linear(regions.reshape(n_img * n_reg, dim), words_2d).view(n_img, n_reg, n_cap, length)
-        s = F.leaky_relu(s, 0.1) * mask.to(s.dtype)
-        s = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)             # l2norm over each caption's words
-        attn = torch.softmax(self.lambda_softmax * s, dim=1)                            # over regions
-        attn = attn.view(n_img, n_reg, n_cap * length).transpose(1, 2)                 # [A, C*L, R] (strided)
-        if not torch.is_grad_enabled() and _fast(regions, words):
-            glob = self.global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0))     # [A, C, m]
-            sim_emb = self._local_nodes_cpu(regions, attn, words_2d, glob, n_cap, length)
-            node_mask = torch.cat([mask.new_ones(n_cap, 1), mask], dim=-1).unsqueeze(0).expand(sim_emb.shape[:-1])
+    def forward(self, regions: Tensor, img_glo: Tensor, words: Tensor, mask: Tensor, cap_glo: Tensor) -> Tensor:
+        """Every image against every caption (MODEL.md §2 steps 1-6): ``regions [A, R, d]``, ``img_glo [A, d]``,
+        ``words [C, L, d]`` (zero at padding), ``mask [C, L]``, ``cap_glo [C, d]`` -> scores ``[A, C]``."""
+        sim_glo = global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0), self.glo_proj)     # [A, C, m]
+        if self.kernels.fused:
+            words = words.contiguous()       # (a trimmed block is a strided view; the kernels flatten it twice)
+            attn = self.kernels.cross_attention(regions, words, mask, self.lambda_softmax)       # [A, C, L, R]
+            nodes = self.kernels.alignment_nodes(attn, regions, words, sim_glo, self.loc_proj)   # [A, C, L+1, m]
         else:
-            if torch.is_grad_enabled() and not torch.is_autocast_enabled(regions.device.type):
-                local = _l2norm(_LocalAlignment.apply(attn, regions, words_2d, self.loc_proj.weight,
-                                                      self.loc_proj.bias))                # [A, C*L, m]
-                local = local.view(n_img, n_cap, length, -1)
-            else:
-                context = torch.bmm(attn, regions)                                       # [A, C*L, d]
-                local = self.local_alignment(context.view(n_img, n_cap, length, dim), words.unsqueeze(0))
-            glob = self.global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0))     # [A, C, m]
-            sim_emb, node_mask = self._nodes(glob, local, mask.unsqueeze(0))
-        return self._final(sim_emb, node_mask)
+            regions, words = regions.unsqueeze(1), words.unsqueeze(0)                            # the A x C pairs
+            attn = cross_attention(regions, words, mask.unsqueeze(0), self.lambda_softmax)
+            sim_loc = local_alignment(attended_context(attn, regions), words, self.loc_proj)
+            nodes = similarity_nodes(sim_glo, sim_loc)
+        node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)                   # [C, L+1]
+        vec = self.head(nodes, node_mask, self.kernels)                                         # [A, C, m]
+        return self.final_score(vec)
 
-EPS = 1e-8
-_WORKSPACE: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
-
-
-def _workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A reused scratch tensor of ``shape`` (no autograd only; the scorer is not reentrant). Grows, never shrinks;
-    :func:`release_workspace` frees it."""
-    key = (name, like.dtype, like.device)
-    numel = 1
-    for n in shape:
-        numel *= n
-    buf = _WORKSPACE.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE[key] = like.new_empty(numel)
-    return buf[:numel].view(shape)
-
-
-def release_workspace() -> None:
-    """Free the scorer's reused CPU buffers (a few tens of MB at most)."""
-    _WORKSPACE.clear()
-
-
-def _l2norm(x: Tensor, dim: int = -1) -> Tensor:
-    """``x / (sqrt(sum x^2) + 1e-8)`` (MODEL.md's l2norm) with the norm taken in one pass."""
-    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + EPS)
-
-
-def _no_grad(*tensors: Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    def final_score(self, vec: Tensor) -> Tensor:
+        """Step 6: ``sigmoid(Linear(m -> 1)(vec))``, ``[..., m] -> [...]``, in float32 even under autocast: bf16 has ~3
+        significant digits near 0.5, so reduced-precision scores would tie, and ties count against the query."""
+        with torch.autocast(device_type=vec.device.type, enabled=False):
+            return torch.sigmoid(self.score_proj(vec.to(self.score_proj.weight.dtype))).squeeze(-1)

@@ -37,6 +37,7 @@ from ..data.vocab import SPECIALS, Vocabulary
 from ..engine.device import eval_mode
 from ..engine.evaluation import check_compatible, check_features
 from ..errors import ConfigError, DataError, HSCError
+from ..nn import similarity
 from ..nn.encoders import GraphStates, level_index
 from ..nn.layers import LAYERS
 from ..nn.model import HSCModel
@@ -190,8 +191,8 @@ def attention_level(model: HSCModel, level: str | None) -> str:
 def cross_attention(model: HSCModel, image: ImageItem, caption: CaptionItem, level: str) -> Tensor:
     """Word-to-region attention of the pair at ``level``: ``[L, R]``, each row sums to 1."""
     with torch.no_grad(), eval_mode(model):
-        return model.similarity.cross_attention(image.states.levels[level], caption.states.levels[level],
-                                                caption.states.mask)[0]
+        return similarity.cross_attention(image.states.levels[level], caption.states.levels[level],
+                                          caption.states.mask, model.similarity.lambda_softmax)[0]
 
 
 @torch.no_grad()
