@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hsc_pyg.config import Config, apply_preset
+from hsc_pyg.config import Config
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn import similarity as S
 from hsc_pyg.nn.functional import masked_softmax
@@ -191,8 +191,7 @@ def test_auto_and_reference_kernels_train_alike(head):
 
 
 def test_model_switch_reaches_the_scorer():
-    cfg = apply_preset(Config(preset="sgraf_saf", img_dim=10, vocab_size=20, embed_size=16, word_dim=8, sim_dim=8,
-                              num_regions=R))
+    cfg = Config(preset="sgraf_saf", img_dim=10, vocab_size=20, embed_size=16, word_dim=8, sim_dim=8, num_regions=R)
     model = build_model(cfg).eval()
     model.set_kernels("reference")
     assert model.similarity.kernels.mode == "reference"
@@ -205,7 +204,7 @@ def test_model_switch_reaches_the_scorer():
 
 # --------------------------------------------------------------------------- threads
 def full_size_saf_model(seed: int):
-    cfg = apply_preset(Config(preset="sgraf_saf", img_dim=2048, vocab_size=100))
+    cfg = Config(preset="sgraf_saf", img_dim=2048, vocab_size=100)
     torch.manual_seed(seed)
     return build_model(cfg).eval()
 
