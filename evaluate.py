@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from hsc_pyg.errors import ConfigError, DataError, HSCError, os_error_reason
+from hsc_pyg.io import atomic_files, write_json
 
 DESCRIPTION = """\
 Image-text retrieval recalls (MODEL.md section 4): i2t = an image's best-ranked caption among its 5, t2i = a caption's
@@ -113,18 +113,6 @@ def _check_output(path: str, flag: str, overwrite: bool, make_folder: bool = Fal
     if not os.access(target.parent, os.W_OK):
         raise ConfigError(f"{flag} {target}: folder {target.parent} is not writable; choose another file")
     return target
-
-
-def _write_atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def sims_metadata_path(path: Path) -> Path:
@@ -250,10 +238,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     scores = average.mean()
 
     if save_path is not None:
-        _write_atomic(save_path, lambda f: np.save(f, scores[0], allow_pickle=False))
         meta = {"data_name": args.data_name, "split": args.split, "shape": [n, m], "models": list(args.model),
                 "sims": list(args.sims)}
-        sims_metadata_path(save_path).write_text(json.dumps(meta, indent=2) + "\n")
+        atomic_files({save_path: lambda f: np.save(f, scores[0], allow_pickle=False),
+                      sims_metadata_path(save_path): lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())})
     per_block = [recall_metrics(block, per_image) for block in scores]
     metrics = average_metrics(per_block) if args.fold5 else per_block[0]
     report: dict[str, Any] = {
@@ -286,8 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if save_path is not None:
         print(f"saved the score matrix {list(scores[0].shape)} to {save_path}")
     if json_path is not None:
-        text = json.dumps(report, indent=2) + "\n"
-        _write_atomic(json_path, lambda f: f.write(text.encode("utf-8")))
+        write_json(json_path, report, indent=2)
     return report
 
 

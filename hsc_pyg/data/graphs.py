@@ -79,7 +79,7 @@ def parse_edge_spec(spec: str) -> tuple[str, int | None]:
         if sep:
             raise ConfigError(f"edge spec {spec!r}: {name} takes no :K; write {name!r}")
         return name, None
-    if not arg.isdigit() or int(arg) < 1:
+    if not (arg.isascii() and arg.isdigit()) or int(arg) < 1:  # "²".isdigit() is true
         raise ConfigError(f"edge spec {spec!r}: {name} needs a positive integer K, e.g. {name}:8; found {arg!r}")
     return name, int(arg)
 

@@ -22,10 +22,13 @@ from typing import Any, Iterable, Sequence
 
 from nltk.tokenize import NLTKWordTokenizer
 
-from ..errors import ConfigError, HSCError, VocabError, os_error_reason
+from ..errors import ConfigError, HSCError, VocabError
+from ..io import write_json
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+#: The byte order mark some editors put at the start of a UTF-8 file; it is not text, so readers drop it.
+BOM = "\ufeff"
 
 _WORD_TOKENIZER = NLTKWordTokenizer()
 
@@ -147,9 +150,7 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> None:
         """Write the SCAN JSON layout (creating the parent folder)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
@@ -158,7 +159,7 @@ class Vocabulary:
         if not p.is_file():
             raise VocabError(f"vocabulary file {p} does not exist; build one with `python -m hsc_pyg.data.vocab "
                              f"--data_path DIR --data_name NAME --out {p}` or pass the official SCAN file")
-        text = p.read_bytes().decode("utf-8", errors="replace")
+        text = p.read_bytes().decode("utf-8", errors="replace").removeprefix(BOM)  # editors on Windows add one
         if not text.strip():
             raise VocabError(f"vocabulary file {p} is empty; expected the SCAN JSON layout "
                              "{word2idx, idx2word, idx}; rebuild it with `python -m hsc_pyg.data.vocab`")
@@ -217,10 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         captions = read_lines(caption_file(args.data_path, args.data_name, args.split), what="caption")
         vocab = build_vocab(captions, threshold=args.threshold)
-        try:
-            vocab.save(out)
-        except OSError as e:
-            raise ConfigError(f"cannot write {out} ({os_error_reason(e)}); choose a writable --out") from None
+        vocab.save(out)
     except HSCError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
