@@ -355,10 +355,13 @@ class Scalars:
     def __init__(self, logger_name: str, purge_step: int | None, log: Log) -> None:
         from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
 
-        self.log = log
+        self.log, self.writer = log, None
         self.hook = threading.excepthook
         threading.excepthook = self._thread_error
-        self.writer = SummaryWriter(logger_name, purge_step=purge_step)
+        try:
+            self.writer = SummaryWriter(logger_name, purge_step=purge_step)
+        except OSError as e:
+            self._stopped(e)
 
     def _thread_error(self, args) -> None:
         if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
@@ -370,8 +373,11 @@ class Scalars:
         try:
             getattr(self.writer, method)(*args)
         except OSError as e:
-            self.writer = None
-            self.log(f"warning: TensorBoard logging stopped ({os_error_reason(e)}); training goes on")
+            self._stopped(e)
+
+    def _stopped(self, error: OSError) -> None:
+        self.writer = None
+        self.log(f"warning: TensorBoard logging stopped ({os_error_reason(error)}); training goes on")
 
     def add(self, tag: str, value: float, step: int) -> None:
         self._call("add_scalar", tag, value, step)
