@@ -88,7 +88,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a checkpoint dict")
     if raw.get("format") == FORMAT:
-        check_layout(raw, str(path))
+        check_layout(raw, f"checkpoint {path}")
         return raw
     if isinstance(raw.get("model"), (list, tuple)) and isinstance(raw.get("opt"), argparse.Namespace):
         return convert_official(raw, source=str(path))

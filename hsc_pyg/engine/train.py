@@ -579,10 +579,10 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
     net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
     writer = None
     if not dry_run and main:
-        for path in foreign:  # --overwrite: the other run's checkpoints go now that the inputs have been checked
-            path.unlink(missing_ok=True)
         vocab.save(out / "vocab.json")
         config.save(out / "config.json")
+        for path in foreign:  # --overwrite: the other run's checkpoints go once the inputs are checked and written
+            path.unlink(missing_ok=True)
         writer = Scalars(config.logger_name, iteration + 1 if checkpoint else None, log)
 
     last_saved = iteration if checkpoint is not None else None
