@@ -328,7 +328,8 @@ def graph_files(g: nx.DiGraph, stem: str | Path, photo: np.ndarray | None = None
     weights), for :func:`hsc_pyg.io.atomic_files`."""
     png, graphml, js = output_paths(stem)
 
-    return {png: lambda f: draw_graph(g, photo).savefig(f, format="png", dpi=DPI), graphml: lambda f: nx.write_graphml(g, f),
+    return {png: lambda f: draw_graph(g, photo).savefig(f, format="png", dpi=DPI),
+            graphml: lambda f: nx.write_graphml(g, f),
             js: lambda f: f.write((json.dumps(graph_json(g), indent=1) + "\n").encode("utf-8"))}
 
 
