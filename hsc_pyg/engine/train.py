@@ -641,6 +641,8 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
     last_log_time, last_log_iter = time.perf_counter(), iteration
     if max_iters is not None and iteration >= max_iters:
         log(f"nothing to do: the run is at iteration {iteration} and --max_iters is {max_iters}")
+        if writer is not None:
+            writer.close()
         return result
     try:
         with guard.installed():
