@@ -316,7 +316,7 @@ CASES = [
          r"not a folder\); choose another file"),
     Case("vocabulary --out under a file", VOCAB + ["--out", "{tree}/notes.txt/vocab.json"],
          r"cannot write {tree}/notes.txt/vocab.json \({tree}/notes.txt is a file, not a folder\); choose a writable "
-         r"--out"),
+         r"path"),
     Case("synthetic --out under a file", SYNTHETIC + ["--out", "{tree}/notes.txt/" + NAME],
          r"cannot write into {tree}/notes.txt/synthetic_precomp \({tree}/notes.txt is a file, not a folder\); "
          r"choose a writable --out"),
