@@ -6,12 +6,14 @@
     torchrun --nproc_per_node 4 train.py --data_path DIR --data_name coco_precomp [--gather_negatives]
 
 The loop is :func:`hsc_pyg.engine.train.train`; this file parses flags, prints and exits (status 2 with a one-line
-message on an expected error, 130 after Ctrl-C, which saves a resumable checkpoint first). Under torchrun it joins the
-job (one process per GPU; --batch_size captions per process and step) and only rank 0 prints and writes.
+message on an expected error; after Ctrl-C, SIGTERM or SIGUSR1, which save a resumable checkpoint first, 128 + the
+signal's number: 130, 143, 138). Under torchrun it joins the job (one process per GPU; --batch_size captions per
+process and step) and only rank 0 prints and writes.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Sequence
 
@@ -92,9 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            gather_negatives=args.gather_negatives)
             main_rank = is_main()
     except Interrupted as e:
-        print(f"interrupted at iteration {e.iteration}: saved {e.path}; continue with --resume {e.path}",
+        by = "" if e.signum == signal.SIGINT else f" by {signal.Signals(e.signum).name}"
+        print(f"interrupted{by} at iteration {e.iteration}: saved {e.path}; continue with --resume {e.path}",
               file=sys.stderr)
-        return 130
+        return 128 + e.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM, 138 for SIGUSR1
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130

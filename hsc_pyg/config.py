@@ -29,6 +29,7 @@ from typing import Any
 from .data.graphs import check_edge_spec
 from .errors import ConfigError
 from .nn.layers import LAYERS
+from .io import write_text
 
 LEVELS = ("object", "relational", "higher")
 
@@ -326,7 +327,7 @@ class Config:
             raise ConfigError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

@@ -37,6 +37,10 @@ class CheckpointError(HSCError):
     """A checkpoint is missing, unreadable, unsafe or of an unknown layout."""
 
 
+class OutputError(HSCError):
+    """A file or folder cannot be written (a full disk, no permission, a file in the way); the old one is intact."""
+
+
 class TrainingError(HSCError):
     """Training cannot go on (for example the loss became NaN)."""
 

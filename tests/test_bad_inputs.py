@@ -6,13 +6,20 @@ previous run's files), breaks one thing in its copy, runs one real command line 
 file of the tree before and after. The subprocesses run concurrently (each one spends seconds importing torch); the
 table below is the documentation of what each command says.
 
+The table is grouped by kind of fault (data, captions, vocabulary, boxes, checkpoints, training state, run folders,
+sizes, options, outputs); the commands are the constants at the top (EVALUATE, TRAIN, VIZ, VOCAB, CONVERT,
+SYNTHETIC), so a command that moves is a one-line change. CONFIG_CASES are option values that the one validation of
+every config value will refuse: they are expected failures (strict) until it lands. After the table: a full disk in
+each command (in-process, ENOSPC injected where files are synced) and the stop signals through train.py (SIGINT 130,
+SIGTERM 143, SIGUSR1 138).
+
 Covered elsewhere, in-process: the malicious pickle and the SIGKILL during a save (test_checkpoint.py), the NaN / inf
-loss that stops or skips (test_train.py: test_nan_loss_*) and Ctrl-C during training (test_train.py:
-test_ctrl_c_saves_a_checkpoint_that_resumes_exactly). Here, through the command line, Ctrl-C once more: train.py
-receives SIGINT, saves a resumable checkpoint and exits with status 130.
+loss that stops or skips (test_train.py: test_nan_loss_*), and crashes, interrupts and signals at every point of a run,
+locks and full disks of the writer itself (test_reliability.py).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +45,7 @@ from hsc_pyg.data.precomp import PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import Vocabulary, build_vocab
 from hsc_pyg.engine.checkpoint import read_checkpoint, save_checkpoint
+from hsc_pyg.engine.train import train
 from hsc_pyg.errors import DataError
 from hsc_pyg.nn.model import build_model
 
@@ -123,6 +132,59 @@ def smaller_vocabulary(tree: Path) -> bytes:
     return json.dumps(Vocabulary(["a", "red", "cube"]).to_dict()).encode()
 
 
+def reordered_vocabulary(tree: Path) -> bytes:
+    """The checkpoint's own words, same size, two of them swapped."""
+    own = Vocabulary.from_dict(read_checkpoint(tree / "model.pth")["vocab"])
+    words = own.decode(range(4, len(own)))
+    words[0], words[1] = words[1], words[0]
+    return json.dumps(Vocabulary(words).to_dict()).encode()
+
+
+def edit_checkpoint(name: str, change: Callable[[dict], None]):
+    """Load ``tree/name`` as saved, change the dict, save it back (``torch.save``: not through hsc_pyg)."""
+    def setup(tree: Path) -> None:
+        ckpt = torch.load(tree / name, weights_only=True)
+        change(ckpt)
+        torch.save(ckpt, tree / name)
+    return setup
+
+
+def set_item(key: str, value, inside: str | None = None):
+    def change(ckpt: dict) -> None:
+        target = ckpt[inside] if inside else ckpt
+        if value is DELETE:
+            del target[key]
+        else:
+            target[key] = value
+    return change
+
+
+DELETE = object()
+
+
+def deflate_bomb(tree: Path) -> None:
+    """model.pth re-zipped with its members deflated, plus a 100 MB member of zeros (a file of ~0.2 MB)."""
+    path = tree / "model.pth"
+    with zipfile.ZipFile(path) as source:
+        members = [(info.filename, source.read(info)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members:
+            archive.writestr(name, data)
+        archive.writestr(members[0][0].split("/")[0] + "/data/padding", bytes(100 * 2**20))
+
+
+def many_regions(count: int):
+    def setup(tree: Path) -> None:
+        for split in ("train", "dev"):
+            edit_array("ims.npy", lambda a: np.resize(a, (a.shape[0], count, a.shape[2])), split)(tree)
+            edit_array("boxes.npy", lambda a: np.resize(a, (a.shape[0], count, 4)), split)(tree)
+    return setup
+
+
+def json_file(name: str, obj):
+    return write(name, json.dumps(obj).encode())
+
+
 @dataclass(frozen=True)
 class Case:
     name: str
@@ -166,6 +228,9 @@ CASES = [
          write("vocab.json", b'{"word2idx": {"<pad>": 0,')),
     Case("empty vocabulary JSON", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
          r"vocabulary file {tree}/vocab.json is empty; expected the SCAN JSON layout", write("vocab.json", b"\n")),
+    Case("vocabulary with other ids than the checkpoint's own", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
+         r"the vocabulary given maps words to other ids than the one inside checkpoint {ckpt} \(id of '\w+': \d+ "
+         r"given, \d+ in the checkpoint\); drop --vocab_path", write("vocab.json", reordered_vocabulary)),
     Case("vocabulary size other than the checkpoint's", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
          r"the vocabulary has 7 words but checkpoint {ckpt} was trained with vocab_size=\d+; pass the vocabulary it "
          r"was trained with", write("vocab.json", smaller_vocabulary)),
@@ -188,6 +253,39 @@ CASES = [
          r"checkpoint.pth, or evaluate this one with evaluate.py$"),
     Case("--resume pointing nowhere", TRAIN_RUN + ["--resume", "{tree}/nowhere.pth"],
          r"checkpoint {tree}/nowhere.pth does not exist"),
+    Case("checkpoint without config", EVALUATE, r"checkpoint {ckpt}: 'config' must be a dict but the checkpoint holds "
+         r"nothing; the file is damaged", edit_checkpoint("model.pth", set_item("config", DELETE))),
+    Case("checkpoint config as a list", EVALUATE, r"checkpoint {ckpt}: 'config' must be a dict but the checkpoint "
+         r"holds a list", edit_checkpoint("model.pth", set_item("config", [16, 8]))),
+    Case("checkpoint weights as a list", CONVERT, r"checkpoint {ckpt}: 'model' must be a dict but the checkpoint holds "
+         r"a list", edit_checkpoint("model.pth", lambda c: c.update(model=list(c["model"].values())))),
+    Case("deflate-compressed checkpoint that expands 500-fold", EVALUATE,
+         r"checkpoint {ckpt} would expand from 0.\d MB to 10\d MB when read .*it is damaged or hostile, so it was not "
+         r"loaded", deflate_bomb),
+    # ---- training state on --resume
+    Case("empty optimizer state on --resume", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
+         r"{tree}/run/checkpoint.pth: its training state is damaged \(the optimizer state has no parameter groups\)",
+         edit_checkpoint("run/checkpoint.pth", set_item("optimizer", {}))),
+    Case("no sampler position on --resume", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
+         r"training state is damaged \(no data-order position \(sampler epoch_start and position\)\)",
+         edit_checkpoint("run/checkpoint.pth", set_item("position", DELETE, inside="sampler"))),
+    Case("no RNG state on --resume", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
+         r"training state is damaged \(no RNG state \(torch, numpy, python\)\), so it cannot be resumed exactly",
+         edit_checkpoint("run/checkpoint.pth", set_item("rng", {}))),
+    # ---- run folders
+    Case("new run into a folder of another run", TRAIN,
+         r"{out} already holds model_best.pth and checkpoint.pth of another run; pass --resume {out}/checkpoint.pth to "
+         r"continue it, --overwrite to replace it, or another --model_name"),
+    Case("--resume into a folder of another run", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
+         r"{out} already holds model_best.pth and checkpoint.pth of another run than the one resumed; pass --overwrite "
+         r"to replace them, or choose another --model_name"),
+    # ---- sizes
+    Case("10,000 regions per image with complete graphs", TRAIN + ["--dry_run"],
+         r"train_ims.npy \(regions per image\) has 10,000 nodes: img_edges=full would build 100,000,000 edges per "
+         r"graph \(1.5 GiB of edge index alone.*use img_edges=knn:K", many_regions(10_000)),
+    Case("caption of 2,000 words with complete graphs", TRAIN + ["--dry_run"],
+         r"train_caps.txt line 4 \(words\) has 2,002 nodes: txt_edges=full would build 4,008,004 edges per graph",
+         edit_captions(replace_line(4, b" ".join([b"red cube"] * 1000)), split="train")),
     # ---- options
     Case("unknown layer name", TRAIN + ["--dry_run", "--img_gnn", "gat9"],
          r"img_gnn='gat9': unknown layer 'gat9'; choose one of gat, gatv2, gcn, .*hsc, hsc_text, none"),
@@ -245,7 +343,7 @@ CASES = [
          r"not a folder\); choose another file"),
     Case("vocabulary --out under a file", VOCAB + ["--out", "{tree}/notes.txt/vocab.json"],
          r"cannot write {tree}/notes.txt/vocab.json \({tree}/notes.txt is a file, not a folder\); choose a writable "
-         r"--out"),
+         r"path"),
     Case("synthetic --out under a file", SYNTHETIC + ["--out", "{tree}/notes.txt/" + NAME],
          r"cannot write into {tree}/notes.txt/synthetic_precomp \({tree}/notes.txt is a file, not a folder\); "
          r"choose a writable --out"),
@@ -257,12 +355,31 @@ CASES = [
          r"folder\); choose another --out"),
 ]
 
+#: option values refused by the one check of every value (hsc_pyg/config.py), from the places the cases above do not
+#: cover: a checkpoint's model config, a --config file's key, evaluate.py's flags
+CONFIG_CASES = [
+    Case(f"checkpoint config embed_size {label}", EVALUATE, r"embed_size",
+         edit_checkpoint("model.pth", set_item("embed_size", value, inside="model_config")))
+    for label, value in (("0", 0), ("2**40", 2**40), ("as a string", "16"))
+] + [
+    Case(f"--config with gru_layers {label}", TRAIN + ["--dry_run", "--config", "{tree}/bad.json"], r"gru_layers",
+         json_file("bad.json", {"gru_layers": value}))  # a key TRAIN does not set on the command line
+    for label, value in (("\"2\"", "2"), ("null", None))
+] + [
+    Case(f"{flag} {value}", TRAIN + ["--dry_run", flag, value], re.escape(flag.lstrip("-")))
+    for flag, value in (("--lambda_softmax", "nan"), ("--grad_clip", "nan"))
+] + [
+    Case("--score_chunk_mb -5", EVALUATE + ["--score_chunk_mb", "-5"], r"score_chunk_mb"),
+]
+CASES += CONFIG_CASES
+
 
 # --------------------------------------------------------------------------- the good tree, once
 @pytest.fixture(scope="module")
 def good_tree(tmp_path_factory) -> Path:
-    """``data/synthetic_precomp`` (tiny), ``model.pth`` (a tiny model with its vocabulary), ``notes.txt`` and ``out/``
-    holding the files of an earlier run under the names the commands write."""
+    """``data/synthetic_precomp`` (tiny), ``model.pth`` (a tiny model with its vocabulary), ``notes.txt``, ``out/``
+    holding the files of an earlier run under the names the commands write, and ``run/`` a resumable run (one
+    iteration)."""
     tree = tmp_path_factory.mktemp("good")
     make_synthetic(tree / "data" / NAME, **SIZES)
     vocab = build_vocab(PrecompSplit.open(tree / "data", NAME, "train").captions, threshold=1)
@@ -279,6 +396,8 @@ def good_tree(tmp_path_factory) -> Path:
     Config(**SMALL).save(out / "config.json")
     (out / "report.json").write_text('{"rsum": 123.4}\n')
     np.save(out / "sims.npy", np.eye(4, 20, dtype=np.float32))
+    train(Config(data_path=str(tree / "data"), data_name=NAME, model_name=str(tree / "run"), batch_size=5,
+                 logger_name=str(tree / "run" / "log"), vocab_threshold=1, device="cpu", **SMALL), max_iters=1)
     return tree
 
 
@@ -372,8 +491,56 @@ def test_caption_of_only_unknown_words_is_valid_input(good_tree, tmp_path):
     assert np.isfinite(np.load(tree / "out" / "sims.npy")).all()
 
 
-# --------------------------------------------------------------------------- Ctrl-C through the command line
-def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(good_tree, tmp_path):
+# --------------------------------------------------------------------------- full disk, in each command
+sys.path.insert(0, str(ROOT))
+import evaluate as evaluate_cli  # noqa: E402  (the command lines at the project root)
+import train as train_cli  # noqa: E402
+from hsc_pyg.data import synthetic as synthetic_cli, vocab as vocab_cli  # noqa: E402
+from hsc_pyg.engine import checkpoint as convert_cli  # noqa: E402
+from hsc_pyg.viz import __main__ as viz_cli  # noqa: E402
+
+#: command -> (its main, its argv after "python"); each writes over files of out/ (or the dataset)
+FULL_DISK = {
+    "train": (train_cli.main, TRAIN + ["--overwrite", "--max_iters", "2"]),
+    "evaluate": (evaluate_cli.main, EVALUATE),
+    "viz": (viz_cli.main, VIZ + ["--image", "0", "--overwrite"]),
+    "vocab": (vocab_cli.main, VOCAB),
+    "synthetic": (synthetic_cli.main, SYNTHETIC),
+    "convert": (convert_cli.main, CONVERT),
+}
+
+
+@pytest.mark.parametrize("command", list(FULL_DISK))
+def test_a_full_disk_is_one_line_and_changes_nothing(command, good_tree, tmp_path, monkeypatch, capsys):
+    """ENOSPC at the first file synced to disk (where a full disk shows up with delayed allocation)."""
+    main, argv = FULL_DISK[command]
+    tree = tmp_path / "tree"
+    shutil.copytree(good_tree, tree)
+    args = [fill(a, tree) for a in argv[argv.index("-m") + 2 if "-m" in argv else 1:]]
+    if command == "viz":  # pictures to replace
+        assert main(args) == 0
+    before = snapshot(tree)
+    capsys.readouterr()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    status = main(args)
+    monkeypatch.undo()
+    lines = capsys.readouterr().err.splitlines()
+    assert status == 2 and len(lines) == 1, lines
+    assert re.fullmatch(r"error: cannot write \S+ \(No space left on device(: \S+)?\); the previous (file|folder), if any, "
+                        r"is intact; free disk space or choose another path", lines[0]), lines[0]
+    assert snapshot(tree) == before
+
+
+# --------------------------------------------------------------------------- stop signals through the command line
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143),
+                                            pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_saves_a_resumable_checkpoint_and_exits_128_plus_its_number(good_tree, tmp_path, signum,
+                                                                                   status):
     tree = tmp_path / "tree"
     shutil.copytree(good_tree, tree, ignore=shutil.ignore_patterns("out"))
     argv = [fill(a, tree) for a in TRAIN] + ["--num_epochs", "1000", "--val_step", "1000"]
@@ -383,12 +550,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint_and_exits_130(good_tree, tmp_path):
         first = process.stdout.readline()  # printed once everything is built, before the first step
         assert "parameters" in first, first + process.stderr.read()
         time.sleep(1.0)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
-    match = re.fullmatch(r"interrupted at iteration (\d+): saved (\S+); continue with --resume (\S+)\n", stderr)
+    assert process.returncode == status, stderr
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    match = re.fullmatch(rf"interrupted{by} at iteration (\d+): saved (\S+); continue with --resume (\S+)\n", stderr)
     assert match and match.group(2) == match.group(3) == str(tree / "out" / "checkpoint.pth"), stderr
     saved = read_checkpoint(tree / "out" / "checkpoint.pth")
     assert saved["iteration"] == int(match.group(1))

@@ -180,4 +180,6 @@ def test_killed_writer_leaves_previous_checkpoint_loadable(tmp_path):
     model = load_checkpoint(path)  # whichever complete version is there, it loads
     assert model.config.embed_size in (16, 256)
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pth"]
-    assert all(name.endswith(".tmp") for name in leftovers), leftovers  # only the killed writer's temporary file
+    assert all(name.endswith(".hsc-tmp") for name in leftovers), leftovers  # only the killed writer's temporary file
+    save_checkpoint(path, first, epoch=2)  # the next save removes the dead writer's temporary file
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]

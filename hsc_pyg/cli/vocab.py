@@ -8,7 +8,7 @@ from typing import Sequence
 
 from ..data.precomp import caption_file, read_lines
 from ..data.vocab import SPECIALS, build_vocab
-from ..errors import ConfigError, HSCError, os_error_reason
+from ..errors import ConfigError, HSCError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,10 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
         captions = read_lines(caption_file(args.data_path, args.data_name, args.split), what="caption")
         vocab = build_vocab(captions, threshold=args.threshold)
-        try:
-            vocab.save(out)
-        except OSError as e:
-            raise ConfigError(f"cannot write {out} ({os_error_reason(e)}); choose a writable --out") from None
+        vocab.save(out)
     except HSCError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,12 +20,16 @@ from torch.utils.data import Dataset
 from torch_geometric.data import Data
 
 from ..errors import DataError
-from .graphs import caption_graph, check_edge_spec, collate_graphs, collate_pairs, image_graph
-from .vocab import Vocabulary
+from .graphs import caption_graph, check_edge_spec, collate_graphs, collate_pairs, image_graph, parse_edge_spec
+from .vocab import BOM, Vocabulary
 
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
 #: Images per chunk of :meth:`PrecompSplit.scan_finite` (bounds its memory: 256 x 36 x 2048 float32 = 75 MB).
 FINITE_CHUNK = 256
+#: Most edges one region or word graph may have: 1,000 regions (or words) fully connected. Message passing holds a
+#: vector per edge, so a complete graph of 10,000 regions (10^8 edges) would exhaust memory before the first step.
+MAX_GRAPH_EDGES = 1_000_000
+EDGE_INDEX_BYTES = 16  # two int64 node ids per edge
 _GET_DATA = ("get the SCAN precomp features (kuanghueilee/scan-features on Kaggle) or make the built-in data with "
              "`python -m hsc_pyg.cli.synthetic --out {}`")
 
@@ -66,14 +70,15 @@ def caption_file(data_path: str | Path, data_name: str, split: str) -> Path:
 
 
 def read_lines(path: str | Path, what: str = "caption") -> list[str]:
-    """Lines of a UTF-8 text file without their line ends (``\\n`` or ``\\r\\n``; the final newline is optional).
+    """Lines of a UTF-8 text file without their line ends (``\\n`` or ``\\r\\n``; the final newline is optional) and
+    without a leading byte order mark.
 
     DataError on bytes that are not UTF-8, an empty (or blank) line, or no line at all, with the line number.
     """
     path = Path(path)
     data = path.read_bytes()
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8").removeprefix(BOM)
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path} line {line} is not valid UTF-8 (byte 0x{data[e.start]:02x}); "
@@ -244,6 +249,36 @@ class PrecompSplit:
         self.__dict__.update(state)
 
 
+def graph_edges(spec: str, num_nodes: int) -> int:
+    """An upper bound on the edges ``spec`` builds on ``num_nodes`` nodes (``K`` or ``2K + 1`` per node for the
+    builders that take ``:K``, every pair otherwise)."""
+    name, k = parse_edge_spec(spec)
+    if name == "none":
+        return 0
+    return num_nodes * min(num_nodes, 2 * k + 1) if k is not None else num_nodes * num_nodes
+
+
+def check_graph_size(spec: str, num_nodes: int, flag: str, what: str) -> None:
+    """DataError, with the estimate, when graphs of ``num_nodes`` nodes would exceed :data:`MAX_GRAPH_EDGES`."""
+    edges = graph_edges(spec, num_nodes)
+    if edges > MAX_GRAPH_EDGES:
+        raise DataError(f"{what} has {num_nodes:,} nodes: {flag}={spec} would build {edges:,} edges per graph "
+                        f"({edges * EDGE_INDEX_BYTES / 2**30:.1f} GiB of edge index alone, plus a message vector per "
+                        f"edge), over the limit of {MAX_GRAPH_EDGES:,}; use {flag}=knn:K / window:K or fewer nodes")
+
+
+def check_image_graphs(split: PrecompSplit, img_edges: str) -> None:
+    check_graph_size(img_edges, split.num_regions, "img_edges", f"{split.file('ims.npy')} (regions per image)")
+
+
+def check_caption_graphs(split: PrecompSplit, txt_edges: str) -> None:
+    """The longest caption, counted in blanks plus <start> and <end> (the tokenizer may split a few more words off
+    punctuation: the bound is a guard against runaway lines, not an exact count)."""
+    blanks = [caption.count(" ") for caption in split.captions]
+    longest = int(np.argmax(blanks))
+    check_graph_size(txt_edges, blanks[longest] + 3, "txt_edges", f"{split.file('caps.txt')} line {longest + 1} (words)")
+
+
 class CaptionDataset(Dataset):
     """Training items, one per caption: ``(image Data, caption Data, image index, caption index)``.
 
@@ -254,6 +289,8 @@ class CaptionDataset(Dataset):
     def __init__(self, split: PrecompSplit, vocab: Vocabulary, img_edges: str = "full", txt_edges: str = "full"):
         check_edge_spec(img_edges, graph="image", has_pos=split.boxes is not None)
         check_edge_spec(txt_edges, graph="caption")
+        check_image_graphs(split, img_edges)
+        check_caption_graphs(split, txt_edges)
         self.split, self.vocab, self.img_edges, self.txt_edges = split, vocab, img_edges, txt_edges
         self.collate_fn = collate_pairs
 
@@ -272,6 +309,7 @@ class ImageDataset(Dataset):
 
     def __init__(self, split: PrecompSplit, img_edges: str = "full"):
         check_edge_spec(img_edges, graph="image", has_pos=split.boxes is not None)
+        check_image_graphs(split, img_edges)
         self.split, self.img_edges = split, img_edges
         self.collate_fn = collate_graphs
 
@@ -287,6 +325,7 @@ class TextDataset(Dataset):
 
     def __init__(self, split: PrecompSplit, vocab: Vocabulary, txt_edges: str = "full"):
         check_edge_spec(txt_edges, graph="caption")
+        check_caption_graphs(split, txt_edges)
         self.split, self.vocab, self.txt_edges = split, vocab, txt_edges
         self.collate_fn = collate_graphs
 

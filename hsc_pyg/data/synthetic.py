@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, os_error_reason
+from ..io import atomic_folder
 
 CLASSES = ("cube", "ball", "cone", "cylinder", "ring", "pyramid")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -194,12 +195,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS["num_train"],
                    num_dev: int = DEFAULTS["num_dev"], num_test: int = DEFAULTS["num_test"],
                    img_dim: int = DEFAULTS["img_dim"], num_regions: int = DEFAULTS["num_regions"],
@@ -247,7 +242,7 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS
     options = dict(generator="hsc_pyg.data.synthetic", version=1, seed=seed, img_dim=img_dim, num_regions=num_regions,
                    captions_per_image=CAPTIONS_PER_IMAGE, **{f"num_{s}": n for s, n in sizes.items()})
     files["synthetic.json"] = (json.dumps(options, indent=2) + "\n").encode("utf-8")
-    # train_ims.npy last: its presence marks a complete dataset (the Makefile tests for it)
-    for name in sorted(files, key=lambda n: n == "train_ims.npy"):
-        _write(out / name, files[name])
+    with atomic_folder(out) as folder:  # the whole dataset at once: never new captions beside old features
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
     return out

@@ -21,9 +21,12 @@ from typing import Any, Iterable
 from nltk.tokenize import NLTKWordTokenizer
 
 from ..errors import ConfigError, VocabError
+from ..io import write_json
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
+#: The byte order mark some editors put at the start of a UTF-8 file; it is not text, so readers drop it.
+BOM = "\ufeff"
 
 _WORD_TOKENIZER = NLTKWordTokenizer()
 
@@ -145,9 +148,7 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> None:
         """Write the SCAN JSON layout (creating the parent folder)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":
@@ -156,7 +157,7 @@ class Vocabulary:
         if not p.is_file():
             raise VocabError(f"vocabulary file {p} does not exist; build one with `python -m hsc_pyg.data.vocab "
                              f"--data_path DIR --data_name NAME --out {p}` or pass the official SCAN file")
-        text = p.read_bytes().decode("utf-8", errors="replace")
+        text = p.read_bytes().decode("utf-8", errors="replace").removeprefix(BOM)  # editors on Windows add one
         if not text.strip():
             raise VocabError(f"vocabulary file {p} is empty; expected the SCAN JSON layout "
                              "{word2idx, idx2word, idx}; rebuild it with `python -m hsc_pyg.data.vocab`")

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import pickle
 import re
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,43 +28,23 @@ from torch import Tensor
 
 from ..config import PART_OF, Config, DataConfig, ModelConfig, TrainConfig, model_config_from_dict
 from ..data.vocab import Vocabulary
-from ..errors import CheckpointError, ConfigError, os_error_reason
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write
 from ..nn.model import HSCModel
 
 FORMAT = "hsc_pyg"
 VERSION = 2
+#: ``torch.save`` stores its zip members uncompressed; a member that expands beyond its file this much (plus slack for
+#: small files) is a decompression bomb (a 1 MB deflated file can ask for gigabytes), refused before unpickling.
+MAX_EXPANSION = 4
+EXPANSION_SLACK = 64 * 2**20
 
 
 # --------------------------------------------------------------------------- writing
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
-
-    A crash at any moment leaves either the previous file or the complete new one, never a truncated file.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({os_error_reason(e)}); choose a writable path") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # e.g. the disk is full: the previous file is intact
-            raise CheckpointError(f"cannot write {path} ({e.strerror}); the previous {path.name}, if any, is intact; "
-                                  "free disk space or choose another path") from None
-        raise
+    """``torch.save`` through the atomic writer (:mod:`hsc_pyg.io`): a crash or a full disk at any moment leaves
+    either the previous file or the complete new one, never a truncated file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def checkpoint_dict(model: HSCModel, run: Config | None = None, **state: Any) -> dict[str, Any]:
@@ -140,6 +119,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth/.pth.tar file")
+    check_expansion(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(path, map_location=map_location, weights_only=True)
@@ -159,11 +139,41 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a checkpoint dict")
     if raw.get("format") == FORMAT:
+        check_layout(raw, f"checkpoint {path}")
         return upgrade_v1(raw, str(path)) if raw.get("version") == 1 else raw
     if isinstance(raw.get("model"), (list, tuple)) and isinstance(raw.get("opt"), argparse.Namespace):
         return convert_official(raw, source=str(path))
     raise CheckpointError(f"checkpoint {path} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint "
                           f"(top-level keys: {', '.join(sorted(map(str, raw))[:8]) or 'none'})")
+
+
+def check_expansion(path: Path) -> None:
+    """CheckpointError when the zip members of ``path`` would expand far beyond the file (checked from the zip's
+    directory, before anything is decompressed). Files in the legacy (non-zip) format cannot be checked."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (legacy format or garbage): torch.load judges it
+    if expanded > MAX_EXPANSION * size + EXPANSION_SLACK:
+        raise CheckpointError(f"checkpoint {path} would expand from {size / 2**20:.1f} MB to {expanded / 2**20:,.0f} MB "
+                              f"when read (torch.save writes uncompressed files); it is damaged or hostile, so it was "
+                              "not loaded")
+
+
+def check_layout(ckpt: dict[str, Any], source: str) -> None:
+    """CheckpointError unless this project's checkpoint has its model configuration as a dict (``model_config``;
+    ``config`` in version 1) and a ``model`` dict of tensors."""
+    for key in ("config" if ckpt.get("version") == 1 else "model_config", "model"):
+        if not isinstance(ckpt.get(key), dict):
+            found = "nothing" if ckpt.get(key) is None else f"a {type(ckpt[key]).__name__}"
+            raise CheckpointError(f"{source}: '{key}' must be a dict but the checkpoint holds {found}; the file is "
+                                  "damaged or was not written by hsc_pyg; use another checkpoint")
+    bad = next((k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: weight {bad!r} is a {type(ckpt['model'][bad]).__name__}, not a tensor; the "
+                              "file is damaged; use another checkpoint")
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> HSCModel:

@@ -118,13 +118,20 @@ def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | N
                      ) -> Vocabulary:
     """The vocabulary to use (``vocab`` or the model's); VocabError / DataError when the model cannot read the split."""
     config = model.config
-    vocab = vocab if vocab is not None else getattr(model, "vocab", None)
+    own = getattr(model, "vocab", None)
+    vocab = vocab if vocab is not None else own
     if vocab is None:
         raise VocabError(f"{source} carries no vocabulary (official checkpoints do not); pass --vocab_path "
                          f"with the SCAN vocabulary JSON it was trained with")
     if len(vocab) != config.vocab_size:
         raise VocabError(f"the vocabulary has {len(vocab)} words but {source} was trained with vocab_size="
                          f"{config.vocab_size}; pass the vocabulary it was trained with (--vocab_path)")
+    if own is not None and vocab.word2idx != own.word2idx:
+        # its embedding rows are indexed by its own ids: another mapping silently scrambles every caption
+        moved = next(w for w, i in vocab.word2idx.items() if own.word2idx.get(w) != i)
+        raise VocabError(f"the vocabulary given maps words to other ids than the one inside {source} (id of {moved!r}: "
+                         f"{vocab.word2idx.get(moved)} given, {own.word2idx.get(moved)} in the checkpoint); drop "
+                         "--vocab_path to use the checkpoint's own")
     check_features(model, split, source)
     return vocab
 

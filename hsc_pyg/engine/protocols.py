@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, os_error_reason
+from ..io import atomic_files, write_json
 from . import distributed
 from .checkpoint import load_checkpoint
 from .device import resolve_device
@@ -91,19 +91,6 @@ def check_output(path: str, flag: str, overwrite: bool, make_folder: bool = Fals
     return target
 
 
-def write_atomic(target: Path, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a temporary file beside ``target``, renamed over it when complete."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # --------------------------------------------------------------------------- saved score matrices
 def sims_metadata_path(path: Path) -> Path:
     """The JSON written beside a saved matrix: which data, split and sources it was computed from."""
@@ -139,10 +126,11 @@ def load_sims(path: str, shape: tuple[int, int], data_name: str, split: str, war
 
 
 def save_sims(path: Path, scores: np.ndarray, meta: dict[str, Any]) -> None:
-    """The matrix as ``.npy`` and its metadata JSON beside it, each written atomically."""
-    write_atomic(path, lambda f: np.save(f, scores, allow_pickle=False))
+    """The matrix as ``.npy`` and its metadata JSON beside it, written as one unit (:func:`hsc_pyg.io.atomic_files`):
+    a failure changes neither."""
     text = json.dumps(meta, indent=2) + "\n"
-    write_atomic(sims_metadata_path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic_files({path: lambda f: np.save(f, scores, allow_pickle=False),
+                  sims_metadata_path(path): lambda f: f.write(text.encode("utf-8"))})
 
 
 class Average:
@@ -217,8 +205,7 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
     if seconds:
         report["seconds"] = seconds
     if json_path is not None:
-        text = json.dumps(report, indent=2) + "\n"
-        write_atomic(json_path, lambda f: f.write(text.encode("utf-8")))
+        write_json(json_path, report, indent=2)
     return report
 
 

@@ -6,12 +6,19 @@
   ``batch_size`` batches (the last partial batch is dropped). The checkpoint saves the generator's state at the start
   of the epoch and the number of items (captions) already taken, so a resumed run sees exactly the batches it has not
   seen.
-- **Checkpoints**: at every validation (every ``val_step`` iterations and at each epoch end) ``checkpoint.pth`` (last)
-  and, when the dev rsum improved, ``model_best.pth``, both written atomically with the config, the vocabulary, the
-  optimizer / scheduler / grad-scaler state and every RNG state (torch, CUDA, numpy, python, sampler). A checkpoint
-  alone is enough to evaluate (``evaluate.py``) or to continue exactly (``--resume``).
-- **Ctrl-C** is deferred while a step or a save is in progress, then saves a resumable ``checkpoint.pth`` and
-  re-raises ``KeyboardInterrupt``.
+- **Checkpoints**: at every validation (every ``val_step`` iterations and at each epoch end) ``model_best.pth`` when
+  the dev rsum improved, then ``checkpoint.pth`` (last, recording that best), both written atomically with the config,
+  the vocabulary, the optimizer / scheduler / grad-scaler state and every RNG state (torch, CUDA, numpy, python,
+  sampler). A kill between the two leaves a checkpoint that does not yet know the new best: resuming repeats that
+  validation and writes the same best model again. A checkpoint alone is enough to evaluate (``evaluate.py``) or to
+  continue exactly (``--resume``); validation runs on its own RNG state (saved and restored around it), so it never
+  changes the training's random draws, and a checkpoint saved before a due validation ran makes the resumed run
+  validate first.
+- **One run per folder**: an advisory lock (``flock`` on ``.train.lock`` in ``model_name``, naming its holder) keeps a
+  second run out; checkpoints carry a ``run_id``, and a run resumed into a folder that holds another run's checkpoints
+  needs ``overwrite``.
+- **Ctrl-C, SIGTERM, SIGUSR1** are deferred while a step or a save is in progress, then save a resumable
+  ``checkpoint.pth`` (a second signal during that save waits for it) and raise :class:`Interrupted`.
 - **NaN / inf loss**: ``nan_policy="stop"`` raises :class:`~hsc_pyg.errors.TrainingError` without saving (the last
   good checkpoint stays); ``"skip"`` drops the batch's update and counts it.
 - **Warm-up**: the sum of violations for the first ``max_violation_after`` epochs, then the hardest negative.
@@ -27,11 +34,18 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
+import fcntl
+import json
 import math
+import os
 import random
 import signal
+import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,6 +59,7 @@ from ..config import Config, model_differences
 from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
+from ..io import remove_stale_temps
 from ..nn.loss import ContrastiveLoss
 from ..nn.model import HSCModel, build_model
 from ..nn.similarity import HEADS
@@ -56,16 +71,21 @@ from .metrics import RECALL_KEYS
 
 CHECKPOINT = "checkpoint.pth"
 BEST = "model_best.pth"
+LOCK = ".train.lock"
+#: The signals that stop a run with a resumable checkpoint: Ctrl-C, what schedulers send before a kill (SIGTERM), and
+#: Slurm's pre-emption warning (SIGUSR1). The command line exits with 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 Log = Callable[[str], None]
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during training, after a resumable checkpoint was saved at ``path``."""
+    """Ctrl-C (or the signal ``signum`` of :data:`STOP_SIGNALS`) during training, after a resumable checkpoint was
+    saved at ``path``."""
 
-    def __init__(self, path: Path, iteration: int) -> None:
+    def __init__(self, path: Path, iteration: int, signum: int = signal.SIGINT) -> None:
         super().__init__(f"interrupted at iteration {iteration}; saved {path}")
-        self.path, self.iteration = path, iteration
+        self.path, self.iteration, self.signum = path, iteration, signum
 
 
 @dataclass
@@ -95,6 +115,39 @@ def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
     if "optimizer" not in checkpoint or "sampler" not in checkpoint:
         raise CheckpointError(f"{source} holds weights but no training state, so it cannot be resumed; resume from "
                               "the run's checkpoint.pth, or evaluate this one with evaluate.py")
+    problem = training_state_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{source}: its training state is damaged ({problem}), so it cannot be resumed "
+                              "exactly; resume from another checkpoint.pth or start a new run")
+
+
+def training_state_problem(checkpoint: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's training state (optimizer, scheduler, sampler, RNG, counters), or None."""
+    counters = {k: checkpoint.get(k) for k in ("epoch", "iteration")}
+    bad = next((k for k, v in counters.items() if type(v) is not int or v < 0), None)
+    if bad:
+        return f"{bad} is {counters[bad]!r}, not a count"
+    if not isinstance(checkpoint.get("best_rsum"), (int, float)):
+        return f"best_rsum is {checkpoint.get('best_rsum')!r}, not a number"
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list) or not optimizer["param_groups"]:
+        return "the optimizer state has no parameter groups"
+    if checkpoint["iteration"] > 0 and not optimizer["state"]:
+        return f"the optimizer state is empty after {checkpoint['iteration']} iterations"
+    if not isinstance(checkpoint.get("scheduler"), dict):
+        return "no learning-rate schedule state"
+    sampler = checkpoint["sampler"]
+    if not isinstance(sampler, dict) or not isinstance(sampler.get("epoch_start"), torch.Tensor) \
+            or sampler["epoch_start"].dtype != torch.uint8 or type(sampler.get("position")) is not int \
+            or sampler["position"] < 0:
+        return "no data-order position (sampler epoch_start and position)"
+    rng = checkpoint.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
+            or not isinstance(rng.get("numpy"), list) or len(rng["numpy"]) != 5 \
+            or not isinstance(rng.get("python"), list) or len(rng["python"]) != 3:
+        return "no RNG state (torch, numpy, python)"
+    return None
 
 
 def resume_config(checkpoint: dict[str, Any], overrides: dict[str, Any], source: str) -> Config:
@@ -173,36 +226,158 @@ def open_data(config: Config, vocab: Vocabulary | None) -> tuple[PrecompSplit, P
     return train_split, dev_split, vocab
 
 
-def prepare_output(folder: Path, overwrite: bool, resuming: bool, log_folder: Path | None = None) -> None:
-    """Refuse to write into a folder that holds another run's checkpoints (unless ``--overwrite`` or ``--resume``);
-    fail before anything is replaced when it or the TensorBoard folder ``log_folder`` cannot be written."""
-    existing = [name for name in (CHECKPOINT, BEST) if (folder / name).exists()]
-    if existing and not (overwrite or resuming):
-        raise ConfigError(f"{folder} already holds {' and '.join(existing)} of another run; pass --resume "
-                          f"{folder / CHECKPOINT} to continue it, --overwrite to replace it, or another --model_name")
-    targets = [(folder, "checkpoints", "--model_name"), (log_folder, "TensorBoard logs", "--logger_name")]
-    for target, what, flag in targets:
-        if target is None:
-            continue
+def _probe(target: Path, what: str, flag: str) -> None:
+    """ConfigError when ``target`` cannot be created or written."""
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write {what} into {target} ({os_error_reason(e)}); choose a writable {flag}") from None
+
+
+def _run_id(path: Path) -> str | None:
+    """The ``run_id`` of a checkpoint file ("unreadable" when it cannot be read)."""
+    try:
+        return read_checkpoint(path).get("run_id")
+    except CheckpointError:
+        return "unreadable"
+
+
+def prepare_output(folder: Path, overwrite: bool, run_id: str | None, resuming: bool,
+                   log_folder: Path | None = None) -> tuple["RunLock", list[Path]]:
+    """Lock ``folder`` for this run and return the lock and the checkpoints of other runs there (to be removed once
+    the inputs have been checked). ConfigError when another process holds the lock, when the folder holds another
+    run's checkpoints and not ``overwrite`` (a resumed run's own checkpoints, same ``run_id``, are not another run's),
+    or when it or the TensorBoard folder ``log_folder`` cannot be written."""
+    _probe(folder, "checkpoints", "--model_name")
+    lock = RunLock.acquire(folder)
+    try:
+        existing = [folder / name for name in (BEST, CHECKPOINT) if (folder / name).exists()]
+        foreign = [p for p in existing if not resuming or _run_id(p) != run_id]
+        if foreign and not overwrite:
+            names = " and ".join(p.name for p in foreign)
+            if resuming:
+                raise ConfigError(f"{folder} already holds {names} of another run than the one resumed; pass "
+                                  "--overwrite to replace them, or choose another --model_name")
+            raise ConfigError(f"{folder} already holds {names} of another run; pass --resume {folder / CHECKPOINT} "
+                              "to continue it, --overwrite to replace it, or another --model_name")
+        if log_folder is not None:
+            _probe(log_folder, "TensorBoard logs", "--logger_name")
+        remove_stale_temps(folder)  # of writers killed during a save
+    except BaseException:
+        lock.release()
+        raise
+    return lock, foreign
+
+
+class RunLock:
+    """One run per folder: an advisory lock (``fcntl.flock``) on ``folder/.train.lock``, whose text names the holder
+    (pid, host, start time) for the message another run gets. The lock goes with the process, even on ``kill -9``."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, folder: Path) -> "RunLock":
+        path = folder / LOCK
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise ConfigError(f"cannot create the lock file {path} ({os_error_reason(e)}); choose a writable "
+                                  "--model_name") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"cannot lock {path} ({os_error_reason(e)}); choose a --model_name on a file "
+                                      "system with locks") from None
+                raise ConfigError(f"{folder} is in use by another training run ({cls.describe(holder)}); wait for it "
+                                  "to end or stop it, or choose another --model_name") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # else the holder removed the file as we opened it: take the new one
+                break
+            os.close(fd)
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+        return cls(path, fd)
+
+    @staticmethod
+    def describe(text: str) -> str:
         try:
-            target.mkdir(parents=True, exist_ok=True)
-            probe = target / ".write_test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            holder = json.loads(text)
+            return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (ValueError, TypeError, KeyError):
+            return "a process that is starting"
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()  # while still held: a waiting process then retries on a fresh file
+        os.close(self.fd)
+        self.fd = -1
+
+
+class Scalars:
+    """TensorBoard scalars that cannot stop training: the first write error (a full disk) becomes one warning line
+    and the scalars stop; the writer thread's traceback of that error is not printed."""
+
+    def __init__(self, logger_name: str, purge_step: int | None, log: Log) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
+
+        self.log, self.writer = log, None
+        self.hook = threading.excepthook
+        threading.excepthook = self._thread_error
+        try:
+            self.writer = SummaryWriter(logger_name, purge_step=purge_step)
         except OSError as e:
-            raise ConfigError(f"cannot write {what} into {target} ({os_error_reason(e)}); "
-                              f"choose a writable {flag}") from None
+            self._stopped(e)
+
+    def _thread_error(self, args) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard")):
+            self.hook(args)  # the main thread reports this one at the next write
+
+    def _call(self, method: str, *args) -> None:
+        if self.writer is None:
+            return
+        try:
+            getattr(self.writer, method)(*args)
+        except OSError as e:
+            self._stopped(e)
+
+    def _stopped(self, error: OSError) -> None:
+        self.writer = None
+        self.log(f"warning: TensorBoard logging stopped ({os_error_reason(error)}); training goes on")
+
+    def add(self, tag: str, value: float, step: int) -> None:
+        self._call("add_scalar", tag, value, step)
+
+    def close(self) -> None:
+        self._call("close")
+        threading.excepthook = self.hook
 
 
 # --------------------------------------------------------------------------- Ctrl-C
 class DeferredInterrupt:
-    """SIGINT raises ``KeyboardInterrupt`` at once, except inside :meth:`critical` (a training step, a save), where it
-    is held until the block ends, so that the state saved on interrupt is always that of a step boundary."""
+    """A stop signal (:data:`STOP_SIGNALS`) raises ``KeyboardInterrupt`` at once, except inside :meth:`critical` (a
+    training step, a save), where it is held until the block ends, so that the state saved on interrupt is always that
+    of a step boundary. ``signum`` is the first signal received; inside :meth:`hold` (the interrupt's own save) further
+    signals are only counted, never raised."""
 
     def __init__(self) -> None:
-        self.depth, self.pending, self.previous = 0, False, None
+        self.depth, self.pending, self.previous, self.signum = 0, False, {}, None
 
     def _handler(self, signum, frame) -> None:
+        self.signum = self.signum or signum
         if self.depth:
             self.pending = True
         else:
@@ -210,14 +385,18 @@ class DeferredInterrupt:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["DeferredInterrupt"]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals reach the main thread only; nothing to defer here
-            return
-        self.previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, self.previous)
+        """Install the handlers; they are put back at the end of the block only when it ends normally, so that the
+        interrupt's own save (in the caller's ``except``) is still protected: the caller calls :meth:`uninstall` in
+        its ``finally``."""
+        if threading.current_thread() is threading.main_thread() and not self.previous:
+            self.previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+        yield self  # elsewhere signals reach the main thread only: nothing to defer
+        self.uninstall()
+
+    def uninstall(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
     @contextlib.contextmanager
     def critical(self) -> Iterator[None]:
@@ -229,6 +408,16 @@ class DeferredInterrupt:
         if not self.depth and self.pending:
             self.pending = False
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Defer every signal for the block and drop them at its end (the caller is stopping anyway)."""
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            self.pending = False
 
 
 # --------------------------------------------------------------------------- one step
@@ -286,6 +475,18 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     Under torchrun every process calls it (inside :func:`~hsc_pyg.engine.distributed.process_group`, as train.py
     does); each process takes ``config.batch_size`` captions per step.
     """
+    locks: list[RunLock] = []  # the run folder's lock, held until the run ends whichever way
+    try:
+        return _train(config, resume, locks, dry_run=dry_run, overwrite=overwrite, max_iters=max_iters, log=log,
+                      progress=progress, gather_negatives=gather_negatives)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: list[RunLock], *, dry_run: bool,
+           overwrite: bool, max_iters: int | None, log: Log | None, progress: bool, gather_negatives: bool,
+           ) -> TrainResult:
     main = distributed.is_main()
     log = log if log is not None and main else (lambda line: None)
     check_config(config)
@@ -296,8 +497,12 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     if resume is not None:
         checkpoint = resume if isinstance(resume, dict) else read_checkpoint(resume)
         check_resumable(checkpoint, "the checkpoint" if isinstance(resume, dict) else str(resume))
+    run_id = checkpoint.get("run_id") if checkpoint is not None else uuid.uuid4().hex
+    foreign: list[Path] = []
     if not dry_run and main:
-        prepare_output(out, overwrite, resuming=checkpoint is not None, log_folder=Path(config.logger_name))
+        lock, foreign = prepare_output(out, overwrite, run_id, resuming=checkpoint is not None,
+                                       log_folder=Path(config.logger_name))
+        locks.append(lock)
     seed_everything(config.seed + distributed.get_rank(), config.deterministic)  # rank 0's weights go to all (DDP)
 
     # ---- data and vocabulary
@@ -325,6 +530,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     sampler_generator = torch.Generator().manual_seed(config.seed)
     sampler = SamplerState(sampler_generator.get_state())
     epoch, iteration, best_rsum = 0, 0, -math.inf
+    validated = 0  # the iteration of the last validation recorded
 
     # ---- resume
     if checkpoint is not None:
@@ -338,6 +544,7 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
             set_rng_state(checkpoint["rng"])
         sampler = SamplerState(checkpoint["sampler"]["epoch_start"], int(checkpoint["sampler"]["position"]))
         epoch, iteration, best_rsum = int(checkpoint["epoch"]), int(checkpoint["iteration"]), float(checkpoint["best_rsum"])
+        validated = int(checkpoint.get("validated", iteration))
         log(f"resumed at epoch {epoch}, iteration {iteration} (best dev rsum {best_rsum:.1f})"
             + (f", on {batch_sampler.world} process(es) instead of {checkpoint.get('world_size', 1)}"
                if checkpoint.get("world_size", 1) != batch_sampler.world else ""))
@@ -350,14 +557,11 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
     writer = None
     if not dry_run and main:
-        if checkpoint is None:  # --overwrite: the other run's checkpoints go now that the inputs have been checked
-            for name in (CHECKPOINT, BEST):
-                (out / name).unlink(missing_ok=True)
         vocab.save(out / "vocab.json")
         config.save(out / "config.json")
-        from torch.utils.tensorboard import SummaryWriter  # imported late: it is slow to import
-
-        writer = SummaryWriter(config.logger_name, purge_step=iteration + 1 if checkpoint else None)
+        for path in foreign:  # --overwrite: the other run's checkpoints go once the inputs are checked and written
+            path.unlink(missing_ok=True)
+        writer = Scalars(config.logger_name, iteration + 1 if checkpoint else None, log)
 
     last_saved = iteration if checkpoint is not None else None
 
@@ -367,31 +571,46 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
             save_checkpoint(path, model, config, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             scaler=scaler.state_dict(), rng=rng_state(), world_size=batch_sampler.world,
-                            sampler={"epoch_start": sampler.epoch_start, "position": sampler.position})
+                            sampler={"epoch_start": sampler.epoch_start, "position": sampler.position},
+                            run_id=run_id, validated=validated)
         if path.name == CHECKPOINT:
             last_saved = iteration
 
     def validate() -> dict[str, Any]:
+        """Dev metrics; every RNG is restored afterwards, so the training's random draws do not depend on when (or
+        whether, after an interrupt) validations ran."""
         start = time.perf_counter()
         distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one saved
-        metrics = evaluate(model, dev_split, vocab, max_images=VALIDATION_IMAGES, batch_size=config.batch_size,
-                           amp=config.amp, chunk_mb=config.score_chunk_mb)
+        training_rng = rng_state()
+        try:
+            metrics = evaluate(model, dev_split, vocab, max_images=VALIDATION_IMAGES, batch_size=config.batch_size,
+                               amp=config.amp, chunk_mb=config.score_chunk_mb)
+        finally:
+            set_rng_state(training_rng)
         metrics["seconds"] = time.perf_counter() - start
         if writer is not None:
             for key in (*RECALL_KEYS, "rsum"):
-                writer.add_scalar(f"val/{key}", metrics[key], iteration)
+                writer.add(f"val/{key}", metrics[key], iteration)
         return metrics
 
     def record(metrics: dict[str, Any]) -> None:
-        """Save the last checkpoint, and the best one when the dev rsum improved (inside a critical section)."""
-        nonlocal best_rsum
+        """Save the best model when the dev rsum improved, then the last checkpoint that records it (inside a
+        critical section)."""
+        nonlocal best_rsum, validated
         improved = metrics["rsum"] > best_rsum
         best_rsum = max(best_rsum, metrics["rsum"])
-        save(out / CHECKPOINT)
+        validated = iteration
         if improved:
             save(out / BEST)
+        save(out / CHECKPOINT)
         log(f"epoch {epoch if sampler.position else epoch - 1} iter {iteration} dev: {format_metrics(metrics)}"
             f"{' (best)' if improved else f' (best {best_rsum:.1f})'} [{metrics['seconds']:.0f} s]")
+
+    def validation_due() -> bool:
+        """Whether the validation due at this (resumed) iteration has not been recorded; the one at an epoch's end
+        is run by the loop itself."""
+        return (checkpoint is not None and validated != iteration and iteration > 0
+                and iteration % config.val_step == 0 and batch_sampler.steps_per_epoch(sampler.position) > 0)
 
     # ---- the loop
     result = TrainResult(iteration, epoch, best_rsum, model=model)
@@ -400,9 +619,15 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     last_log_time, last_log_iter = time.perf_counter(), iteration
     if max_iters is not None and iteration >= max_iters:
         log(f"nothing to do: the run is at iteration {iteration} and --max_iters is {max_iters}")
+        if writer is not None:
+            writer.close()
         return result
     try:
         with guard.installed():
+            if validation_due():  # the run was stopped before (or during) this validation: run it first
+                result.metrics = validate()
+                with guard.critical():
+                    record(result.metrics)
             while epoch < config.num_epochs:
                 sampler_generator.set_state(sampler.epoch_start)
                 batch_sampler.set_epoch(sampler_generator, start=sampler.position)
@@ -440,9 +665,9 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
                         return result
                     if writer is not None and iteration % config.log_step == 0:
                         now = time.perf_counter()
-                        writer.add_scalar("train/loss", loss_value, iteration)
-                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], iteration)
-                        writer.add_scalar("train/steps_per_s", (iteration - last_log_iter) / (now - last_log_time),
+                        writer.add("train/loss", loss_value, iteration)
+                        writer.add("train/lr", optimizer.param_groups[0]["lr"], iteration)
+                        writer.add("train/steps_per_s", (iteration - last_log_iter) / (now - last_log_time),
                                           iteration)
                         last_log_time, last_log_iter = now, iteration
                     end_of_epoch = batch_sampler.steps_per_epoch(sampler.position) == 0
@@ -471,10 +696,11 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     except KeyboardInterrupt:
         if dry_run:
             raise
-        with guard.critical():
+        with guard.hold():
             save(out / CHECKPOINT)
-        raise Interrupted(out / CHECKPOINT, iteration) from None
+        raise Interrupted(out / CHECKPOINT, iteration, guard.signum or signal.SIGINT) from None
     finally:
+        guard.uninstall()
         if writer is not None:
             writer.close()
     result.iteration, result.epoch, result.best_rsum = iteration, epoch, best_rsum

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 import matplotlib.image
@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Circle, ConnectionPatch, Rectangle
 
 from ..errors import DataError, os_error_reason
+from ..io import atomic_files
 from .relations import VizError
 
 DPI = 100
@@ -322,15 +323,20 @@ def graph_json(g: nx.DiGraph) -> dict:
     }
 
 
+def graph_files(g: nx.DiGraph, stem: str | Path, photo: np.ndarray | None = None) -> dict[Path, Callable]:
+    """The writers of ``stem.png`` (the picture), ``stem.graphml`` and ``stem.json`` (all nodes and edges with their
+    weights), for :func:`hsc_pyg.io.atomic_files`."""
+    png, graphml, js = output_paths(stem)
+
+    return {png: lambda f: draw_graph(g, photo).savefig(f, format="png", dpi=DPI),
+            graphml: lambda f: nx.write_graphml(g, f),
+            js: lambda f: f.write((json.dumps(graph_json(g), indent=1) + "\n").encode("utf-8"))}
+
+
 def write_graph(g: nx.DiGraph, stem: str | Path, photo: np.ndarray | None = None, overwrite: bool = False,
                 ) -> list[Path]:
-    """Write ``stem.png`` (the picture), ``stem.graphml`` and ``stem.json`` (all nodes and edges with their weights);
-    return the paths."""
+    """Write ``stem.png``, ``stem.graphml`` and ``stem.json`` as one unit (:func:`graph_files`); return the paths."""
     paths = output_paths(stem)
     check_free(paths, overwrite)
     make_folder(paths[0].parent)
-    fig = draw_graph(g, photo)
-    fig.savefig(paths[0], dpi=DPI)
-    nx.write_graphml(g, paths[1])
-    paths[2].write_text(json.dumps(graph_json(g), indent=1) + "\n", encoding="utf-8")
-    return paths
+    return atomic_files(graph_files(g, stem, photo))

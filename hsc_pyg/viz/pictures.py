@@ -22,7 +22,8 @@ from ..data.vocab import Vocabulary
 from ..engine.evaluation import check_compatible
 from ..errors import ConfigError, DataError
 from ..nn.model import HSCModel
-from .draw import check_free, load_photo, output_paths, write_graph
+from ..io import atomic_files
+from .draw import check_free, graph_files, load_photo, make_folder, output_paths
 from .relations import (
     RANKINGS,
     check_edge_weights,
@@ -125,18 +126,20 @@ def plan_pictures(model: HSCModel, split: PrecompSplit, out: str | Path, image: 
 
 
 def write_pictures(pictures: list[Picture], overwrite: bool = False) -> list[Path]:
-    """Write every picture's three files; refuses (VizError) before writing anything if a file exists and not
+    """Write every picture's three files, the whole set as one unit (:func:`hsc_pyg.io.atomic_files`: a failure
+    leaves every old file as it was); refuses (VizError) before writing anything if a file exists and not
     ``overwrite``. Returns the PNG paths."""
     check_free([p for picture in pictures for p in picture.paths], overwrite)
     photos = {}
     for picture in pictures:
         if picture.photo_path is not None and picture.photo_path not in photos:
             photos[picture.photo_path] = load_photo(picture.photo_path)
-    written = []
+    files = {}
     for picture in pictures:
-        photo = photos.get(picture.photo_path) if picture.photo_path is not None else None
-        written.append(write_graph(picture.graph, picture.stem, photo, overwrite=True)[0])
-    return written
+        make_folder(picture.stem.parent)
+        files.update(graph_files(picture.graph, picture.stem, photos.get(picture.photo_path)))
+    atomic_files(files)
+    return [picture.paths[0] for picture in pictures]
 
 
 def make_pictures(model: HSCModel, split: PrecompSplit, out: str | Path = "graphs", overwrite: bool = False,
