@@ -495,9 +495,7 @@ def test_caption_of_only_unknown_words_is_valid_input(good_tree, tmp_path):
 sys.path.insert(0, str(ROOT))
 import evaluate as evaluate_cli  # noqa: E402  (the command lines at the project root)
 import train as train_cli  # noqa: E402
-from hsc_pyg.data import synthetic as synthetic_cli, vocab as vocab_cli  # noqa: E402
-from hsc_pyg.engine import checkpoint as convert_cli  # noqa: E402
-from hsc_pyg.viz import __main__ as viz_cli  # noqa: E402
+from hsc_pyg.cli import convert as convert_cli, synthetic as synthetic_cli, viz as viz_cli, vocab as vocab_cli  # noqa: E402
 
 #: command -> (its main, its argv after "python"); each writes over files of out/ (or the dataset)
 FULL_DISK = {
