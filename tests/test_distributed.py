@@ -8,7 +8,6 @@ Starting the processes costs ~10 s (each imports torch and PyG), so one job runs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import socket
@@ -88,7 +87,7 @@ def train_config(data: Path, run: Path, **changes) -> Config:
 def model_config(data: Path) -> Config:
     """The training config with the sizes train() reads from the data (16 x 16 features, the built vocabulary)."""
     vocab = build_vocab(PrecompSplit.open(data, "synthetic_precomp", "train").captions, threshold=1)
-    return dataclasses.replace(train_config(data, data), img_dim=16, num_regions=16, vocab_size=len(vocab))
+    return train_config(data, data).replace(img_dim=16, num_regions=16, vocab_size=len(vocab))
 
 
 def caption_data(data: Path) -> CaptionDataset:
