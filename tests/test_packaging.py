@@ -1,41 +1,122 @@
-"""The two install routes name the same stack: pyproject.toml (pip) and environment.yml (conda)."""
+"""The install routes agree: pyproject.toml (ranges), constraints.txt (the exact versions tested, which `make` passes
+to pip) and environment.yml (conda); and an installed torch-scatter is really picked up by PyG."""
 from __future__ import annotations
 
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNTIME = {"torch", "torch-geometric", "numpy", "nltk", "networkx", "matplotlib", "tensorboard", "tqdm"}
+DEV = {"pytest", "pyyaml"}
 
 
 def _name(requirement: str) -> str:
     return re.split(r"[<>=!~\[; ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def test_pyproject_pins_torch_and_lists_the_dependencies():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["name"] == "hsc_pyg"
-    deps = project["dependencies"]
-    assert "torch==2.13.0" in deps
-    assert {_name(d) for d in deps} == RUNTIME
-    extras = project["optional-dependencies"]
-    assert {_name(d) for d in extras["scatter"]} == {"torch-scatter"}
-    assert {"pytest", "pyyaml"} <= {_name(d) for d in extras["dev"]}
+def _project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
-def test_environment_yml_is_a_valid_conda_environment_for_the_same_stack():
+def _declared() -> dict[str, Requirement]:
+    """Every dependency pyproject.toml names (runtime and extras), by normalised name."""
+    project = _project()
+    lines = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    return {_name(line): Requirement(line) for line in lines}
+
+
+def _constraints() -> dict[str, Version]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            pins[_name(name)] = Version(version)
+    return pins
+
+
+def _environment() -> tuple[list[str], list[str]]:
+    """environment.yml's conda lines and its pip lines."""
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     assert env["name"] == "hsc_pyg" and env["channels"]
     deps = env["dependencies"]
-    conda = {_name(d) for d in deps if isinstance(d, str)}
     pip_sections = [d["pip"] for d in deps if isinstance(d, dict)]
-    assert len(pip_sections) == 1 and {"python", "pip"} <= conda
-    pip = pip_sections[0]
-    assert "torch==2.13.0" in pip and "-e ." in pip
-    assert RUNTIME | {"torch-scatter", "pytest", "pyyaml"} <= conda | {_name(d) for d in pip if d != "-e ."}
-    python = next(d for d in deps if isinstance(d, str) and _name(d) == "python")
-    assert tuple(int(p) for p in python.split("=")[-1].split(".")) >= (3, 10)
+    assert len(pip_sections) == 1
+    return [d for d in deps if isinstance(d, str)], pip_sections[0]
+
+
+def test_pyproject_states_ranges_not_pins():
+    project = _project()
+    assert project["name"] == "hsc_pyg"
+    declared = _declared()
+    assert {_name(d) for d in project["dependencies"]} == RUNTIME
+    assert {_name(d) for d in project["optional-dependencies"]["scatter"]} == {"torch-scatter"}
+    assert DEV <= {_name(d) for d in project["optional-dependencies"]["dev"]}
+    for name, requirement in declared.items():
+        operators = {spec.operator for spec in requirement.specifier}
+        assert ">=" in operators and "==" not in operators, f"{name}: a tested lower bound, not a pin"
+    assert Version("2.13") in declared["torch"].specifier and Version("2.12.1") not in declared["torch"].specifier
+    assert Version("2.5.0") in declared["torch-geometric"].specifier
+
+
+def test_constraints_pin_every_declared_dependency_inside_its_range():
+    pins = _constraints()
+    for name, requirement in _declared().items():
+        assert name in pins, f"constraints.txt has no line for {name}"
+        assert pins[name] in requirement.specifier, f"constraints.txt: {name}=={pins[name]} is outside {requirement}"
+    # No local build label (`+cpu`): the CPU wheel and PyPI's CUDA build of the same release must both satisfy it.
+    assert not pins["torch"].local
+    assert "hsc-pyg" not in pins
+
+
+def test_make_passes_the_constraints_to_every_pip_install():
+    makefile = (ROOT / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints.txt" in line for line in installs)
+    assert makefile.count("$(PIP_INSTALL)") >= 3
+
+
+def test_environment_yml_has_the_same_ranges_as_pyproject():
+    conda, pip = _environment()
+    assert {"python", "pip"} <= {_name(d) for d in conda} and "-e ." in pip
+    python = next(d for d in conda if _name(d) == "python")
+    assert Version(python.split("=")[-1]) in SpecifierSet(_project()["requires-python"])
+    listed = {_name(d): Requirement(d).specifier for d in conda + pip if d != "-e ." and _name(d) not in {"python", "pip"}}
+    declared = _declared()
+    assert RUNTIME | DEV <= set(listed), f"environment.yml lacks {sorted(RUNTIME | DEV - set(listed))}"
+    for name, specifier in listed.items():
+        assert name in declared, f"environment.yml names {name}, which pyproject.toml does not"
+        assert specifier == declared[name].specifier, f"{name}: environment.yml {specifier} != pyproject {declared[name]}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_scatter") is None,
+                    reason="torch-scatter is not installed (`make test-scatter` builds and installs it)")
+def test_installed_torch_scatter_is_used_by_pyg():
+    """Installed but not loadable (built against another torch) shows as WITH_TORCH_SCATTER False: a failure here.
+
+    PyG's CSR segment reduction ([E, F] values, [N + 1] pointers -> [N, F]) must run torch_scatter's kernel and give
+    the plain per-segment sums.
+    """
+    import torch_geometric.typing
+    from torch.profiler import ProfilerActivity, profile
+    from torch_geometric.utils import segment
+
+    assert torch_geometric.typing.WITH_TORCH_SCATTER
+    values = torch.randn(10, 3, generator=torch.Generator().manual_seed(0))
+    ptr = torch.tensor([0, 4, 4, 7, 10])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = segment(values, ptr, reduce="sum")
+    assert any(event.key.startswith("torch_scatter::") for event in prof.key_averages())
+    expected = torch.stack([values[a:b].sum(0) for a, b in zip(ptr[:-1].tolist(), ptr[1:].tolist())])
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
