@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored precision (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=16, help="photos per forward pass (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=8, help="photos per forward pass (default: %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes; 0 = in this one (default: %(default)s)")
     p.add_argument("--skip_bad", action="store_true",
                    help="leave out photos that cannot be read, listed in {split}_skipped.txt, instead of stopping")

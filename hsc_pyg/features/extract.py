@@ -277,7 +277,7 @@ def _finish(files: _Files, identity: dict, names: list[str], skipped: dict[int, 
 
 def extract_features(images: str | Path, out: str | Path, split: str, *, list_file: str | Path | None = None,
                      backbone: str = "efficientnet_lite0", grid: int = 6, size: int = 448, dtype: str = "float16",
-                     batch_size: int = 16, workers: int = 0, device: str | torch.device = "cpu",
+                     batch_size: int = 8, workers: int = 0, device: str | torch.device = "cpu",
                      overwrite: bool = False, skip_bad: bool = False, pretrained: bool = True,
                      progress: Progress | None = None) -> Extraction:
     """Extract ``[N, grid * grid, D]`` features of the photos in ``images`` into ``out`` (see the module docstring).
@@ -338,8 +338,12 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
             good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
             for i, _, error in batch:
                 if error and not skip_bad:
-                    kept = f"; the {done} rows before it are kept: run the same command again to resume" if done else ""
-                    raise DataError(error + kept)
+                    if done == 0:  # nothing worth resuming: leave the folder as it was
+                        files.state.unlink()
+                        files.partial.unlink()
+                        raise DataError(error)
+                    raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to "
+                                    "resume")
                 if error:
                     skipped[i] = error
             if good:

@@ -52,7 +52,8 @@ def open_photo(path: str | Path):
         raise DataError(f"photo {path} is not an image Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF); replace it "
                         "or leave it out (--skip_bad)") from None
     except OSError as e:
-        raise DataError(f"cannot read photo {path} ({e.strerror or e}); check the path") from None
+        raise DataError(f"photo {path} cannot be read ({e.strerror or e}); replace it or leave it out "
+                        "(--skip_bad)") from None
 
 
 def to_rgb(image) -> "PIL.Image.Image":  # noqa: F821
