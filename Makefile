@@ -11,7 +11,7 @@ DEMO_RUN  := runs/demo
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,features]'
 	touch $(STAMP)
 
 test: $(STAMP)

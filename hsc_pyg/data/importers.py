@@ -164,10 +164,11 @@ def read_csv(path: Path) -> Captions:
             continue
         if not row:
             continue
-        if len(row) != 2 or not row[0].strip():
-            raise DataError(f"{path} line {line}: expected 2 columns image,caption, found {len(row)}; quote captions "
-                            "that hold commas")
-        _add(captions, row[0].strip(), row[1], f"{path} line {line}")
+        if len(row) < 2 or not row[0].strip():
+            raise DataError(f"{path} line {line}: expected image,caption, found {len(row)} column; write the photo's "
+                            "file name, a comma, then the caption")
+        # an unquoted caption holding commas comes back whole: photo names hold no commas
+        _add(captions, row[0].strip(), ",".join(row[1:]), f"{path} line {line}")
     return captions
 
 
