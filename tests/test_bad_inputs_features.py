@@ -73,8 +73,9 @@ def caption_rows(tree: Path) -> str:
 
 def unfinished_other_extraction(tree: Path) -> None:
     (tree / "new").mkdir()
-    identity = dict(format="hsc_pyg.features", version=1, backbone="resnet152", weights="ResNet152_Weights.IMAGENET1K_V2",
-                    size=32, grid=2, dtype="float16", dim=2048, num_photos=3, ids_sha256="0" * 64)
+    identity = dict(format="hsc_pyg.features", version=1, backbone="resnet152",
+                    weights="ResNet152_Weights.IMAGENET1K_V2", size=32, grid=2, dtype="float16", dim=2048,
+                    num_photos=3, ids_sha256="0" * 64)
     state = dict(identity=identity, rows_done=1, skipped={})
     (tree / "new" / "test_features.partial.json").write_text(json.dumps(state))
     (tree / "new" / "test_ims.npy.partial").write_bytes(b"\x00" * 128)
@@ -138,7 +139,8 @@ CASES = [
          r"1 photos of photo folder {tree}/photos have no caption: 'd.jpg'; write captions for them",
          lambda tree: shutil.copy(tree / "photos" / "a.jpg", tree / "photos" / "d.jpg")),
     Case("a photo with 4 captions", CAPTIONS, r"1 photos have fewer than 5 captions: 'b.jpg \(4\)'; write more, or "
-         r"pass --fewer repeat to cycle their captions$", write("captions.csv", lambda t: caption_rows(t).replace("b.jpg,b 4 .\n", "").encode())),
+         r"pass --fewer repeat to cycle their captions$",
+         write("captions.csv", lambda t: caption_rows(t).replace("b.jpg,b 4 .\n", "").encode())),
     Case("non-UTF-8 caption", CAPTIONS, r"{tree}/captions.csv line 3 is not valid UTF-8 \(byte 0xe9\); re-save the "
          r"file as UTF-8$", write("captions.csv", lambda t: caption_rows(t).replace("a 1 .", "a caf\xe9 .").encode(
              "latin-1"))),

@@ -3,7 +3,6 @@ plain one-photo-at-a-time computation, resuming after Ctrl-C and kill -9, the sh
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -59,7 +58,8 @@ def test_every_kind_of_photo_becomes_the_same_rgb(kind, tmp_path):
     elif kind == "gray":
         Image.new("L", (16, 16), 128).save(path := path.with_suffix(".png")); want = gray
     elif kind == "palette":
-        Image.new("RGB", (16, 16), colour).convert("P", palette=Image.ADAPTIVE).save(path := path.with_suffix(".png")); want = colour
+        image = Image.new("RGB", (16, 16), colour).convert("P", palette=Image.ADAPTIVE)
+        image.save(path := path.with_suffix(".png")); want = colour
     elif kind == "rgba":  # half transparent over white: 255 * 0.5 + colour * 0.5 (alpha 128/255)
         Image.new("RGBA", (16, 16), colour + (128,)).save(path := path.with_suffix(".png"))
         want = tuple(c * 128 / 255 + 255 * (1 - 128 / 255) for c in colour)
@@ -202,7 +202,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path):
     assert result.resumed_at == 4
     for name in ("test_ims.npy", "test_boxes.npy", "test_ids.txt", "test_features.json"):
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == sorted(
+        p.name for p in (tmp_path / "whole").iterdir())
 
 
 def test_kill_9_and_ctrl_c_through_the_command_line_then_resume(tmp_path):
