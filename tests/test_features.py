@@ -291,9 +291,14 @@ def test_torchvision_backbones_give_grid_features(name, dim, tmp_path):
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 64, 64)).shape == (1, dim, 2, 2)
     write_photos(tmp_path / "photos", 2)
-    result = extract_features(tmp_path / "photos", tmp_path / "out", "test", backbone=name, size=64, pretrained=False)
+    # random weights without trained batch-norm statistics grow activations beyond float16's range through 50 blocks
+    result = extract_features(tmp_path / "photos", tmp_path / "out", "test", backbone=name, size=64, dtype="float32",
+                              pretrained=False)
     ims = np.load(tmp_path / "out" / "test_ims.npy")
-    assert ims.shape == (2, 36, dim) and result.dim == dim and np.isfinite(ims.astype(np.float32)).all()
+    assert ims.shape == (2, 36, dim) and result.dim == dim and np.isfinite(ims).all()
+    reference = grid_features(net(torch.stack([photo_tensor(tmp_path / "photos" / n, 64, MEAN, STD)
+                                               for n in ("p000.jpg", "p001.jpg")])), 6).detach().numpy()
+    np.testing.assert_allclose(ims, reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max()))
 
 
 # --------------------------------------------------------------------------- the shipped features
@@ -317,3 +322,26 @@ def test_first_shipped_photos_reproduce_the_shipped_features(shared_dir, tmp_pat
 @pytest.mark.slow
 def test_all_200_shipped_photos_reproduce_the_shipped_features(shared_dir, tmp_path):
     assert _shipped_difference(shared_dir, 200, tmp_path) <= 0.01
+
+
+def test_values_beyond_float16_are_refused_not_stored_as_inf(tmp_path, monkeypatch):
+    from hsc_pyg.features import Backbone, backbones
+
+    class Huge(Backbone):
+        dim = 2
+
+        def __init__(self, pretrained: bool = True) -> None:
+            super().__init__()
+
+        def forward(self, photos):
+            return torch.full((len(photos), 2, 2, 2), 1e5)
+
+    monkeypatch.setitem(backbones._BACKBONES, "huge", Huge)
+    write_photos(tmp_path / "photos", 2)
+    with pytest.raises(ConfigError, match=r"^features reach 1e\+05, beyond float16's range \(65504\); run again with "
+                                          r"--dtype float32 --overwrite$"):
+        extract_features(tmp_path / "photos", tmp_path / "out", "test", backbone="huge", size=32)
+    assert not (tmp_path / "out" / "test_ims.npy").exists()
+    result = extract_features(tmp_path / "photos", tmp_path / "out", "test", backbone="huge", size=32,
+                              dtype="float32", overwrite=True)
+    assert result.num_rows == 2 and (np.load(tmp_path / "out" / "test_ims.npy") == 1e5).all()

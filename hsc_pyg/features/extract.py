@@ -215,6 +215,18 @@ def _check_headers(folder: Path, names: Sequence[str]) -> dict[int, str]:
     return bad
 
 
+def _check_range(values: np.ndarray, dtype: str, names: list[str]) -> None:
+    """DataError for NaN / inf features, and for values that ``dtype`` would turn into inf (float16: |v| > 65504)."""
+    finite = np.isfinite(values).all(axis=(1, 2))
+    if not finite.all():
+        raise DataError(f"the backbone gave NaN or inf features for photo {names[int(np.argmin(finite))]}; check the "
+                        "backbone's weights")
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > np.finfo(dtype).max:
+        raise ConfigError(f"features reach {largest:.4g}, beyond {dtype}'s range ({np.finfo(dtype).max:.0f}); run "
+                          "again with --dtype float32 --overwrite")
+
+
 def _write_state(files: _Files, identity: dict, rows_done: int, skipped: dict[int, str]) -> None:
     state = dict(identity=identity, rows_done=rows_done, skipped={str(i): why for i, why in sorted(skipped.items())})
     write_atomic(files.state, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
@@ -348,7 +360,9 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
                     skipped[i] = error
             if good:
                 photos = torch.stack([batch[k][1] for k in good]).to(device)
-                rows[good] = grid_features(net(photos), grid).float().cpu().numpy().astype(dtype)
+                values = grid_features(net(photos), grid).float().cpu().numpy()
+                _check_range(values, dtype, [names[batch[k][0]] for k in good])
+                rows[good] = values.astype(dtype)
             _write_rows(files.partial, done, rows)
             done += len(batch)
             _write_state(files, identity, done, skipped)
