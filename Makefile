@@ -13,7 +13,7 @@ DEMO_RUN  := runs/demo
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,features]'
 	touch $(STAMP)
 
 test: $(STAMP)

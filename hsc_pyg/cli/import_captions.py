@@ -1,0 +1,67 @@
+"""``python -m hsc_pyg.cli.import_captions``: captions from Karpathy / COCO JSON, CSV or per-photo text files ->
+``{split}_caps.txt`` aligned with ``{split}_ids.txt``.
+
+    python -m hsc_pyg.cli.import_captions --captions dataset_flickr30k.json --out data/f30k_grid
+    python -m hsc_pyg.cli.import_captions --captions captions.txt --split test --out data/my_precomp
+
+Expected failures print one line to stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from ..data.importers import FEWER, FORMATS, import_captions
+from ..errors import HSCError
+
+DESCRIPTION = """\
+Write {split}_caps.txt (PER_IMAGE captions per photo, caption k belongs to photo k // PER_IMAGE) into --out, in the
+order of {split}_ids.txt when it is there (extract the features first), else sorted by photo name (and then
+{split}_ids.txt is written too). Karpathy's dataset_*.json gives every split with SCAN's names (train + restval ->
+train, val -> dev, test -> test; COCO's test -> testall); the other formats are one --split. Photos with more captions
+keep the first PER_IMAGE (as SCAN); photos with fewer are an error unless --fewer repeat; captions of photos that are
+not among the split's photos are an error unless --ignore_extra."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hsc_pyg.cli.import_captions", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--captions", required=True, metavar="PATH",
+                   help="dataset_*.json, captions_*.json, an image,caption CSV, or a folder of NAME.txt files")
+    p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (<data_path>/<data_name>)")
+    p.add_argument("--format", choices=FORMATS, default="auto", dest="fmt", help="(default: %(default)s)")
+    p.add_argument("--split", help="the split to write (needed except for Karpathy's JSON, where it picks one)")
+    p.add_argument("--images", metavar="DIR",
+                   help="photo folder: every captioned photo must be in it (and, for one split, every photo of it "
+                        "needs captions)")
+    p.add_argument("--per_image", type=int, default=5, help="captions per photo (default: %(default)s)")
+    p.add_argument("--fewer", choices=FEWER, default="error",
+                   help="photos with fewer captions: error, or repeat their captions (default: %(default)s)")
+    p.add_argument("--ignore_extra", action="store_true",
+                   help="leave out captions of photos that are not among the split's photos instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing {split}_caps.txt")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        reports = import_captions(args.captions, args.out, fmt=args.fmt, split=args.split, images=args.images,
+                                  per_image=args.per_image, fewer=args.fewer, ignore_extra=args.ignore_extra,
+                                  overwrite=args.overwrite)
+    except HSCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for r in reports:
+        notes = [f"{r.trimmed} photos had more than {r.per_image} (first {r.per_image} kept)" if r.trimmed else "",
+                 f"{r.repeated} photos had fewer (repeated)" if r.repeated else "",
+                 f"captions of {r.extra} other photos left out" if r.extra else "",
+                 f"wrote {r.split}_ids.txt" if r.wrote_ids else f"in the order of {r.split}_ids.txt"]
+        print(f"{args.out}/{r.split}_caps.txt: {r.photos} photos x {r.per_image} captions; "
+              + "; ".join(n for n in notes if n))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

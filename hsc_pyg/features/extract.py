@@ -1,0 +1,373 @@
+"""Photos -> grid region features in the SCAN precomp layout, resumable, in bounded memory.
+
+For a split ``NAME`` it writes into ``out``:
+
+- ``NAME_ims.npy``    ``[N, R, D]`` float16 or float32, ``R = grid * grid`` cells, row-major (cell k = row k // grid,
+  column k % grid): adaptive average pooling of the backbone's feature map to ``grid x grid``;
+- ``NAME_boxes.npy``  ``[N, R, 4]`` the normalised cell boxes ``[c/g, r/g, (c+1)/g, (r+1)/g]`` (same dtype);
+- ``NAME_ids.txt``    the photos' names (paths relative to the photo folder), one per line, in row order;
+- ``NAME_features.json`` what was extracted (backbone, weights, size, grid, dtype, counts, package versions);
+- ``NAME_skipped.txt`` only with ``skip_bad``: ``name<TAB>reason`` for each photo left out.
+
+While it runs, rows go straight into ``NAME_ims.npy.partial`` (a memory-mapped ``.npy`` opened for each batch, so the
+process never holds more than one batch) and ``NAME_features.partial.json`` records the extraction and the rows done,
+after those rows are flushed. An interrupted run (Ctrl-C, kill -9) resumes at the first row not recorded and, with the
+same batch size, gives the same bytes as an uninterrupted run. ``NAME_ims.npy`` appears last, by a rename: a folder
+that holds it holds a finished extraction.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.importers import write_atomic
+from ..errors import ConfigError, DataError, os_error_reason
+from .backbones import Backbone, build_backbone
+from .images import PHOTO_SUFFIXES, open_photo, photo_tensor
+
+FORMAT = "hsc_pyg.features"
+VERSION = 1
+DTYPES = ("float16", "float32")
+
+#: called with (rows done, rows in all) once at the start and after every batch
+Progress = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- which photos, in which order
+def list_photos(images: str | Path, list_file: str | Path | None = None) -> list[str]:
+    """Photo names relative to ``images``: the lines of ``list_file`` in their order, else every photo file of the
+    folder (by ending, :data:`PHOTO_SUFFIXES`) sorted by name (code point order). DataError for a missing folder or
+    listed file, a duplicate, or a folder without photos."""
+    folder = Path(images)
+    if not folder.is_dir():
+        raise DataError(f"photo folder {folder} does not exist or is not a folder; pass --images DIR")
+    if list_file is None:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and p.is_file())
+        if not names:
+            raise DataError(f"photo folder {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}); pass the folder "
+                            "that holds them")
+        return names
+    from ..data.precomp import read_lines  # one reader for every one-item-per-line file: UTF-8, no blank lines
+
+    names = read_lines(list_file, what="photo name")
+    seen: dict[str, int] = {}
+    for number, name in enumerate(names, 1):
+        if name in seen:
+            raise DataError(f"{list_file} line {number} repeats photo {name!r} (first on line {seen[name]}); each "
+                            "photo is one row: remove the duplicate")
+        seen[name] = number
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"{list_file} names photos that are not in {folder}: {missing[0]!r}{more}; fix the list or "
+                        "--images")
+    return names
+
+
+def cell_boxes(grid: int) -> np.ndarray:
+    """``[grid * grid, 4]`` float64: cell k = row k // grid, column k % grid, as ``[x1, y1, x2, y2]`` in [0, 1]."""
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    return np.stack([cols / grid, rows / grid, (cols + 1) / grid, (rows + 1) / grid], axis=1)
+
+
+def grid_features(feature_map: torch.Tensor, grid: int) -> torch.Tensor:
+    """``[B, D, h, w]`` -> ``[B, grid * grid, D]``: adaptive average pooling to ``grid x grid``, cells row-major."""
+    pooled = F.adaptive_avg_pool2d(feature_map, grid)
+    return pooled.flatten(2).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- decoding, in loader workers
+class _Photos(Dataset):
+    """Row i -> ``(i, [3, S, S] tensor or None, error line)``: a bad photo is reported, not raised, so that the
+    caller decides between stopping and skipping."""
+
+    def __init__(self, folder: Path, names: Sequence[str], size: int, backbone: Backbone) -> None:
+        self.folder, self.names, self.size = folder, names, size
+        self.mean, self.std = backbone.mean, backbone.std
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, photo_tensor(self.folder / self.names[i], self.size, self.mean, self.std), ""
+        except DataError as e:
+            return i, None, str(e)
+
+
+def _collate(items):
+    return items
+
+
+# --------------------------------------------------------------------------- the extraction
+@dataclass
+class Extraction:
+    """What :func:`extract_features` did: ``num_rows`` rows of ``[regions, dim]`` in ``paths``; ``resumed_at`` the
+    row it started from (0 for a fresh run, ``num_photos`` when the folder already held this extraction);
+    ``skipped`` (name, reason) of the photos left out."""
+
+    out: Path
+    split: str
+    num_photos: int
+    num_rows: int
+    regions: int
+    dim: int
+    resumed_at: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ims(self) -> Path:
+        return self.out / f"{self.split}_ims.npy"
+
+
+class _Files:
+    def __init__(self, out: Path, split: str) -> None:
+        self.split = split
+        self.ims = out / f"{split}_ims.npy"
+        self.partial = out / f"{split}_ims.npy.partial"
+        self.state = out / f"{split}_features.partial.json"
+        self.boxes = out / f"{split}_boxes.npy"
+        self.ids = out / f"{split}_ids.txt"
+        self.manifest = out / f"{split}_features.json"
+        self.skipped = out / f"{split}_skipped.txt"
+
+
+def _identity(backbone_name: str, backbone: Backbone, size: int, grid: int, dtype: str, names: list[str]) -> dict:
+    """What makes two runs the same extraction (a run resumes only its own): not the batch size, workers or device."""
+    ids = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
+    return dict(format=FORMAT, version=VERSION, backbone=backbone_name, weights=backbone.weights, size=size, grid=grid,
+                dtype=dtype, dim=backbone.dim, num_photos=len(names), ids_sha256=ids)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _differences(found: dict, wanted: dict) -> str:
+    keys = [k for k in wanted if found.get(k) != wanted[k]]
+    return ", ".join(f"{k} {found.get(k)!r} here, {wanted[k]!r} now" for k in keys[:3]) or "same options"
+
+
+def _check_options(split: str, grid: int, size: int, dtype: str, batch_size: int, workers: int) -> None:
+    if not split or any(c in split for c in "/\\\0") or split.startswith("."):
+        raise ConfigError(f"--split {split!r} is not a split name; use a plain name such as train, dev or test")
+    for flag, value, least in (("--grid", grid, 1), ("--size", size, 32), ("--batch_size", batch_size, 1),
+                               ("--workers", workers, 0)):
+        if type(value) is not int or value < least:
+            raise ConfigError(f"{flag} must be an integer of at least {least}, found {value!r}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not supported; choose float16 or float32")
+
+
+def _prepare_out(files: _Files, out: Path, identity: dict, ids_text: bytes, overwrite: bool) -> int | None:
+    """Rows already done of this extraction (0 for a fresh start), or None when ``out`` already holds it finished.
+    ConfigError when ``out`` holds another extraction and not ``overwrite``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
+    state = _read_json(files.state) if files.state.exists() else None
+    if state is not None and state.get("identity") == identity:
+        return int(state["rows_done"]) if files.partial.exists() else 0
+    manifest = _read_json(files.manifest) if files.manifest.exists() else None
+    if (files.ims.exists() and manifest is not None and manifest.get("identity") == identity
+            and files.ids.exists() and state is None):
+        return None
+    if overwrite:
+        return 0
+    if state is not None:
+        raise ConfigError(f"{out} holds an unfinished extraction of split {files.split} that differs "
+                          f"({_differences(state.get('identity', {}), identity)}); run it again with its options to "
+                          "resume it, or pass --overwrite to start this one")
+    if files.ims.exists() or files.boxes.exists():
+        found = files.ims if files.ims.exists() else files.boxes
+        why = (f"a different extraction: {_differences(manifest.get('identity', {}), identity)}"
+               if manifest is not None else "features from elsewhere")
+        raise ConfigError(f"{out} already holds {found.name} ({why}); pass --overwrite to replace it, or choose "
+                          "another --out or --split")
+    if files.ids.exists() and files.ids.read_bytes() != ids_text:
+        raise ConfigError(f"{files.ids} lists other photos than this extraction; pass --list {files.ids} to extract "
+                          "them in its order, --overwrite to replace it, or choose another --out")
+    return 0
+
+
+def _check_headers(folder: Path, names: Sequence[str]) -> dict[int, str]:
+    """Row -> error line for every photo that cannot even be opened (empty, not an image, decompression bomb)."""
+    bad = {}
+    for i, name in enumerate(names):
+        try:
+            open_photo(folder / name).close()
+        except DataError as e:
+            bad[i] = str(e)
+    return bad
+
+
+def _check_range(values: np.ndarray, dtype: str, names: list[str]) -> None:
+    """DataError for NaN / inf features, and for values that ``dtype`` would turn into inf (float16: |v| > 65504)."""
+    finite = np.isfinite(values).all(axis=(1, 2))
+    if not finite.all():
+        raise DataError(f"the backbone gave NaN or inf features for photo {names[int(np.argmin(finite))]}; check the "
+                        "backbone's weights")
+    largest = float(np.abs(values).max(initial=0.0))
+    if largest > np.finfo(dtype).max:
+        raise ConfigError(f"features reach {largest:.4g}, beyond {dtype}'s range ({np.finfo(dtype).max:.0f}); run "
+                          "again with --dtype float32 --overwrite")
+
+
+def _write_state(files: _Files, identity: dict, rows_done: int, skipped: dict[int, str]) -> None:
+    state = dict(identity=identity, rows_done=rows_done, skipped={str(i): why for i, why in sorted(skipped.items())})
+    write_atomic(files.state, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+
+
+def _create_npy(path: Path, dtype: str, shape: tuple[int, ...]) -> None:
+    """A zero-filled ``.npy`` of ``shape`` at ``path`` (sparse on disk until written)."""
+    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
+    """Rows ``[start, start + len(rows))`` into the ``.npy`` at ``path``, flushed; the mapping is closed again so that
+    the pages written do not accumulate in this process."""
+    array = np.lib.format.open_memmap(path, mode="r+")
+    array[start:start + len(rows)] = rows
+    array.flush()
+    del array
+
+
+def _copy_rows(source: Path, target: Path, keep: np.ndarray, shape: tuple[int, ...], dtype: str,
+               chunk: int = 256) -> None:
+    """``target`` = ``source[keep]``, ``chunk`` rows at a time (bounded memory)."""
+    _create_npy(target, dtype, (len(keep), *shape[1:]))
+    rows = np.load(source, mmap_mode="r")
+    for start in range(0, len(keep), chunk):
+        _write_rows(target, start, np.asarray(rows[keep[start:start + chunk]]))
+
+
+def _finish(files: _Files, identity: dict, names: list[str], skipped: dict[int, str], grid: int, dtype: str) -> int:
+    """Compact out skipped rows, write boxes, ids and manifest, then rename the features into place (last)."""
+    keep = np.array([i for i in range(len(names)) if i not in skipped], dtype=np.int64)
+    features = files.partial
+    if skipped:
+        features = files.partial.with_name(files.partial.name + ".kept")
+        _copy_rows(files.partial, features, keep, (len(names), grid * grid, identity["dim"]), dtype)
+    boxes = np.lib.format.open_memmap(files.boxes.with_name(files.boxes.name + ".partial"), mode="w+", dtype=dtype,
+                                      shape=(len(keep), grid * grid, 4))
+    boxes[:] = cell_boxes(grid).astype(dtype)
+    boxes.flush()
+    boxes_partial = Path(boxes.filename)
+    del boxes
+    kept_names = [names[i] for i in keep]
+    versions = dict(torch=torch.__version__, numpy=np.__version__, python=platform.python_version())
+    manifest = dict(identity=identity, num_rows=len(keep), skipped=len(skipped), versions=versions)
+    # nothing may look finished before everything is: the old features go first, the new ones come last
+    files.ims.unlink(missing_ok=True)
+    write_atomic(files.ids, ("".join(n + "\n" for n in kept_names)).encode("utf-8"))
+    os.replace(boxes_partial, files.boxes)
+    write_atomic(files.manifest, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    if skipped:
+        write_atomic(files.skipped, "".join(f"{names[i]}\t{why}\n" for i, why in sorted(skipped.items())).encode())
+    else:
+        files.skipped.unlink(missing_ok=True)
+    files.state.unlink()
+    os.replace(features, files.ims)
+    if skipped:
+        files.partial.unlink()
+    return len(keep)
+
+
+def extract_features(images: str | Path, out: str | Path, split: str, *, list_file: str | Path | None = None,
+                     backbone: str = "efficientnet_lite0", grid: int = 6, size: int = 448, dtype: str = "float16",
+                     batch_size: int = 8, workers: int = 0, device: str | torch.device = "cpu",
+                     overwrite: bool = False, skip_bad: bool = False, pretrained: bool = True,
+                     progress: Progress | None = None) -> Extraction:
+    """Extract ``[N, grid * grid, D]`` features of the photos in ``images`` into ``out`` (see the module docstring).
+
+    Args:
+        images: the photo folder; ``list_file`` (one name per line, relative to it) gives the photos and their order,
+            else every photo of the folder sorted by name.
+        backbone: a registered backbone name; ``pretrained=False`` uses seeded random weights (tests only).
+        size: photos are resized to ``size x size``; grid: the cells per side; dtype: ``float16`` or ``float32``.
+        batch_size, workers, device: photos per forward pass, decoding processes (0 = in this process), where the
+            backbone runs. None of them changes what is extracted (beyond float rounding across batch sizes).
+        overwrite: replace another extraction found in ``out``; a run of the same extraction resumes without it.
+        skip_bad: leave out photos that cannot be read (listed in ``{split}_skipped.txt``) instead of stopping.
+        progress: called with (rows done, rows in all).
+
+    Raises ConfigError (options, ``out``) or DataError (photos); the rows done so far stay resumable.
+    """
+    _check_options(split, grid, size, dtype, batch_size, workers)
+    folder, out = Path(images), Path(out)
+    names = list_photos(folder, list_file)
+    bad_name = next((n for n in names if "\n" in n or "\r" in n), None)
+    if bad_name is not None:
+        raise DataError(f"photo name {bad_name!r} holds a line break, which {split}_ids.txt cannot hold; rename it")
+    net = build_backbone(backbone, pretrained=pretrained)
+    identity = _identity(backbone, net, size, grid, dtype, names)
+    files = _Files(out, split)
+    ids_text = "".join(n + "\n" for n in names).encode("utf-8")
+    start = _prepare_out(files, out, identity, ids_text, overwrite)
+    regions = grid * grid
+    if start is None:
+        manifest = _read_json(files.manifest)
+        if progress is not None:
+            progress(len(names), len(names))
+        return Extraction(out, split, len(names), manifest["num_rows"], regions, net.dim, len(names))
+
+    skipped = _check_headers(folder, names)
+    if skipped and not skip_bad:
+        first = skipped[min(skipped)]
+        more = f" (and {len(skipped) - 1} more photos that cannot be read)" if len(skipped) > 1 else ""
+        raise DataError(first + more)
+    if start == 0:
+        _create_npy(files.partial, dtype, (len(names), regions, net.dim))
+        _write_state(files, identity, 0, skipped)
+    else:
+        state = _read_json(files.state)
+        skipped.update({int(i): why for i, why in state["skipped"].items()})
+
+    device = torch.device(device)
+    net = net.to(device)
+    loader = DataLoader(_Photos(folder, names, size, net), batch_size=batch_size, num_workers=workers,
+                        sampler=range(start, len(names)), collate_fn=_collate)
+    if progress is not None:
+        progress(start, len(names))
+    done = start
+    with torch.no_grad():
+        for batch in loader:
+            rows = np.zeros((len(batch), regions, net.dim), dtype=dtype)
+            good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
+            for i, _, error in batch:
+                if error and not skip_bad:
+                    if done == 0:  # nothing worth resuming: leave the folder as it was
+                        files.state.unlink()
+                        files.partial.unlink()
+                        raise DataError(error)
+                    raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to "
+                                    "resume")
+                if error:
+                    skipped[i] = error
+            if good:
+                photos = torch.stack([batch[k][1] for k in good]).to(device)
+                values = grid_features(net(photos), grid).float().cpu().numpy()
+                _check_range(values, dtype, [names[batch[k][0]] for k in good])
+                rows[good] = values.astype(dtype)
+            _write_rows(files.partial, done, rows)
+            done += len(batch)
+            _write_state(files, identity, done, skipped)
+            if progress is not None:
+                progress(done, len(names))
+    num_rows = _finish(files, identity, names, skipped, grid, dtype)
+    skipped_list = [(names[i], why) for i, why in sorted(skipped.items())]
+    return Extraction(out, split, len(names), num_rows, regions, net.dim, start, skipped_list)

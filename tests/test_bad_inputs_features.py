@@ -1,0 +1,252 @@
+"""The bad-input corpus of the photo and caption importers: ``python -m hsc_pyg.features`` and ``python -m
+hsc_pyg.cli.import_captions``, fed a broken input, exit with status 2 and one line on stderr that says what is wrong,
+where and how to fix it, and leave every existing file as it was (and write none that looks finished).
+
+Same harness as tests/test_bad_inputs.py: each case copies one good tree (three photos, their captions as a CSV, an
+output folder holding another extraction), breaks one thing in its copy, runs the real command line in a subprocess
+and compares every file of the tree before and after.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+pytest.importorskip("PIL", reason="the features extra (pip install -e '.[features]') is not installed")
+pytest.importorskip("efficientnet_lite_pytorch", reason="the features extra (pip install -e '.[features]') is not "
+                    "installed")
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES = ["-m", "hsc_pyg.features", "--images", "{tree}/photos", "--out", "{tree}/new", "--split", "test", "--size",
+            "32", "--grid", "2", "--device", "cpu", "--no_progress"]
+CAPTIONS = ["-m", "hsc_pyg.cli.import_captions", "--captions", "{tree}/captions.csv", "--split", "test", "--out",
+            "{tree}/new"]
+PHOTOS = ["a.jpg", "b.jpg", "c.jpg"]
+
+
+# --------------------------------------------------------------------------- ways to break the good tree
+def write(name: str, content: bytes | Callable[[Path], bytes]):
+    def setup(tree: Path) -> None:
+        (tree / name).write_bytes(content(tree) if callable(content) else content)
+    return setup
+
+
+def truncated(name: str) -> Callable[[Path], bytes]:
+    return lambda tree: (tree / name).read_bytes()[: (tree / name).stat().st_size * 2 // 3]
+
+
+def garbage_header(name: str) -> Callable[[Path], bytes]:
+    return lambda tree: b"\x00" * 64 + (tree / name).read_bytes()[64:]
+
+
+def bomb_png(tree: Path) -> bytes:
+    """A valid 1-bit 20,000 x 20,000 PNG of one colour (about 60 KB; 400 megapixels when decoded)."""
+    side = 20_000
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + side // 8)  # filter byte 0, then 2,500 bytes of black pixels
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def caption_rows(tree: Path) -> str:
+    return (tree / "captions.csv").read_text()
+
+
+def unfinished_other_extraction(tree: Path) -> None:
+    (tree / "new").mkdir()
+    identity = dict(format="hsc_pyg.features", version=1, backbone="resnet152",
+                    weights="ResNet152_Weights.IMAGENET1K_V2", size=32, grid=2, dtype="float16", dim=2048,
+                    num_photos=3, ids_sha256="0" * 64)
+    state = dict(identity=identity, rows_done=1, skipped={})
+    (tree / "new" / "test_features.partial.json").write_text(json.dumps(state))
+    (tree / "new" / "test_ims.npy.partial").write_bytes(b"\x00" * 128)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    command: list[str]  # after "python"; {tree} is filled in
+    message: str  # a regular expression the error line must match
+    setup: Callable[[Path], None] | None = None
+
+
+CASES = [
+    # ---- photos
+    Case("truncated JPEG", FEATURES, r"photo {tree}/photos/a.jpg cannot be decoded \(image file is truncated.*\); "
+         r"replace it or leave it out \(--skip_bad\)$", write("photos/a.jpg", truncated("photos/a.jpg"))),
+    Case("corrupt JPEG header", FEATURES, r"photo {tree}/photos/b.jpg is not an image Pillow can read \(JPEG, PNG, "
+         r"WebP, GIF, BMP, TIFF\); replace it or leave it out \(--skip_bad\)$",
+         write("photos/b.jpg", garbage_header("photos/b.jpg"))),
+    Case("zero-byte photo", FEATURES, r"photo {tree}/photos/c.jpg is an empty file \(0 bytes\); replace it or leave "
+         r"it out \(--skip_bad\)$", write("photos/c.jpg", b"")),
+    Case("text file named .jpg", FEATURES, r"photo {tree}/photos/notes.jpg is not an image Pillow can read",
+         write("photos/notes.jpg", b"shopping list: milk, eggs\n")),
+    Case("decompression bomb PNG", FEATURES, r"photo {tree}/photos/huge.png has 400,000,000 pixels, over Pillow's "
+         r"decompression-bomb limit of 178,956,970; shrink it .* or leave it out \(--skip_bad\)$",
+         write("photos/huge.png", bomb_png)),
+    Case("two bad photos are counted", FEATURES, r"photo {tree}/photos/a.jpg is an empty file \(0 bytes\); .*\(and 1 "
+         r"more photos that cannot be read\)$", lambda tree: [write(f"photos/{n}", b"")(tree) for n in PHOTOS[:2]]),
+    Case("duplicate id in --list", FEATURES + ["--list", "{tree}/list.txt"],
+         r"{tree}/list.txt line 3 repeats photo 'a.jpg' \(first on line 1\); each photo is one row: remove the "
+         r"duplicate$", write("list.txt", b"a.jpg\nb.jpg\na.jpg\n")),
+    Case("--list names a photo that is not there", FEATURES + ["--list", "{tree}/list.txt"],
+         r"{tree}/list.txt names photos that are not in {tree}/photos: 'd.jpg'; fix the list or --images$",
+         write("list.txt", b"a.jpg\nd.jpg\n")),
+    Case("photo folder missing", FEATURES + ["--images", "{tree}/nowhere"],
+         r"photo folder {tree}/nowhere does not exist or is not a folder; pass --images DIR$"),
+    Case("photo folder without photos", FEATURES + ["--images", "{tree}/new_empty"],
+         r"photo folder {tree}/new_empty holds no photos \(.jpg, .jpeg, .png.*\); pass the folder that holds them$",
+         lambda tree: (tree / "new_empty").mkdir()),
+    # ---- the output folder
+    Case("output folder holds other features", FEATURES + ["--out", "{tree}/out"],
+         r"{tree}/out already holds test_ims.npy \(features from elsewhere\); pass --overwrite to replace it, or "
+         r"choose another --out or --split$"),
+    Case("output folder holds an unfinished other extraction", FEATURES,
+         r"{tree}/new holds an unfinished extraction of split test that differs \(backbone 'resnet152' here, "
+         r"'efficientnet_lite0' now.*\); run it again with its options to resume it, or pass --overwrite",
+         unfinished_other_extraction),
+    Case("--out under a file", FEATURES + ["--out", "{tree}/notes.txt/new"],
+         r"cannot write into {tree}/notes.txt/new \({tree}/notes.txt is a file, not a folder\); choose a writable "
+         r"--out$"),
+    # ---- options
+    Case("unknown backbone", FEATURES + ["--backbone", "vgg16"],
+         r"--backbone 'vgg16' is unknown; choose one of convnext_base, .*efficientnet_lite0, .*resnet152"),
+    Case("grid of 0", FEATURES + ["--grid", "0"], r"--grid must be an integer of at least 1, found 0$"),
+    # ---- captions
+    Case("captions for a photo that does not exist", CAPTIONS + ["--images", "{tree}/photos"],
+         r"1 captioned photos are not in photo folder {tree}/photos: 'zebra.jpg'; fix the captions file, or pass "
+         r"--ignore_extra", write("captions.csv", lambda t: (caption_rows(t) + "zebra.jpg,a zebra .\n").encode())),
+    Case("a photo without captions", CAPTIONS + ["--images", "{tree}/photos"],
+         r"1 photos of photo folder {tree}/photos have no caption: 'd.jpg'; write captions for them",
+         lambda tree: shutil.copy(tree / "photos" / "a.jpg", tree / "photos" / "d.jpg")),
+    Case("a photo with 4 captions", CAPTIONS, r"1 photos have fewer than 5 captions: 'b.jpg \(4\)'; write more, or "
+         r"pass --fewer repeat to cycle their captions$",
+         write("captions.csv", lambda t: caption_rows(t).replace("b.jpg,b 4 .\n", "").encode())),
+    Case("non-UTF-8 caption", CAPTIONS, r"{tree}/captions.csv line 3 is not valid UTF-8 \(byte 0xe9\); re-save the "
+         r"file as UTF-8$", write("captions.csv", lambda t: caption_rows(t).replace("a 1 .", "a caf\xe9 .").encode(
+             "latin-1"))),
+    Case("duplicate photo in Karpathy JSON", CAPTIONS[:3] + ["{tree}/dataset_flickr8k.json", "--out", "{tree}/new"],
+         r"{tree}/dataset_flickr8k.json: photo 'a.jpg' appears twice \(images\[1\]\); remove the duplicate$",
+         write("dataset_flickr8k.json", json.dumps(dict(dataset="flickr8k", images=[
+             dict(filename="a.jpg", split=s, sentences=[dict(raw="a dog .")] * 5) for s in ("train", "test")
+         ])).encode())),
+    Case("CSV row without a caption", CAPTIONS, r"{tree}/captions.csv line 4: expected image,caption, found 1 column",
+         write("captions.csv", lambda t: caption_rows(t).replace("a.jpg,a 2 .", "a.jpg").encode())),
+    Case("captions already imported, different", CAPTIONS + ["--out", "{tree}/out"],
+         r"{tree}/out/test_caps.txt already exists with other captions; pass --overwrite to replace it",
+         write("out/test_caps.txt", b"other\n" * 15)),
+    Case("unknown caption format", CAPTIONS[:3] + ["{tree}/notes.json", "--out", "{tree}/new", "--split", "test"],
+         r"cannot tell the format of {tree}/notes.json; pass --format karpathy, coco, csv or txt$",
+         write("notes.json", b'{"hello": 1}')),
+]
+
+
+# --------------------------------------------------------------------------- the good tree, once
+@pytest.fixture(scope="module")
+def good_tree(tmp_path_factory) -> Path:
+    """``photos/`` (three 64 x 64 JPEGs), ``captions.csv`` (5 each), ``notes.txt``, and ``out/`` holding another
+    extraction (``test_ims.npy``, ``test_ids.txt``)."""
+    tree = tmp_path_factory.mktemp("good")
+    rng = np.random.default_rng(0)
+    (tree / "photos").mkdir()
+    for name in PHOTOS:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tree / "photos" / name, quality=90)
+    (tree / "captions.csv").write_text("image,caption\n" + "".join(f"{n},{n[0]} {k} .\n" for n in PHOTOS
+                                                                   for k in range(5)))
+    (tree / "notes.txt").write_text("a regular file\n")
+    (tree / "out").mkdir()
+    np.save(tree / "out" / "test_ims.npy", np.zeros((3, 4, 8), np.float32))
+    (tree / "out" / "test_ids.txt").write_text("".join(n + "\n" for n in PHOTOS))
+    return tree
+
+
+def snapshot(tree: Path) -> dict[str, str]:
+    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(tree.rglob("*")) if p.is_file()}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
+@dataclass
+class Outcome:
+    tree: Path
+    returncode: int
+    stderr: str
+    before: dict[str, str]
+    after: dict[str, str]
+
+
+def run_case(case: Case, good: Path, base: Path) -> Outcome:
+    tree = base / slug(case.name)
+    shutil.copytree(good, tree)
+    if case.setup is not None:
+        case.setup(tree)
+    before = snapshot(tree)
+    result = subprocess.run([sys.executable, *(a.format(tree=tree) for a in case.command)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    return Outcome(tree, result.returncode, result.stderr, before, snapshot(tree))
+
+
+@pytest.fixture(scope="module")
+def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
+    selected = {item.callspec.params["case"].name for item in request.session.items
+                if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_changes_nothing"}
+    base = tmp_path_factory.mktemp("cases")
+    cases = [case for case in CASES if case.name in selected]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return dict(zip((case.name for case in cases), pool.map(lambda case: run_case(case, good_tree, base), cases)))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[slug(case.name) for case in CASES])
+def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, outcomes):
+    outcome = outcomes[case.name]
+    assert "Traceback" not in outcome.stderr, outcome.stderr
+    assert outcome.returncode == 2, outcome.stderr
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 1, outcome.stderr
+    assert lines[0].startswith("error: ")
+    assert re.search(case.message.format(tree=re.escape(str(outcome.tree))), lines[0]), lines[0]
+    assert outcome.after == outcome.before
+
+
+def test_a_bad_photo_after_some_rows_keeps_them_resumable_and_nothing_looks_finished(good_tree, tmp_path):
+    """c.jpg truncated, batches of 1: a.jpg and b.jpg are done; the run stops with status 2, test_ims.npy does not
+    exist, the state records 2 rows; the same command with --skip_bad resumes there and lists c.jpg."""
+    tree = tmp_path / "tree"
+    shutil.copytree(good_tree, tree)
+    write("photos/c.jpg", truncated("photos/c.jpg"))(tree)
+    command = [sys.executable, *(a.format(tree=tree) for a in FEATURES), "--batch_size", "1"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 2, first.stderr
+    assert re.fullmatch(r"error: photo \S+/c.jpg cannot be decoded \(image file is truncated.*\); replace it or leave "
+                        r"it out \(--skip_bad\); the 2 photos before it are kept: run the same command again to "
+                        r"resume\n", first.stderr), first.stderr
+    assert sorted(p.name for p in (tree / "new").iterdir()) == ["test_features.partial.json", "test_ims.npy.partial"]
+    assert json.loads((tree / "new" / "test_features.partial.json").read_text())["rows_done"] == 2
+    second = subprocess.run(command + ["--skip_bad"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resumed at photo 2" in second.stdout and "1 photos left out" in second.stdout
+    assert (tree / "new" / "test_ids.txt").read_text() == "a.jpg\nb.jpg\n"
+    assert np.load(tree / "new" / "test_ims.npy").shape == (2, 4, 1280)
+    assert (tree / "new" / "test_skipped.txt").read_text().startswith("c.jpg\tphoto ")
