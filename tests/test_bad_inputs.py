@@ -320,7 +320,7 @@ CASES = [
                                                                     "--lambda_softmax", "9"],
          r"^error: --lambda_softmax cannot change when resuming .*v1_checkpoint.pth \(it was 4\.0\); start a new run"),
     Case("unknown similarity head", TRAIN + ["--dry_run", "--head", "cosine"],
-         r"--head 'cosine' is unknown; choose one of saf, sgr"),
+         r"unknown similarity head 'cosine'; choose one of saf, sgr"),
     Case("batch_size larger than the dataset", TRAIN + ["--dry_run", "--batch_size", "31"],
          r"--batch_size 31 is larger than the 30 captions of {data}/synthetic_precomp/train_caps.txt; use at most 30"),
     Case("--fold5 on 4 images", EVALUATE_DATA + ["--model", "{ckpt}", "--fold5"],

@@ -129,7 +129,7 @@ CASES = [
          r"--out$"),
     # ---- options
     Case("unknown backbone", FEATURES + ["--backbone", "vgg16"],
-         r"--backbone 'vgg16' is unknown; choose one of convnext_base, .*efficientnet_lite0, .*resnet152"),
+         r"unknown backbone 'vgg16'; choose one of convnext_base, .*efficientnet_lite0, .*resnet152"),
     Case("grid of 0", FEATURES + ["--grid", "0"], r"--grid must be an integer of at least 1, found 0$"),
     # ---- captions
     Case("captions for a photo that does not exist", CAPTIONS + ["--images", "{tree}/photos"],

@@ -267,7 +267,7 @@ def test_skip_bad_leaves_out_unreadable_photos_and_lists_them(tmp_path):
 
 # --------------------------------------------------------------------------- backbones
 def test_unknown_backbone_is_one_line_naming_the_choices():
-    with pytest.raises(ConfigError, match=r"^--backbone 'vgg' is unknown; choose one of convnext_base, .*"
+    with pytest.raises(ConfigError, match=r"^unknown backbone 'vgg'; choose one of convnext_base, .*"
                                           r"efficientnet_lite0, .*resnet152, .*$"):
         build_backbone("vgg")
 
@@ -324,7 +324,7 @@ def test_all_200_shipped_photos_reproduce_the_shipped_features(shared_dir, tmp_p
     assert _shipped_difference(shared_dir, 200, tmp_path) <= 0.01
 
 
-def test_values_beyond_float16_are_refused_not_stored_as_inf(tmp_path, monkeypatch):
+def test_values_beyond_float16_are_refused_not_stored_as_inf(tmp_path, request):
     from hsc_pyg.features import Backbone, backbones
 
     class Huge(Backbone):
@@ -336,7 +336,8 @@ def test_values_beyond_float16_are_refused_not_stored_as_inf(tmp_path, monkeypat
         def forward(self, photos):
             return torch.full((len(photos), 2, 2, 2), 1e5)
 
-    monkeypatch.setitem(backbones._BACKBONES, "huge", Huge)
+    backbones.register_backbone("huge")(Huge)
+    request.addfinalizer(lambda: backbones.BACKBONES.unregister("huge"))
     write_photos(tmp_path / "photos", 2)
     with pytest.raises(ConfigError, match=r"^features reach 1e\+05, beyond float16's range \(65504\); run again with "
                                           r"--dtype float32 --overwrite$"):

@@ -21,26 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 
 #: ImageNet channel statistics, the normalisation every backbone here was trained with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_BACKBONES: dict[str, Callable[..., "Backbone"]] = {}
-
-
-def register_backbone(name: str) -> Callable[[Callable[..., "Backbone"]], Callable[..., "Backbone"]]:
-    """Decorator: make ``build_backbone(name)`` construct the decorated class (or factory)."""
-    def wrap(entry: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = entry
-        return entry
-    return wrap
+#: Backbones by name: a class or factory taking ``pretrained`` (decorate with ``@register_backbone("name")``).
+BACKBONES: Registry[Callable[..., "Backbone"]] = Registry("backbone")
+register_backbone = BACKBONES.register
 
 
 def backbone_names() -> list[str]:
-    return sorted(_BACKBONES)
+    return BACKBONES.names()
 
 
 def build_backbone(name: str, pretrained: bool = True) -> "Backbone":
@@ -48,11 +41,10 @@ def build_backbone(name: str, pretrained: bool = True) -> "Backbone":
 
     ConfigError for an unknown name, a missing optional package or weights that cannot be fetched.
     """
-    if name not in _BACKBONES:
-        raise ConfigError(f"--backbone {name!r} is unknown; choose one of {', '.join(backbone_names())}")
+    entry = BACKBONES.get(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights (pretrained=False) are the same in every run, so resuming is exact
-        return _BACKBONES[name](pretrained=pretrained).eval()
+        return entry(pretrained=pretrained).eval()
 
 
 class Backbone(nn.Module):

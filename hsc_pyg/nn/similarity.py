@@ -18,28 +18,22 @@ them or the plain formulas here.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..registry import Registry
 from .functional import l2norm, masked_mean, masked_softmax
 from .kernels import Kernels
 from .layers import xavier_linear
 
-HEADS: dict[str, type[nn.Module]] = {}
-
-
-def register_head(name: str) -> Callable[[type], type]:
-    """Class decorator: make a similarity head available as ``head=name``. A head maps the nodes ``[..., K, m]``,
-    their mask ``[..., K]`` and the module's :class:`~hsc_pyg.nn.kernels.Kernels` to a vector ``[..., m]``."""
-    def wrap(cls: type) -> type:
-        HEADS[name] = cls
-        return cls
-
-    return wrap
+#: Similarity heads by name (``head=name``). A head maps the nodes ``[..., K, m]``, their mask ``[..., K]`` and the
+#: module's :class:`~hsc_pyg.nn.kernels.Kernels` to a vector ``[..., m]``.
+HEADS: Registry[type[nn.Module]] = Registry("similarity head")
+register_head = HEADS.register
 
 
 # --------------------------------------------------------------------------- global vectors (once per item)
@@ -262,14 +256,13 @@ class SimilarityModule(nn.Module):
     def __init__(self, embed_size: int, sim_dim: int, num_regions: int = 36, head: str = "saf", sgr_step: int = 3,
                  lambda_softmax: float = 9.0, sa_dropout: float = 0.4, kernels: str = "auto"):
         super().__init__()
-        if head not in HEADS:
-            raise ConfigError(f"unknown similarity head {head!r}; choose one of {', '.join(sorted(HEADS))}")
+        head_class = HEADS.get(head)
         self.lambda_softmax = lambda_softmax
         self.visual_sa = VisualSA(embed_size, sa_dropout, num_regions)
         self.text_sa = TextSA(embed_size, sa_dropout)
         self.loc_proj = xavier_linear(nn.Linear(embed_size, sim_dim))
         self.glo_proj = xavier_linear(nn.Linear(embed_size, sim_dim))
-        self.head = HEADS[head](sim_dim, sgr_step)
+        self.head = head_class(sim_dim, sgr_step)
         self.score_proj = xavier_linear(nn.Linear(sim_dim, 1))
         self.kernels = Kernels(kernels)
 
