@@ -47,6 +47,7 @@ class Config:
     gru_layers: int = field(default=1, metadata={"help": "GRU layers of the text encoder"})
     no_imgnorm: bool = field(default=False, metadata={"help": "skip the l2norm of region states"})
     no_txtnorm: bool = field(default=False, metadata={"help": "skip the l2norm of word states"})
+    first_stage_dim: int = field(default=0, metadata={"help": "size of the first stage's retrieval vectors: 0 = the global vectors themselves, else a learned projection to this size"})
     align_levels: str = field(default="higher", metadata={"help": "comma-separated levels to align and fuse: object, relational, higher"})
     # ---- training ----
     batch_size: int = field(default=128, metadata={"help": "captions (with their images) per step"})
@@ -66,6 +67,8 @@ class Config:
     deterministic: bool = field(default=False, metadata={"help": "deterministic algorithms (slower)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda[:N]"})
     amp: str = field(default="off", metadata={"help": "autocast: off, bf16 or fp16 (GPU)"})
+    itc_weight: float = field(default=0.0, metadata={"help": "weight of the first stage's contrastive loss added to the hinge loss (0 = the papers' loss exactly)"})
+    itc_loss: str = field(default="infonce", metadata={"help": "the first stage's loss: infonce (learned temperature, as CLIP/ALBEF) or hinge (on the cosine matrix)"})
     nan_policy: str = field(default="stop", metadata={"help": "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the batch"})
     # ---- scoring ----
     score_chunk_mb: int = field(default=512, metadata={"help": "memory bound of one chunk of the dense pair scorer, in MiB"})

@@ -119,8 +119,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> H
     """Build the model a checkpoint dict describes and load its weights (strictly)."""
     config = Config.from_dict(ckpt["config"], source=source)
     model = build_model(config)
+    state = dict(ckpt["model"])
+    if not any(k.startswith("first_stage.") for k in state):
+        # written before the first stage existed (official checkpoints, hsc_pyg 0.1): its untrained form, the cosine
+        # of the global vectors, with ``trained`` false
+        state.update({f"first_stage.{k}": v for k, v in model.first_stage.state_dict().items()})
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:240]
         raise CheckpointError(f"{source}: weights do not fit the model its config describes ({detail})") from None
