@@ -99,7 +99,9 @@ def print_report(report: dict[str, Any]) -> None:
     if "rerank" in report:
         rerank = report["rerank"]
         print()
-        print(format_table(rerank["metrics"], title=f"{title} -- re-ranked top {rerank['k']} by cosine "
+        print(format_table(rerank["first_stage_metrics"], title=f"{title} -- first stage only (cosine, no exact score)"))
+        print()
+        print(format_table(rerank["metrics"], title=f"{title} -- re-ranked top {rerank['k']} of the first stage "
                                                     f"({rerank['exact_pairs']:,} pair scores, "
                                                     f"{100 * rerank['fraction']:.2f}% of exact)"))
     seconds = report.get("seconds")

@@ -140,6 +140,8 @@ class ModelConfig:
     gru_layers: int = option(1, "GRU layers of the text encoder", low=1)
     no_imgnorm: bool = option(False, "skip the l2norm of region states")
     no_txtnorm: bool = option(False, "skip the l2norm of word states")
+    first_stage_dim: int = option(0, "size of the first stage's retrieval vectors: 0 = the global vectors themselves, "
+                                     "else a learned projection to this size", low=0)
     align_levels: str = option("higher", "comma-separated levels to align and fuse: object, relational, higher")
     img_edges: str = option("full", "region-graph edges: full, knn:K, spatial, none")
     txt_edges: str = option("full", "word-graph edges: full, window:K, none")
@@ -252,6 +254,10 @@ class TrainConfig:
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     amp: str = option("off", "autocast: off, bf16 or fp16 (GPU)", choices=("off", "bf16", "fp16"))
+    itc_weight: float = option(0.0, "weight of the first stage's contrastive loss added to the hinge loss (0 = the "
+                                    "papers' loss exactly)", low=0.0)
+    itc_loss: str = option("infonce", "the first stage's loss: infonce (learned temperature, as CLIP / ALBEF) or hinge "
+                                      "(on the cosine matrix)", choices=("infonce", "hinge"))
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the batch",
                              choices=("stop", "skip"))
     score_chunk_mb: int = option(512, "memory bound of one chunk of the dense pair scorer, in MiB", low=1)

@@ -10,7 +10,7 @@ from hsc_pyg.data.graphs import collate_graphs
 from hsc_pyg.data.precomp import ImageDataset, PrecompSplit, TextDataset
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
-from hsc_pyg.engine.evaluation import (PackedCaptions, Reranked, cosine_matrix, encode_split, evaluate, pair_scores,
+from hsc_pyg.engine.evaluation import (PackedCaptions, Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
                                        rerank, rerank_scores, score_matrix)
 from hsc_pyg.engine.metrics import METRIC_KEYS, fold5_metrics, i2t_ranks, recall_metrics, t2i_ranks
 from hsc_pyg.errors import ConfigError, DataError, VocabError
@@ -130,11 +130,20 @@ def test_pair_scores_follow_the_given_pairs():
     assert scorer.score_calls == len(np.unique(rows))      # one dense call per image, whatever the pair order
 
 
-def test_cosine_matrix_is_the_cosine_of_the_global_vectors():
+@pytest.mark.parametrize("dim", [0, 6])
+def test_first_stage_matrix_is_the_cosine_of_the_first_stage_vectors(dim):
+    from hsc_pyg.nn.first_stage import FirstStage
+
     images, captions = fake_encodings(5)
-    img = torch.nn.functional.normalize(images.glo.mean(1), dim=-1)
-    cap = torch.nn.functional.normalize(captions.glo.mean(1), dim=-1)
-    np.testing.assert_allclose(cosine_matrix(images, captions, block_images=2), (img @ cap.T).numpy(), atol=1e-6)
+    holder = torch.nn.Module()
+    holder.first_stage = FirstStage(images.glo.size(-1), dim)
+    holder.weight = torch.nn.Parameter(torch.ones(()))
+    img, cap = images.glo.mean(1), captions.glo.mean(1)
+    if dim:
+        img, cap = holder.first_stage.image_proj(img), holder.first_stage.caption_proj(cap)
+    img, cap = torch.nn.functional.normalize(img, dim=-1), torch.nn.functional.normalize(cap, dim=-1)
+    np.testing.assert_allclose(first_stage_matrix(holder, images, captions, block_images=2),
+                               (img @ cap.T).detach().numpy(), atol=1e-6)
 
 
 # ---- re-ranking ----------------------------------------------------------------------------------------------------

@@ -186,8 +186,13 @@ def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> H
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{source}: its 'model' is a {type(ckpt.get('model')).__name__}, not a state dict; the "
                               "file is damaged")
+    state = dict(ckpt["model"])
+    if not any(k.startswith("first_stage.") for k in state):
+        # written before the first stage existed (official checkpoints, hsc_pyg 0.1): its untrained form, the cosine
+        # of the global vectors, with ``trained`` false
+        state.update({f"first_stage.{k}": v for k, v in model.first_stage.state_dict().items()})
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:240]
         raise CheckpointError(f"{source}: weights do not fit the model its config describes ({detail})") from None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
-from ..nn.model import HSCModel, ImageEncoding
+from ..nn.model import HSCModel, ImageEncoding, TrainingScores
 from .device import resolve_device
 
 #: Bound of the rank-0 receive buffer of one :func:`gather_rows` call, in MiB.
@@ -275,13 +275,16 @@ class GatheredNegatives(nn.Module):
     gradient onto the owner of each part, so the ranks' gradients add up to ``W * dL/dθ`` and the average that
     ``DistributedDataParallel`` takes is ``dL/dθ``: the step of one process training on the global batch, except that
     the encoders' BatchNorms (VisualSA, the relational blocks) normalise over each rank's own images.
+
+    The first stage's cosines are those of the global batch too: every rank's first-stage vectors are gathered (with
+    gradient) and each rank computes the whole ``[W*B, W*B]`` cosine matrix.
     """
 
     def __init__(self, model: HSCModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, pairs) -> Tensor:
+    def forward(self, pairs) -> TrainingScores:
         images = self.model.encode_images(pairs.images)
         captions = self.model.encode_captions(pairs.captions)
         regions, glo = all_gather_with_grad(images.regions), all_gather_with_grad(images.glo)
@@ -289,5 +292,9 @@ class GatheredNegatives(nn.Module):
         columns = self.model.score(all_images, captions)                         # [images of all ranks, B]
         scores = torch.cat(all_gather_with_grad(columns), 1)                     # [images of all ranks, W*B]
         offsets = np.cumsum([0] + [len(r) for r in regions[:-1]])
-        img_index = [index + int(offset) for index, offset in zip(all_gather_with_grad(pairs.img_index), offsets)]
-        return scores[torch.cat(img_index)]
+        img_index = torch.cat([index + int(offset)
+                               for index, offset in zip(all_gather_with_grad(pairs.img_index), offsets)])
+        stage = self.model.first_stage
+        img_vectors = torch.cat(all_gather_with_grad(stage.image_vectors(images.glo)))      # [images of all ranks, k]
+        cap_vectors = torch.cat(all_gather_with_grad(stage.caption_vectors(captions.glo)))  # [W*B, k]
+        return TrainingScores(scores[img_index], img_vectors[img_index] @ cap_vectors.T, stage.scale())

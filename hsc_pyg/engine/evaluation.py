@@ -284,11 +284,15 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
     return out
 
 
-def cosine_matrix(img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, block_images: int = 1024,
-                  ) -> np.ndarray:
-    """Cosine of the global image and caption vectors, ``[N, M]`` float32 on the host."""
-    img = img_enc.global_vectors()
-    cap = captions.global_vectors().to(img.device)
+def first_stage_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+                       block_images: int = 1024) -> np.ndarray:
+    """First-stage scores: the cosine of the model's first-stage image and caption vectors
+    (:class:`~hsc_pyg.nn.first_stage.FirstStage`), ``[N, M]`` float32 on the host."""
+    device, _ = _model_device(model)
+    stage = model.first_stage
+    with torch.no_grad():
+        img = stage.image_vectors(img_enc.glo.to(device))
+        cap = stage.caption_vectors(captions.glo.to(device))
     out = np.empty((len(img), len(cap)), dtype=np.float32)
     for i0 in range(0, len(img), block_images):
         out[i0:i0 + block_images] = (img[i0:i0 + block_images] @ cap.T).cpu().numpy()
@@ -300,25 +304,31 @@ def cosine_matrix(img_enc: ImageEncoding, captions: CaptionEncoding | PackedCapt
 class Reranked:
     """Scores after re-ranking, one matrix per direction ``[N, M]`` float32.
 
-    In ``i2t`` each image's top ``k`` captions by cosine hold their exact score; in ``t2i`` each caption's top ``k``
-    images do. Every other entry is its cosine shifted below the lowest exact score, so the rest of a ranking follows
-    the cosine order. ``num_exact_pairs``: the distinct pairs scored exactly (the union of both directions' top K).
+    In ``i2t`` each image's top ``k`` captions by first-stage score hold their exact score; in ``t2i`` each caption's
+    top ``k`` images do. Every other entry is its first-stage score shifted below the lowest exact score, so the rest of
+    a ranking (below the shortlist) follows the first stage's order. ``num_exact_pairs``: the distinct pairs scored
+    exactly (the union of both directions' top K); ``first_stage``: the first-stage matrix itself.
     """
 
     i2t: np.ndarray
     t2i: np.ndarray
     num_exact_pairs: int
     k: int
+    first_stage: np.ndarray
 
     def metrics(self, per_image: int = 5) -> dict[str, float]:
         return recall_metrics(self.i2t, per_image, sims_t2i=self.t2i)
 
+    def first_stage_metrics(self, per_image: int = 5) -> dict[str, float]:
+        """The recalls of the first stage alone (no exact score)."""
+        return recall_metrics(self.first_stage, per_image)
+
 
 def rerank_scores(cosine: np.ndarray, k: int, exact: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Reranked:
-    """Retrieve-then-rerank from a cosine matrix ``[N, M]``.
+    """Retrieve-then-rerank from a first-stage score matrix ``[N, M]``.
 
     Args:
-        cosine: first-stage scores.
+        cosine: first-stage scores (cosines).
         k: candidates re-scored per query (image queries: captions; caption queries: images); capped at the number of
             items, so ``k`` >= ``M`` gives the exact matrix in both directions.
         exact: ``exact(rows, cols) -> [P]`` exact scores of the pairs ``(rows[p], cols[p])``; called once, with the
@@ -345,7 +355,7 @@ def rerank_scores(cosine: np.ndarray, k: int, exact: Callable[[np.ndarray, np.nd
     t2i = i2t.copy()
     i2t[rows[in_i2t], cols[in_i2t]] = values[in_i2t]
     t2i[rows[in_t2i], cols[in_t2i]] = values[in_t2i]
-    return Reranked(i2t, t2i, int(len(rows)), k)
+    return Reranked(i2t, t2i, int(len(rows)), k, cosine)
 
 
 Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
@@ -353,12 +363,13 @@ Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
 
 def rerank_ensemble(members: Sequence[Member], k: int, chunk_mb: int | None = None, amp: str = "off",
                     progress: bool = False) -> Reranked:
-    """:func:`rerank_scores` for the average of several models: cosines averaged, exact pair scores averaged."""
+    """:func:`rerank_scores` for the average of several models: first-stage scores averaged, exact pair scores
+    averaged."""
     if not members:
         raise ConfigError("re-ranking needs at least one model")
-    cosine = cosine_matrix(members[0][1], members[0][2])
-    for _, img_enc, captions in members[1:]:
-        cosine += cosine_matrix(img_enc, captions)
+    cosine = first_stage_matrix(*members[0])
+    for member in members[1:]:
+        cosine += first_stage_matrix(*member)
     cosine /= len(members)
 
     def exact(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -372,8 +383,8 @@ def rerank_ensemble(members: Sequence[Member], k: int, chunk_mb: int | None = No
 
 def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
            chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
-    """Rank all captions per image and all images per caption by the cosine of the global vectors, then score each
-    query's top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""
+    """Rank all captions per image and all images per caption by the model's first stage, then score each query's
+    top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""
     return rerank_ensemble([(model, img_enc, captions)], k, chunk_mb, amp, progress)
 
 

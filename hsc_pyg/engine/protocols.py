@@ -193,6 +193,10 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
         "metrics": average_metrics(per_block) if p.fold5 else per_block[0], "exact_pairs": exact_pairs,
     }
     if p.rerank_k:
+        untrained = [path for path, (model, _, _) in zip(p.models, members) if not bool(model.first_stage.trained)]
+        if untrained:
+            warn(f"{', '.join(untrained)}: no trained first stage (--itc_weight 0 or an official checkpoint); the "
+                 "shortlist is the untrained cosine of the global vectors, which misses more of the exact ranking")
         start = time.perf_counter()
         reranked = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], p.rerank_k,
                                     chunk_mb=p.score_chunk_mb or None, amp=p.amp, progress=progress)
@@ -200,8 +204,10 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
         seconds["rerank"] = time.perf_counter() - start
         per_block = [r.metrics(per_image) for r in reranked]
         rerank_pairs = sum(r.num_exact_pairs for r in reranked)
+        first = [r.first_stage_metrics(per_image) for r in reranked]
         report["rerank"] = {"k": p.rerank_k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
-                            "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs}
+                            "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs,
+                            "first_stage_metrics": average_metrics(first) if p.fold5 else first[0]}
     if seconds:
         report["seconds"] = seconds
     if json_path is not None:

@@ -60,7 +60,7 @@ from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
 from ..io import remove_stale_temps
-from ..nn.loss import ContrastiveLoss
+from ..nn.loss import ContrastiveLoss, ImageTextContrastive
 from ..nn.model import HSCModel, build_model
 from ..nn.similarity import HEADS
 from . import distributed
@@ -422,16 +422,21 @@ class DeferredInterrupt:
 # --------------------------------------------------------------------------- one step
 def train_step(model: torch.nn.Module, pairs, criterion: ContrastiveLoss, optimizer: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, config: Config, device: torch.device, hardest: bool,
-               ) -> tuple[float, torch.Tensor]:
+               itc: ImageTextContrastive | None = None) -> tuple[float, torch.Tensor]:
     """Forward, loss, backward, clip, update. Returns the loss and the ``[B, B]`` scores; when the loss or the
     gradient norm is not finite, nothing is updated and the loss returned is NaN or inf (a NaN for a bad gradient).
+    The loss is the hinge loss of the exact scores plus ``config.itc_weight`` times the first stage's contrastive
+    loss ``itc`` (not computed at all when the weight is 0: the papers' loss exactly).
 
     ``model`` maps a PairBatch to scores: the HSCModel, or its DistributedDataParallel wrapper; with several processes
     the loss returned is the mean over the ranks, so that all of them skip a non-finite step together."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, config.amp):
-        scores = model(pairs)
+        out = model(pairs)
+    scores = out.scores
     loss = criterion(scores.float(), max_violation=hardest)
+    if config.itc_weight:
+        loss = loss + config.itc_weight * itc(out.cosine.float(), out.scale.float(), max_violation=hardest)
     loss_value = distributed.mean_over_ranks(loss.item())
     if not math.isfinite(loss_value):
         return loss_value, scores
@@ -523,6 +528,11 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
     model = build_model(config).to(device)
     model.vocab = vocab
     criterion = ContrastiveLoss(config.margin, config.max_violation)
+    itc = ImageTextContrastive(config.itc_loss, config.margin, config.max_violation)
+    # the first stage learns only with its loss on; otherwise its parameters stay as built (no gradient, no update)
+    model.first_stage.requires_grad_(config.itc_weight > 0)
+    if config.itc_weight > 0:
+        model.first_stage.trained.fill_(True)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_update, gamma=0.1)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
@@ -641,7 +651,7 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
                     with guard.critical():
                         pairs = pairs.to(device, non_blocking=True)
                         loss_value, scores = train_step(net, pairs, criterion, optimizer, scaler, config, device,
-                                                        hardest)
+                                                        hardest, itc)
                         if not math.isfinite(loss_value):
                             if config.nan_policy == "stop":
                                 kept = (f"{out / CHECKPOINT} (iteration {last_saved}) is the last good checkpoint"

@@ -1,7 +1,9 @@
-"""Hinge triplet loss on a ``[B, B]`` score matrix (MODEL.md §2; VSE++ hardest negatives)."""
+"""Losses: the hinge triplet loss on a ``[B, B]`` score matrix (MODEL.md §2; VSE++ hardest negatives) and the first
+stage's in-batch contrastive loss."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -27,3 +29,28 @@ class ContrastiveLoss(nn.Module):
         if hardest:
             return cost_caption.max(1)[0].sum() + cost_image.max(0)[0].sum()
         return cost_caption.sum() + cost_image.sum()
+
+
+class ImageTextContrastive(nn.Module):
+    """The first stage's in-batch contrastive loss on ``[B, B]`` cosines (``cosine[i, j]`` = image of caption i
+    against caption j; matching pairs on the diagonal).
+
+    ``infonce`` (CLIP / ALBEF): ``(CE(scale * cosine, diag) + CE(scale * cosine^T, diag)) / 2`` with the model's learned
+    inverse temperature ``scale``; ``hinge``: :class:`ContrastiveLoss` on the cosine matrix itself (the scale unused).
+    """
+
+    KINDS = ("infonce", "hinge")
+
+    def __init__(self, kind: str = "infonce", margin: float = 0.2, max_violation: bool = True):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown contrastive loss {kind!r}; choose one of {', '.join(self.KINDS)}")
+        self.kind = kind
+        self.hinge = ContrastiveLoss(margin, max_violation)
+
+    def forward(self, cosine: Tensor, scale: Tensor, max_violation: bool | None = None) -> Tensor:
+        if self.kind == "hinge":
+            return self.hinge(cosine, max_violation)
+        logits = scale * cosine
+        target = torch.arange(cosine.size(0), device=cosine.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2

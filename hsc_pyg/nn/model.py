@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ from ..config import Config, ModelConfig
 from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
+from .first_stage import FirstStage
 from .functional import l2norm
 from .similarity import SimilarityModule
 
@@ -83,6 +84,16 @@ class CaptionEncoding:
         return cls(torch.cat(words), torch.cat(masks), torch.cat([p.glo for p in parts]))
 
 
+class TrainingScores(NamedTuple):
+    """What a training forward gives the losses, all in the ``[B, B]`` layout of the batch's captions (row b = caption
+    b's image, column c = caption c): ``scores`` exact, ``cosine`` of the first stage's vectors; ``scale`` is the
+    first stage's inverse temperature."""
+
+    scores: Tensor
+    cosine: Tensor
+    scale: Tensor
+
+
 class HSCModel(nn.Module):
     """Region-graph encoder + word-graph encoder + similarity module (MODEL.md §2-3), built from a
     :class:`~hsc_pyg.config.ModelConfig` alone.
@@ -109,6 +120,7 @@ class HSCModel(nn.Module):
                                              config.gru_layers, config.no_txtnorm)
         self.similarity = SimilarityModule(config.embed_size, config.sim_dim, config.num_regions, config.head,
                                            config.sgr_step, config.lambda_softmax, config.sa_dropout)
+        self.first_stage = FirstStage(config.embed_size, config.first_stage_dim)
 
     # ---------------------------------------------------------------- per item
     def encode_images(self, images) -> ImageEncoding:
@@ -194,10 +206,12 @@ class HSCModel(nn.Module):
         norm = getattr(self.similarity.head, "norm", None)
         return norm if hasattr(norm, "deferred_updates") else None
 
-    def forward(self, pairs) -> Tensor:
-        """Training: a :class:`hsc_pyg.data.graphs.PairBatch` -> scores ``[B, B]`` (row b = caption b's image)."""
-        scores = self.score(self.encode_images(pairs.images), self.encode_captions(pairs.captions))
-        return scores[pairs.img_index]
+    def forward(self, pairs) -> "TrainingScores":
+        """Training: a :class:`hsc_pyg.data.graphs.PairBatch` of B captions -> :class:`TrainingScores` (row b = caption
+        b's image)."""
+        img, cap = self.encode_images(pairs.images), self.encode_captions(pairs.captions)
+        cosine = self.first_stage.image_vectors(img.glo) @ self.first_stage.caption_vectors(cap.glo).T
+        return TrainingScores(self.score(img, cap)[pairs.img_index], cosine[pairs.img_index], self.first_stage.scale())
 
     # ---------------------------------------------------------------- convenience
     @torch.no_grad()

@@ -1,0 +1,5 @@
+import sys
+
+from hsc_pyg.cli.search import main
+
+sys.exit(main())
