@@ -16,7 +16,7 @@ from typing import Sequence
 from .. import load_checkpoint
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
-from ..engine.evaluation import resolve_device
+from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
 from ..errors import ConfigError, HSCError, os_error_reason
 

@@ -13,6 +13,7 @@ top ``k`` of those are returned in exact-score order. Items outside the shortlis
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary, tokenize
 from ..errors import ConfigError, HSCError, os_error_reason
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
-from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, eval_mode, score_matrix
+from .device import eval_mode
+from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
 
 CACHE_VERSION = 1
 META = "gallery.json"
@@ -63,7 +65,7 @@ def file_fingerprint(path: str | Path) -> dict[str, Any]:
 
 def model_fingerprint(model: HSCModel) -> str:
     """SHA-256 of the model's configuration, every parameter and buffer, and its vocabulary."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
@@ -337,7 +339,7 @@ def encode_query(model: HSCModel, vocab: Vocabulary, text: str) -> tuple[Caption
     device, _ = _model_device(model)
     graph = caption_graph(vocab.encode(text), edges=model.config.txt_edges)
     with eval_mode(model), torch.no_grad():
-        enc = model.encode_captions(collate_graphs([graph], model.config.txt_edges).to(device))
+        enc = model.encode_captions(collate_graphs([graph]).to(device))
     return enc, unknown
 
 
