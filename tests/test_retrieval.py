@@ -343,3 +343,23 @@ def test_bad_searches_are_one_line_errors(checkpoint, data_path, tmp_path, args,
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(lines) == 1 and message in lines[0], err
     assert not (tmp_path / "search.png").exists()
+
+
+def test_the_command_draws_a_contact_sheet_of_the_photos_it_found(checkpoint, data_path, split, tmp_path):
+    import matplotlib.image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    ids = split.ids or [str(i) for i in range(split.num_images)]
+    for i, name in enumerate(ids):
+        matplotlib.image.imsave(photos / name, np.full((12, 16, 3), i / len(ids)), format="png")
+    status, _, err = search_cli("--model", checkpoint, "--data_path", data_path, "--data_name", NAME,
+                                "--query", split.captions[0], "--k", 3, "--image_root", photos,
+                                "--sheet", tmp_path / "sheet.png", "--no_progress", cwd=tmp_path)
+    assert status == 0, err
+    sheet = matplotlib.image.imread(tmp_path / "sheet.png")
+    assert sheet.shape[0] > 100 and sheet.shape[1] > 500          # one row of five 3.2-inch cells at 100 dpi
+    status, _, err = search_cli("--model", checkpoint, "--data_path", data_path, "--data_name", NAME,
+                                "--image", 2, "--k", 3, "--image_root", photos, "--sheet", tmp_path / "sheet.png",
+                                "--no_progress", cwd=tmp_path)
+    assert status == 2 and "already exists" in err

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Sequence
 
-from ..engine.evaluation import resolve_device
+from ..engine.device import resolve_device
 from ..errors import HSCError
 from ..features import backbone_names, extract_features
 

@@ -8,7 +8,6 @@ Expected failures print one line to stderr and exit with status 2 (``--debug`` s
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +17,8 @@ from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
-from ..errors import ConfigError, HSCError, os_error_reason
+from ..errors import ConfigError, HSCError
+from ..io import write_json
 
 DESCRIPTION = """\
 Search a split's images with a sentence (--query), or its captions with one of its images (--image). The gallery is
@@ -104,20 +104,8 @@ def run(args: argparse.Namespace) -> dict:
         contact_sheet(result, args.image_root, sheet)
         print(f"wrote {sheet}", file=sys.stderr)
     if json_out is not None:
-        _write(json_out, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8"))
+        write_json(json_out, result.to_dict(), indent=2)
     return result.to_dict()
-
-
-def _write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        tmp.replace(path)
-    except OSError as e:
-        raise ConfigError(f"cannot write {path} ({os_error_reason(e)}); choose a writable path") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,13 +29,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from ..errors import ConfigError, DataError, os_error_reason
+from ..io import atomic_files
 
 #: file name endings that are photos (case-insensitive)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -45,25 +44,6 @@ FEWER = ("error", "repeat")
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
 Captions = dict[str, list[str]]  # photo id -> its captions in file order
-
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``: a crash leaves the
-    old file or the new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have given
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -341,8 +321,7 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
         reports.append(report)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for path, data in written:  # ids before captions: a split is complete once its captions are there
-            write_atomic(path, data)
     except OSError as e:
         raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
+    atomic_files({path: (lambda f, data=data: f.write(data)) for path, data in written})  # every split or none
     return reports

@@ -17,8 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +29,8 @@ from torch.utils.data import DataLoader
 from ..data.graphs import caption_graph, collate_graphs
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary, tokenize
-from ..errors import ConfigError, HSCError, os_error_reason
+from ..errors import ConfigError, HSCError
+from ..io import atomic_folder
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from .device import eval_mode
 from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
@@ -201,65 +200,43 @@ def _load(folder: Path, meta: dict[str, Any]) -> Gallery:
 
 def _build(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, folder: Path,
            fingerprint: dict[str, Any], store_dtype: str, batch_size: int, progress: bool) -> None:
-    """Encode ``split`` into a new folder beside ``folder`` and put it in place (replacing an old one only once the
-    new one is complete)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    """Encode ``split`` into a new folder that replaces ``folder`` only once it is complete
+    (:func:`hsc_pyg.io.atomic_folder`: a failure leaves the old cache whole)."""
     dtype = np.dtype(store_dtype)
-    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        device, _ = _model_device(model)
+    device, _ = _model_device(model)
+    with atomic_folder(folder) as work, eval_mode(model), torch.no_grad():
         arrays: dict[str, np.ndarray] = {}
-        with eval_mode(model), torch.no_grad():
-            images = ImageDataset(split, img_edges=model.config.img_edges)
-            batches = [list(range(i, min(i + batch_size, split.num_images)))
-                       for i in range(0, split.num_images, batch_size)]
-            loader = DataLoader(images, batch_sampler=batches, collate_fn=images.collate_fn)
-            with _bar(split.num_images, "encoding gallery images", "image", progress) as bar:
-                for ids, batch in zip(batches, loader):
-                    enc = model.encode_images(batch.to(device))
-                    vec = model.first_stage.image_vectors(enc.glo)
-                    for name, value in (("img_regions", enc.regions), ("img_glo", enc.glo), ("img_vectors", vec)):
-                        if name not in arrays:
-                            shape = (split.num_images,) + tuple(value.shape[1:])
-                            arrays[name] = np.lib.format.open_memmap(
-                                work / f"{name}.npy", mode="w+", shape=shape,
-                                dtype=np.float32 if name == "img_vectors" else dtype)
-                        arrays[name][ids[0]:ids[-1] + 1] = value.float().cpu().numpy()
-                    bar.update(len(ids))
-            if split.num_captions:
-                for name, value in _encode_captions(model, split, vocab, batch_size, progress, dtype).items():
-                    np.save(work / f"{name}.npy", value)
+        images = ImageDataset(split, img_edges=model.config.img_edges)
+        batches = [list(range(i, min(i + batch_size, split.num_images))) for i in range(0, split.num_images, batch_size)]
+        loader = DataLoader(images, batch_sampler=batches, collate_fn=images.collate_fn)
+        with _bar(split.num_images, "encoding gallery images", "image", progress) as bar:
+            for ids, batch in zip(batches, loader):
+                enc = model.encode_images(batch.to(device))
+                vec = model.first_stage.image_vectors(enc.glo)
+                for name, value in (("img_regions", enc.regions), ("img_glo", enc.glo), ("img_vectors", vec)):
+                    if name not in arrays:    # written into memory-mapped files as they come: bounded memory
+                        shape = (split.num_images,) + tuple(value.shape[1:])
+                        arrays[name] = np.lib.format.open_memmap(
+                            work / f"{name}.npy", mode="w+", shape=shape,
+                            dtype=np.float32 if name == "img_vectors" else dtype)
+                    arrays[name][ids[0]:ids[-1] + 1] = value.float().cpu().numpy()
+                bar.update(len(ids))
         for array in arrays.values():
             array.flush()
         del arrays
+        if split.num_captions:
+            for name, value in _encode_captions(model, split, vocab, batch_size, progress, dtype).items():
+                np.save(work / f"{name}.npy", value)
         specs = {}
         for path in sorted(work.glob("*.npy")):
             array = np.load(path, mmap_mode="r")
             specs[path.stem] = {"shape": list(array.shape), "dtype": str(array.dtype),
                                 "sample_sha256": file_fingerprint(path)["sample_sha256"]}
-        ids = split.ids or [str(i) for i in range(split.num_images)]
-        meta = {"fingerprint": fingerprint, "arrays": specs, "ids": ids,
-                "captions": split.captions if split.num_captions else None,
-                "per_image": split.per_image, "source": {"data": str(split.path), "split": split.split},
+        meta = {"fingerprint": fingerprint, "arrays": specs, "ids": split.ids or [str(i) for i in range(split.num_images)],
+                "captions": split.captions if split.num_captions else None, "per_image": split.per_image,
+                "source": {"data": str(split.path), "split": split.split},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (work / META).write_text(json.dumps(meta) + "\n", encoding="utf-8")
-        _replace_folder(work, folder)
-    except OSError as e:
-        raise CacheError(f"cannot write the gallery cache {folder} ({os_error_reason(e)}); choose a writable "
-                         "--cache folder") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _replace_folder(new: Path, folder: Path) -> None:
-    """Put the complete folder ``new`` at ``folder``: the old one, if any, is moved aside first and removed last."""
-    old = None
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-    os.replace(new, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _encode_captions(model: HSCModel, split: PrecompSplit, vocab: Vocabulary, batch_size: int, progress: bool,

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.importers import write_atomic
 from ..errors import ConfigError, DataError, os_error_reason
+from ..io import write_bytes
 from .backbones import Backbone, build_backbone
 from .images import PHOTO_SUFFIXES, open_photo, photo_tensor
 
@@ -229,7 +229,7 @@ def _check_range(values: np.ndarray, dtype: str, names: list[str]) -> None:
 
 def _write_state(files: _Files, identity: dict, rows_done: int, skipped: dict[int, str]) -> None:
     state = dict(identity=identity, rows_done=rows_done, skipped={str(i): why for i, why in sorted(skipped.items())})
-    write_atomic(files.state, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
+    write_bytes(files.state, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
 
 
 def _create_npy(path: Path, dtype: str, shape: tuple[int, ...]) -> None:
@@ -273,11 +273,11 @@ def _finish(files: _Files, identity: dict, names: list[str], skipped: dict[int, 
     manifest = dict(identity=identity, num_rows=len(keep), skipped=len(skipped), versions=versions)
     # nothing may look finished before everything is: the old features go first, the new ones come last
     files.ims.unlink(missing_ok=True)
-    write_atomic(files.ids, ("".join(n + "\n" for n in kept_names)).encode("utf-8"))
+    write_bytes(files.ids, ("".join(n + "\n" for n in kept_names)).encode("utf-8"))
     os.replace(boxes_partial, files.boxes)
-    write_atomic(files.manifest, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
+    write_bytes(files.manifest, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
     if skipped:
-        write_atomic(files.skipped, "".join(f"{names[i]}\t{why}\n" for i, why in sorted(skipped.items())).encode())
+        write_bytes(files.skipped, "".join(f"{names[i]}\t{why}\n" for i, why in sorted(skipped.items())).encode())
     else:
         files.skipped.unlink(missing_ok=True)
     files.state.unlink()

@@ -4,13 +4,12 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import matplotlib
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..engine.retrieval import SearchResult  # noqa: E402
-from .draw import load_photo  # noqa: E402
+from ..engine.retrieval import SearchResult
+from ..io import atomic_write
+from .draw import load_photo
 
 COLUMNS = 5
 DPI = 100
@@ -24,7 +23,8 @@ def contact_sheet(result: SearchResult, image_root: str | Path, out: str | Path)
     if result.kind == "text":
         photos = [load_photo(root / hit.id) for hit in result.hits]
         rows = -(-len(photos) // COLUMNS)
-        fig, axes = plt.subplots(rows, COLUMNS, figsize=(3.2 * COLUMNS, 3.0 * rows + 0.8), squeeze=False)
+        fig = Figure(figsize=(3.2 * COLUMNS, 3.0 * rows + 0.8))
+        axes = fig.subplots(rows, COLUMNS, squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for rank, (ax, hit, photo) in enumerate(zip(axes.flat, result.hits, photos), 1):
@@ -33,7 +33,8 @@ def contact_sheet(result: SearchResult, image_root: str | Path, out: str | Path)
         fig.suptitle(textwrap.shorten(f"query: {result.query}", 140), fontsize=12)
     else:
         photo = load_photo(root / result.query_id)
-        fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 1.6]})
+        fig = Figure(figsize=(12, 4.5))
+        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.6]})
         left.imshow(photo)
         left.axis("off")
         left.set_title(f"query: image {result.query_id}", fontsize=11)
@@ -41,14 +42,8 @@ def contact_sheet(result: SearchResult, image_root: str | Path, out: str | Path)
         lines = [f"#{rank}  {hit.score:.4f}  " + textwrap.shorten(hit.text or "", 70)
                  for rank, hit in enumerate(result.hits, 1)]
         right.text(0, 1, "\n".join(lines), va="top", family="monospace", fontsize=9)
+    FigureCanvasAgg(fig)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        tmp.replace(out)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     return out
 
