@@ -207,7 +207,7 @@ def check_training_matches(device: str, preset: str = "hsc", batch: int = 6, len
     result_lengths = lengths.tolist()
     images = images.to(dtype)
     pairs.images.x = pairs.images.x.to(dtype)
-    loss_ours = ContrastiveLoss(0.2, True)(ours(pairs))
+    loss_ours = ContrastiveLoss(0.2, True)(ours(pairs).scores)
     loss_ours.backward()
     loss_theirs = og.forward_loss(theirs, images, tokens, lengths)
     loss_theirs.backward()

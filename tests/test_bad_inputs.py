@@ -253,10 +253,10 @@ CASES = [
          r"checkpoint.pth, or evaluate this one with evaluate.py$"),
     Case("--resume pointing nowhere", TRAIN_RUN + ["--resume", "{tree}/nowhere.pth"],
          r"checkpoint {tree}/nowhere.pth does not exist"),
-    Case("checkpoint without config", EVALUATE, r"checkpoint {ckpt}: 'config' must be a dict but the checkpoint holds "
-         r"nothing; the file is damaged", edit_checkpoint("model.pth", set_item("config", DELETE))),
-    Case("checkpoint config as a list", EVALUATE, r"checkpoint {ckpt}: 'config' must be a dict but the checkpoint "
-         r"holds a list", edit_checkpoint("model.pth", set_item("config", [16, 8]))),
+    Case("checkpoint without config", EVALUATE, r"checkpoint {ckpt}: 'model_config' must be a dict but the checkpoint "
+         r"holds nothing; the file is damaged", edit_checkpoint("model.pth", set_item("model_config", DELETE))),
+    Case("checkpoint config as a list", EVALUATE, r"checkpoint {ckpt}: 'model_config' must be a dict but the "
+         r"checkpoint holds a list", edit_checkpoint("model.pth", set_item("model_config", [16, 8]))),
     Case("checkpoint weights as a list", CONVERT, r"checkpoint {ckpt}: 'model' must be a dict but the checkpoint holds "
          r"a list", edit_checkpoint("model.pth", lambda c: c.update(model=list(c["model"].values())))),
     Case("deflate-compressed checkpoint that expands 500-fold", EVALUATE,

@@ -161,8 +161,9 @@ def _job(folder: Path) -> None:
     # one step of the gathered-negatives forward in DDP: the gradient every rank ends up with
     torch.manual_seed(0)
     model = build_model(model_config(data)).train()
+    model.first_stage.requires_grad_(False)   # as train() does without the first stage's loss
     net = distributed.wrap_model(GatheredNegatives(model), torch.device("cpu"))
-    scores = net(collate(caption_data(data), rank_shards(0)[rank]))
+    scores = net(collate(caption_data(data), rank_shards(0)[rank])).scores
     loss = ContrastiveLoss()(scores)
     loss.backward()
     torch.save({"scores": scores.detach(), "loss": loss.item(),
@@ -182,14 +183,17 @@ def load(folder: Path, part: str, rank: int) -> dict:
 def per_rank_steps(model, optimizer, dataset, config: Config, start: int, steps: int, world: int) -> list[float]:
     """What ``steps`` DDP steps with per-rank negatives compute, in one process: each rank's ``[B, B]`` loss on its
     slice of the global batch, the mean of the ranks' gradients (DDP's all-reduce), clipping, Adam. Rank 0's
-    BatchNorm running statistics are kept (DDP broadcasts them from rank 0 at every forward)."""
-    criterion, params, losses = ContrastiveLoss(config.margin), list(model.parameters()), []
+    BatchNorm running statistics are kept (DDP broadcasts them from rank 0 at every forward). The first stage is
+    frozen, as train() freezes it without its loss (--itc_weight 0)."""
+    model.first_stage.requires_grad_(False)
+    criterion, losses = ContrastiveLoss(config.margin), []
+    params = [p for p in model.parameters() if p.requires_grad]
     for step in range(steps):
         before = {k: b.clone() for k, b in model.named_buffers()}
         grads, rank_losses = [], []
         for r, items in enumerate(rank_shards(start + step * BATCH * world, world)):
             model.load_state_dict(before, strict=False)
-            loss = criterion(model(collate(dataset, items)))
+            loss = criterion(model(collate(dataset, items)).scores)
             grads.append(torch.autograd.grad(loss, params))
             rank_losses.append(loss.item())
             if r == 0:

@@ -80,9 +80,9 @@ def test_every_layer_type_trains_on_both_graphs(name):
     captions = [caption_graph(torch.randint(4, 30, (n,), generator=g)) for n in (5, 3, 8, 4)]
     pairs = PairBatch(images=collate_graphs(images), captions=collate_graphs(captions),
                       img_index=torch.tensor([0, 1, 2, 0]), img_ids=torch.arange(3), cap_ids=torch.arange(4))
-    scores = model(pairs)
-    assert scores.shape == (4, 4)
-    scores.sum().backward()
+    out = model(pairs)
+    assert out.scores.shape == out.cosine.shape == (4, 4)
+    (out.scores.sum() + (out.scale * out.cosine).sum()).backward()   # the hinge's and the first stage's inputs
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{pname} got no gradient with layer {name}"
         assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient with layer {name}"

@@ -68,6 +68,9 @@ class Protocol:
                               "matrix without --fold5, then evaluate it with --sims FILE --fold5")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, found {self.batch_size}")
+        if self.score_chunk_mb < 0:
+            raise ConfigError(f"--score_chunk_mb must be at least 1 (or 0: the model's own bound), found "
+                              f"{self.score_chunk_mb}")
 
 
 # --------------------------------------------------------------------------- output files
