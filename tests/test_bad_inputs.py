@@ -20,7 +20,6 @@ locks and full disks of the writer itself (test_reliability.py).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -30,8 +29,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +45,8 @@ from hsc_pyg.engine.checkpoint import read_checkpoint, save_checkpoint
 from hsc_pyg.engine.train import train
 from hsc_pyg.errors import DataError
 from hsc_pyg.nn.model import build_model
+from corpus import (Case, Outcome, assert_one_line_and_nothing_changed, fill, run_selected, slug, snapshot,  # noqa: E402
+                    write)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a resumable checkpoint written by commit 7831cd1 (see test_checkpoint.py)
@@ -108,14 +107,6 @@ def replace_line(number: int, text: bytes) -> Callable[[bytes], bytes]:
         lines[number - 1] = text
         return b"\n".join(lines)
     return change
-
-
-def write(name: str, content: bytes | Callable[[Path], bytes]):
-    """Write ``tree/name`` (``content`` may be computed from the tree)."""
-    def setup(tree: Path) -> None:
-        (tree / name).write_bytes(content(tree) if callable(content) else content)
-    return setup
-
 
 def save_torch(name: str, obj) -> Callable[[Path], None]:
     def setup(tree: Path) -> None:
@@ -183,14 +174,6 @@ def many_regions(count: int):
 
 def json_file(name: str, obj):
     return write(name, json.dumps(obj).encode())
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    command: list[str]  # after "python"; {data}, {ckpt}, {out} and {tree} are filled in
-    message: str  # a regular expression the error line must match
-    setup: Callable[[Path], None] | None = None
 
 
 CASES = [
@@ -400,63 +383,15 @@ def good_tree(tmp_path_factory) -> Path:
                  logger_name=str(tree / "run" / "log"), vocab_threshold=1, device="cpu", **SMALL), max_iters=1)
     return tree
 
-
-def snapshot(tree: Path) -> dict[str, str]:
-    """Every file under ``tree`` -> the SHA-256 of its bytes."""
-    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(tree.rglob("*")) if p.is_file()}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_")
-
-
-def fill(text: str, tree: Path, escape=lambda path: str(path)) -> str:
-    return text.format(tree=escape(tree), data=escape(tree / "data"), ckpt=escape(tree / "model.pth"),
-                       out=escape(tree / "out"))
-
-
-@dataclass
-class Outcome:
-    tree: Path
-    returncode: int
-    stderr: str
-    before: dict[str, str]
-    after: dict[str, str]
-
-
-def run_case(case: Case, good: Path, base: Path) -> Outcome:
-    tree = base / slug(case.name)
-    shutil.copytree(good, tree)
-    if case.setup is not None:
-        case.setup(tree)
-    before = snapshot(tree)
-    result = subprocess.run([sys.executable, *(fill(a, tree) for a in case.command)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    return Outcome(tree, result.returncode, result.stderr, before, snapshot(tree))
-
-
 @pytest.fixture(scope="module")
 def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
-    """Run the selected cases, concurrently (each subprocess spends seconds importing torch)."""
-    selected = {item.callspec.params["case"].name for item in request.session.items
-                if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_changes_nothing"}
-    base = tmp_path_factory.mktemp("cases")
-    cases = [case for case in CASES if case.name in selected]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return dict(zip((case.name for case in cases), pool.map(lambda case: run_case(case, good_tree, base), cases)))
+    """Run the selected cases, concurrently."""
+    return run_selected(CASES, good_tree, tmp_path_factory.mktemp("cases"), request)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[slug(case.name) for case in CASES])
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, outcomes):
-    outcome = outcomes[case.name]
-    assert "Traceback" not in outcome.stderr, outcome.stderr
-    assert outcome.returncode == 2, outcome.stderr
-    lines = outcome.stderr.splitlines()
-    assert len(lines) == 1, outcome.stderr
-    assert lines[0].startswith("error: ")
-    assert re.search(fill(case.message, outcome.tree, escape=lambda path: re.escape(str(path))), lines[0]), lines[0]
-    assert outcome.after == outcome.before
+    assert_one_line_and_nothing_changed(case, outcomes[case.name])
 
 
 def test_an_error_raised_in_a_loader_worker_keeps_its_one_line_message():

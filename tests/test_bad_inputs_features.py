@@ -8,17 +8,13 @@ and compares every file of the tree before and after.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
 import shutil
 import struct
 import subprocess
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +25,7 @@ pytest.importorskip("PIL", reason="the features extra (pip install -e '.[feature
 pytest.importorskip("efficientnet_lite_pytorch", reason="the features extra (pip install -e '.[features]') is not "
                     "installed")
 from PIL import Image  # noqa: E402
+from corpus import Case, Outcome, assert_one_line_and_nothing_changed, run_selected, slug, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["-m", "hsc_pyg.features", "--images", "{tree}/photos", "--out", "{tree}/new", "--split", "test", "--size",
@@ -39,11 +36,6 @@ PHOTOS = ["a.jpg", "b.jpg", "c.jpg"]
 
 
 # --------------------------------------------------------------------------- ways to break the good tree
-def write(name: str, content: bytes | Callable[[Path], bytes]):
-    def setup(tree: Path) -> None:
-        (tree / name).write_bytes(content(tree) if callable(content) else content)
-    return setup
-
 
 def truncated(name: str) -> Callable[[Path], bytes]:
     return lambda tree: (tree / name).read_bytes()[: (tree / name).stat().st_size * 2 // 3]
@@ -79,14 +71,6 @@ def unfinished_other_extraction(tree: Path) -> None:
     state = dict(identity=identity, rows_done=1, skipped={})
     (tree / "new" / "test_features.partial.json").write_text(json.dumps(state))
     (tree / "new" / "test_ims.npy.partial").write_bytes(b"\x00" * 128)
-
-
-@dataclass(frozen=True)
-class Case:
-    name: str
-    command: list[str]  # after "python"; {tree} is filled in
-    message: str  # a regular expression the error line must match
-    setup: Callable[[Path], None] | None = None
 
 
 CASES = [
@@ -178,56 +162,15 @@ def good_tree(tmp_path_factory) -> Path:
     (tree / "out" / "test_ids.txt").write_text("".join(n + "\n" for n in PHOTOS))
     return tree
 
-
-def snapshot(tree: Path) -> dict[str, str]:
-    return {str(p.relative_to(tree)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(tree.rglob("*")) if p.is_file()}
-
-
-def slug(name: str) -> str:
-    return re.sub(r"\W+", "_", name).strip("_")
-
-
-@dataclass
-class Outcome:
-    tree: Path
-    returncode: int
-    stderr: str
-    before: dict[str, str]
-    after: dict[str, str]
-
-
-def run_case(case: Case, good: Path, base: Path) -> Outcome:
-    tree = base / slug(case.name)
-    shutil.copytree(good, tree)
-    if case.setup is not None:
-        case.setup(tree)
-    before = snapshot(tree)
-    result = subprocess.run([sys.executable, *(a.format(tree=tree) for a in case.command)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    return Outcome(tree, result.returncode, result.stderr, before, snapshot(tree))
-
-
 @pytest.fixture(scope="module")
 def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
-    selected = {item.callspec.params["case"].name for item in request.session.items
-                if getattr(item, "originalname", "") == "test_bad_input_exits_2_with_one_line_and_changes_nothing"}
-    base = tmp_path_factory.mktemp("cases")
-    cases = [case for case in CASES if case.name in selected]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return dict(zip((case.name for case in cases), pool.map(lambda case: run_case(case, good_tree, base), cases)))
+    """Run the selected cases, concurrently."""
+    return run_selected(CASES, good_tree, tmp_path_factory.mktemp("cases"), request)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[slug(case.name) for case in CASES])
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(case, outcomes):
-    outcome = outcomes[case.name]
-    assert "Traceback" not in outcome.stderr, outcome.stderr
-    assert outcome.returncode == 2, outcome.stderr
-    lines = outcome.stderr.splitlines()
-    assert len(lines) == 1, outcome.stderr
-    assert lines[0].startswith("error: ")
-    assert re.search(case.message.format(tree=re.escape(str(outcome.tree))), lines[0]), lines[0]
-    assert outcome.after == outcome.before
+    assert_one_line_and_nothing_changed(case, outcomes[case.name])
 
 
 def test_a_bad_photo_after_some_rows_keeps_them_resumable_and_nothing_looks_finished(good_tree, tmp_path):

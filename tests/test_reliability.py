@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 from hsc_pyg import io
 from hsc_pyg.config import Config
-from hsc_pyg.data.precomp import MAX_GRAPH_EDGES, PrecompSplit, check_graph_size, graph_edges, read_lines
+from hsc_pyg.data.precomp import MAX_GRAPH_EDGES, check_graph_size, graph_edges, read_lines
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import Vocabulary
 from hsc_pyg.engine import train as train_module

@@ -1,7 +1,6 @@
 """The training loop: exact resume (also after Ctrl-C), learning on the built-in data, dry run, NaN policy, CLI errors."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal

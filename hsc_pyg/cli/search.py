@@ -19,6 +19,7 @@ from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
 from ..errors import ConfigError, HSCError
 from ..io import write_json
+from .common import add_model_and_split_arguments
 
 DESCRIPTION = """\
 Search a split's images with a sentence (--query), or its captions with one of its images (--image). The gallery is
@@ -31,12 +32,7 @@ files). Each query is compared with every gallery item by the cosine of the mode
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hsc_pyg.search", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint (model_best.pth or an official one)")
-    p.add_argument("--vocab_path", default="", metavar="VOCAB.json",
-                   help="vocabulary JSON (default: the one in the checkpoint; official checkpoints have none)")
-    p.add_argument("--data_path", default="data", help="folder that holds <data_name>/ (default: %(default)s)")
-    p.add_argument("--data_name", default="synthetic_precomp", help="dataset folder (default: %(default)s)")
-    p.add_argument("--split", default="test", help="split whose images (and captions) are searched (default: test)")
+    add_model_and_split_arguments(p, split_help="split whose images (and captions) are searched (default: test)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", metavar="TEXT", help="a sentence: find the images that match it")
     query.add_argument("--image", metavar="I|ID", help="an image of the split, by row or by id: find its captions")

@@ -17,6 +17,7 @@ from ..engine.checkpoint import load_checkpoint
 from ..errors import HSCError
 from ..viz.pictures import DEFAULT_TOP_K, make_pictures
 from ..viz.relations import LEVEL_CHOICES, RANKINGS, weighted_layer_types
+from .common import add_model_and_split_arguments
 
 DESCRIPTION = f"""\
 Draw what a trained HSC model learned about one test item, as PNG + GraphML + JSON (named by data, split, item, kind
@@ -33,12 +34,7 @@ all = each of the three; or --layer K. Layer types with edge weights: {', '.join
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m hsc_pyg.viz", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, metavar="CKPT", help="checkpoint (model_best.pth or an official one)")
-    p.add_argument("--vocab_path", default="", metavar="VOCAB.json",
-                   help="vocabulary JSON (default: the one in the checkpoint; official checkpoints have none)")
-    p.add_argument("--data_path", default="data", help="folder that holds <data_name>/ (default: %(default)s)")
-    p.add_argument("--data_name", default="synthetic_precomp", help="dataset folder (default: %(default)s)")
-    p.add_argument("--split", default="test", help="split (default: %(default)s)")
+    add_model_and_split_arguments(p, split_help="split (default: %(default)s)")
     p.add_argument("--image", type=int, metavar="I", help="image row of the split")
     p.add_argument("--caption", type=int, metavar="J",
                    help="caption line of the split (image I's own captions are 5I .. 5I+4)")

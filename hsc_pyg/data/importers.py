@@ -35,6 +35,7 @@ from typing import Iterable
 
 from ..errors import ConfigError, DataError, os_error_reason
 from ..io import atomic_files
+from .precomp import read_lines
 
 #: file name endings that are photos (case-insensitive)
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -245,9 +246,9 @@ def _align(split: str, captions: Captions, ids: list[str] | None, ids_source: st
     return order, lines, SplitReport(split, len(order), per_image, trimmed, len(short), len(extra), wrote_ids=False)
 
 
-def _read_ids(path: Path) -> list[str]:
-    from .precomp import read_lines
-
+def read_photo_names(path: str | Path) -> list[str]:
+    """Photo names, one a line (an ids file or a list of photos), read as every one-item-per-line file is; DataError
+    for a name given twice."""
     ids = read_lines(path, what="photo name")
     seen: dict[str, int] = {}
     for number, photo in enumerate(ids, 1):
@@ -297,14 +298,14 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
         splits = {split: read_csv(source)}
     else:
         ids_file = out / f"{split}_ids.txt"
-        photos = _read_ids(ids_file) if ids_file.exists() else _photo_folder_names(images)
+        photos = read_photo_names(ids_file) if ids_file.exists() else _photo_folder_names(images)
         splits = {split: read_txt_folder(source, photos)}
 
     written: list[tuple[Path, bytes]] = []
     reports = []
     for name, caps in splits.items():
         ids_file, caps_file = out / f"{name}_ids.txt", out / f"{name}_caps.txt"
-        ids = _read_ids(ids_file) if ids_file.exists() else None
+        ids = read_photo_names(ids_file) if ids_file.exists() else None
         if ids is None and images is not None and fmt != "karpathy":
             ids, source_name = _photo_folder_names(images), f"photo folder {images}"
         else:

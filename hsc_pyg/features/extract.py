@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataError, os_error_reason
+from ..data.importers import read_photo_names
 from ..io import write_bytes
 from .backbones import Backbone, build_backbone
 from .images import PHOTO_SUFFIXES, open_photo, photo_tensor
@@ -57,15 +58,7 @@ def list_photos(images: str | Path, list_file: str | Path | None = None) -> list
             raise DataError(f"photo folder {folder} holds no photos ({', '.join(PHOTO_SUFFIXES)}); pass the folder "
                             "that holds them")
         return names
-    from ..data.precomp import read_lines  # one reader for every one-item-per-line file: UTF-8, no blank lines
-
-    names = read_lines(list_file, what="photo name")
-    seen: dict[str, int] = {}
-    for number, name in enumerate(names, 1):
-        if name in seen:
-            raise DataError(f"{list_file} line {number} repeats photo {name!r} (first on line {seen[name]}); each "
-                            "photo is one row: remove the duplicate")
-        seen[name] = number
+    names = read_photo_names(list_file)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""

@@ -1,0 +1,16 @@
+"""Flags that several command lines share, written once."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_and_split_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:
+    """``--model``, ``--vocab_path``, ``--data_path``, ``--data_name`` and ``--split``: a trained model and the
+    split it reads."""
+    parser.add_argument("--model", required=True, metavar="CKPT",
+                        help="checkpoint (model_best.pth or an official one)")
+    parser.add_argument("--vocab_path", default="", metavar="VOCAB.json",
+                        help="vocabulary JSON (default: the one in the checkpoint; official checkpoints have none)")
+    parser.add_argument("--data_path", default="data", help="folder that holds <data_name>/ (default: %(default)s)")
+    parser.add_argument("--data_name", default="synthetic_precomp", help="dataset folder (default: %(default)s)")
+    parser.add_argument("--split", default="test", help=split_help)
