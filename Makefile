@@ -36,6 +36,8 @@ demo: $(STAMP)
 		--split test --json $(DEMO_RUN)/test_metrics.json --rerank_k 10
 	$(PY) -m hsc_pyg.viz --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
 		--split test --image 2 --caption 10 --level all --out graphs/demo --overwrite
+	$(PY) -m hsc_pyg.search --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
+		--split test --query "a red cube left of a blue ball" --k 5 --cache $(DEMO_RUN)/gallery --rebuild
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results/latest.json
