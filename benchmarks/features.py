@@ -29,17 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_synthetic(folder: Path, count: int) -> None:
@@ -104,7 +97,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--stand_in", action="store_true", help="synthetic runs with the stand-in backbone (see above)")
     args = p.parse_args()
-    results = dict(cpu=cpu_name(), cpus_available=len(os.sched_getaffinity(0)), python=platform.python_version(),
+    results = dict(cpu=cpu_model(), cpus_available=len(os.sched_getaffinity(0)), python=platform.python_version(),
                    command="python -m hsc_pyg.features --images DIR --out DIR --split test --size S --batch_size B "
                            "--device cpu --no_progress", runs=[])
     with tempfile.TemporaryDirectory(prefix="hsc_features_bench_") as tmp:

@@ -383,6 +383,7 @@ def good_tree(tmp_path_factory) -> Path:
                  logger_name=str(tree / "run" / "log"), vocab_threshold=1, device="cpu", **SMALL), max_iters=1)
     return tree
 
+
 @pytest.fixture(scope="module")
 def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
     """Run the selected cases, concurrently."""

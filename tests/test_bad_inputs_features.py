@@ -162,6 +162,7 @@ def good_tree(tmp_path_factory) -> Path:
     (tree / "out" / "test_ids.txt").write_text("".join(n + "\n" for n in PHOTOS))
     return tree
 
+
 @pytest.fixture(scope="module")
 def outcomes(good_tree, tmp_path_factory, request) -> dict[str, Outcome]:
     """Run the selected cases, concurrently."""
