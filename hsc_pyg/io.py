@@ -34,12 +34,6 @@ TEMP_SUFFIX = ".hsc-tmp"
 _HOST = socket.gethostname().replace(".", "_") or "host"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def temp_path(target: Path) -> Path:
     """A fresh temporary name beside ``target`` that names this host and process."""
     return target.with_name(f".{target.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
@@ -110,14 +104,15 @@ def _prepare(path: Path) -> None:
 
 
 def _write_temp(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """``write`` into a synced temporary file beside ``path`` with a plain file's mode; returns its path."""
+    """``write`` into a synced temporary file beside ``path``; returns its path. ``open`` creates it with a plain
+    file's mode (``0o666`` less the umask, applied by the kernel): no umask is read or changed here, which would be
+    process-wide state that another thread's files could see."""
     tmp = temp_path(path)
     try:
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
