@@ -51,10 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     proto.add_argument("--fold5", action="store_true",
                        help="COCO 1K: five folds of 1,000 images / 5,000 captions, metrics averaged (needs --split "
                             "testall); only the five diagonal blocks are scored")
-    proto.add_argument("--rerank_k", type=int, default=0, metavar="K",
-                       help="also re-rank: order all captions (images) by the cosine of the global vectors, score only "
-                            "each query's top K exactly; reports both recalls and the exact pair scores each needed "
-                            "(needs --model)")
+    proto.add_argument("--rerank_k", type=int, nargs="+", default=[], metavar="K",
+                       help="also re-rank: order all captions (images) by the model's first stage (the cosine of its "
+                            "retrieval vectors), score only each query's top K exactly; reports the first stage's own "
+                            "recalls and, per K, the re-ranked recalls and the exact pair scores needed (needs "
+                            "--model; several K at once: --rerank_k 5 10 20 50)")
     out = p.add_argument_group("output")
     out.add_argument("--save_sims", default="", metavar="FILE.npy",
                      help="write the [images, captions] float32 score matrix (the average when several sources are "
@@ -96,10 +97,11 @@ def print_report(report: dict[str, Any]) -> None:
     what = f"{report['data_name']}/{report['split']}"
     title = f"{what}: {'5-fold (1K) average' if report['protocol'] == 'fold5' else f'{n} images, {m} captions'}"
     print(format_table(report["metrics"], title=f"{title} -- exact ({exact_pairs:,} pair scores)"))
-    if "rerank" in report:
-        rerank = report["rerank"]
+    if "first_stage_metrics" in report:
         print()
-        print(format_table(rerank["first_stage_metrics"], title=f"{title} -- first stage only (cosine, no exact score)"))
+        print(format_table(report["first_stage_metrics"],
+                           title=f"{title} -- first stage only (cosine, no exact score)"))
+    for rerank in report.get("rerank", []):
         print()
         print(format_table(rerank["metrics"], title=f"{title} -- re-ranked top {rerank['k']} of the first stage "
                                                     f"({rerank['exact_pairs']:,} pair scores, "
@@ -118,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     protocol = Protocol(
         data_path=args.data_path, data_name=args.data_name, split=args.split, models=args.model, sims=args.sims,
-        vocab_path=args.vocab_path, fold5=args.fold5, rerank_k=args.rerank_k, save_sims=args.save_sims,
+        vocab_path=args.vocab_path, fold5=args.fold5, rerank_k=tuple(args.rerank_k), save_sims=args.save_sims,
         overwrite=args.overwrite, json=args.json, device=args.device, amp=args.amp, batch_size=args.batch_size,
         workers=args.workers, score_chunk_mb=args.score_chunk_mb, store_dtype=args.store_dtype,
         progress=not args.no_progress)

@@ -192,19 +192,22 @@ def test_two_models_are_averaged_like_their_saved_matrices(capsys, data, checkpo
 
 
 def test_rerank_reports_both_recalls_and_the_pairs_each_needed(capsys, data, checkpoints, tmp_path):
-    status, out, err = evaluate(capsys, "--model", checkpoints["saf"], "--rerank_k", N_CAP,
-                                "--json", tmp_path / "all.json", data=data)
+    status, out, err = evaluate(capsys, "--model", checkpoints["saf"], "--rerank_k", 3, N_CAP,
+                                "--json", tmp_path / "both.json", data=data)
     assert status == 0, err
-    report = read_json(tmp_path / "all.json")
-    assert report["rerank"]["metrics"] == report["metrics"]
-    assert report["rerank"]["exact_pairs"] == N_IMG * N_CAP and report["rerank"]["fraction"] == 1.0
-    assert "re-ranked top 100" in out
+    report = read_json(tmp_path / "both.json")
+    small, full = report["rerank"]
+    assert (small["k"], full["k"]) == (3, N_CAP)
+    assert full["metrics"] == report["metrics"]
+    assert full["exact_pairs"] == N_IMG * N_CAP and full["fraction"] == 1.0
+    assert "re-ranked top 100" in out and "re-ranked top 3 " in out and "first stage only" in out
+    assert small["exact_pairs"] <= 3 * (N_IMG + N_CAP)
+    assert small["fraction"] == pytest.approx(small["exact_pairs"] / (N_IMG * N_CAP))
     status, _, err = evaluate(capsys, "--model", checkpoints["saf"], "--rerank_k", 3,
                               "--json", tmp_path / "k3.json", data=data)
     assert status == 0, err
-    small = read_json(tmp_path / "k3.json")["rerank"]
-    assert small["exact_pairs"] <= 3 * (N_IMG + N_CAP)
-    assert small["fraction"] == pytest.approx(small["exact_pairs"] / (N_IMG * N_CAP))
+    alone = read_json(tmp_path / "k3.json")
+    assert alone["rerank"] == [small] and alone["first_stage_metrics"] == report["first_stage_metrics"]
 
 
 def test_rerank_needs_a_model(capsys, data, tmp_path):

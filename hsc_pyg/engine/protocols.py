@@ -40,7 +40,7 @@ class Protocol:
     sims: Sequence[str] = ()
     vocab_path: str = ""
     fold5: bool = False
-    rerank_k: int = 0
+    rerank_k: Sequence[int] = ()
     save_sims: str = ""
     overwrite: bool = False
     json: str = ""
@@ -61,8 +61,9 @@ class Protocol:
                               "scorer)")
         if self.rerank_k and self.sims:
             raise ConfigError("--rerank_k cannot use --sims matrices (they hold no global vectors); drop --sims")
-        if self.rerank_k < 0:
-            raise ConfigError(f"--rerank_k must be at least 1, found {self.rerank_k}")
+        for k in self.rerank_k:
+            if k < 1:
+                raise ConfigError(f"--rerank_k must be at least 1, found {k}")
         if self.save_sims and self.fold5:
             raise ConfigError("--save_sims with --fold5 would save only the five diagonal blocks; save the full "
                               "matrix without --fold5, then evaluate it with --sims FILE --fold5")
@@ -200,17 +201,19 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
         if untrained:
             warn(f"{', '.join(untrained)}: no trained first stage (--itc_weight 0 or an official checkpoint); the "
                  "shortlist is the untrained cosine of the global vectors, which misses more of the exact ranking")
-        start = time.perf_counter()
-        reranked = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], p.rerank_k,
-                                    chunk_mb=p.score_chunk_mb or None, amp=p.amp, progress=progress)
-                    for rows, cols in blocks]
-        seconds["rerank"] = time.perf_counter() - start
-        per_block = [r.metrics(per_image) for r in reranked]
-        rerank_pairs = sum(r.num_exact_pairs for r in reranked)
+        report["rerank"] = []
+        for k in p.rerank_k:
+            start = time.perf_counter()
+            reranked = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], k,
+                                        chunk_mb=p.score_chunk_mb or None, amp=p.amp, progress=progress)
+                        for rows, cols in blocks]
+            seconds[f"rerank_k{k}"] = time.perf_counter() - start
+            per_block = [r.metrics(per_image) for r in reranked]
+            rerank_pairs = sum(r.num_exact_pairs for r in reranked)
+            report["rerank"].append({"k": k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
+                                     "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs})
         first = [r.first_stage_metrics(per_image) for r in reranked]
-        report["rerank"] = {"k": p.rerank_k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
-                            "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs,
-                            "first_stage_metrics": average_metrics(first) if p.fold5 else first[0]}
+        report["first_stage_metrics"] = average_metrics(first) if p.fold5 else first[0]
     if seconds:
         report["seconds"] = seconds
     if json_path is not None:

@@ -1,0 +1,106 @@
+"""``python -m hsc_pyg.ablate``: train a grid of configurations x seeds, evaluate each best-dev model on the test split,
+and write the study as JSON, a Markdown table and a bar plot.
+
+    python -m hsc_pyg.ablate --grid configs/ablation_f8k.json --out runs/ablation \\
+        --results benchmarks/results/ablation.json
+
+The grid file (JSON)::
+
+    {
+      "recipe": "configs/flickr8k_mini.json",          # the train.py --config every run starts from
+      "data_path": "../shared/data", "data_name": "flickr8k_mini_precomp",
+      "seeds": [0, 1, 2],
+      "baseline": "hsc",                                # the row the others are compared with (default: the first)
+      "common": {"num_epochs": 10},                      # options for every configuration (optional)
+      "configs": {"hsc": {}, "sgraf_saf": {"preset": "sgraf_saf"}},
+      "axes": {"img_gnn": ["gat", "gcn"], "img_edges": ["full", "knn:8"]},   # optional: their product is added
+      "evaluate": {"split": "test", "rerank_k": [10, 20]}                   # optional
+    }
+
+Options are train.py's (``python train.py --help``), with JSON types. Every run trains in its own ``train.py``
+process (a crash loses only that run, which is recorded and retried by the next invocation) in
+``OUT/<configuration>/seed<k>/``; a run is finished when its ``run.json`` exists, and finished runs are never redone,
+so the same command resumes a half-finished grid (an interrupted training continues from its checkpoint exactly).
+Paths in the grid are relative to the folder the command runs in.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..engine.ablation import ROOT, RunFailed, load_grid, train_and_evaluate, write_study
+from ..errors import ConfigError, HSCError
+
+
+# --------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hsc_pyg.ablate", description=__doc__.replace("``", ""),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", required=True, metavar="GRID.json", help="configurations, seeds, recipe and data")
+    p.add_argument("--out", default="runs/ablation", metavar="DIR",
+                   help="run folders, one per configuration and seed (default: %(default)s)")
+    p.add_argument("--results", default="", metavar="FILE.json",
+                   help="the study: JSON of every finished run, and FILE.md (table) and FILE.png (plot) beside it "
+                        "(default: OUT/ablation.json)")
+    p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far")
+    p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    results = Path(args.results) if args.results else out / "ablation.json"
+    try:
+        grid = load_grid(args.grid)
+        if not (ROOT / "train.py").is_file() and not args.report:
+            raise ConfigError(f"train.py is not beside the package ({ROOT}); run the ablation from a source checkout")
+        if results.suffix != ".json":
+            raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")
+        runs = grid.runs(out)
+        finished = {id(r): json.loads((r.folder / "run.json").read_text()) for r in runs
+                    if (r.folder / "run.json").is_file()}
+        for run in runs:
+            done = finished.get(id(run))
+            if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
+                raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
+                                  f"now asks for {run.options}: choose another --out or remove that folder")
+        todo = [r for r in runs if id(r) not in finished]
+        print(f"{len(runs)} runs ({len(grid.configs)} configurations x {len(grid.seeds)} seeds): "
+              f"{len(finished)} finished, {len(todo)} to do", flush=True)
+        if args.dry_run:
+            for run in todo:
+                print(f"  {run.folder}  {json.dumps(run.options)}")
+            return 0
+        failures = []
+        for n, run in enumerate([] if args.report else todo, 1):
+            print(f"[{n}/{len(todo)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
+            try:
+                finished[id(run)] = result = train_and_evaluate(grid, run, sys.executable)
+            except RunFailed as e:
+                failures.append(str(e))
+                print(f"  failed: {e}", file=sys.stderr, flush=True)
+                continue
+            print(f"  test rsum {result['test_rsum']:.1f} ({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
+            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+        if finished:
+            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+            print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
+                  f"{results.with_suffix('.png')}")
+    except KeyboardInterrupt:
+        print("interrupted: finished runs are kept and an interrupted training resumes; run the same command again",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
+    except HSCError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    if failures:
+        print(f"{len(failures)} run(s) failed (run the same command again to retry them):", file=sys.stderr)
+        for line in failures:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0

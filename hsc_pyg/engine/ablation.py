@@ -1,0 +1,369 @@
+"""Ablation studies: a grid of training configurations x seeds, each trained by ``train.py`` in its own process and
+evaluated by ``evaluate.py``, summarised as JSON, a Markdown table (mean, standard deviation, Welch's t-test against a
+baseline) and a bar plot. The command line and the grid file's layout: :mod:`hsc_pyg.cli.ablate`.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import PRESETS, Config
+from ..errors import ConfigError, HSCError
+from ..io import atomic_files, write_json
+
+ROOT = Path(__file__).resolve().parents[2]     # the source checkout: train.py and evaluate.py live there
+GRID_KEYS = {"recipe", "data_path", "data_name", "seeds", "baseline", "common", "configs", "axes", "evaluate"}
+RUN_FIELDS = ("model_name", "logger_name", "seed", "data_path", "data_name")   # set per run by the runner
+
+
+# --------------------------------------------------------------------------- the grid
+@dataclass
+class Run:
+    name: str                  # the configuration's name (a row of the table)
+    options: dict[str, Any]    # what differs from the recipe (common options included)
+    seed: int
+    folder: Path
+
+
+@dataclass
+class Grid:
+    recipe: str
+    data_path: str
+    data_name: str
+    seeds: list[int]
+    configs: dict[str, dict[str, Any]]
+    baseline: str
+    evaluate: dict[str, Any]
+
+    def runs(self, out: Path) -> list[Run]:
+        """Seed-major order: every configuration's first seed before any second one, so that a partial grid already
+        compares every configuration."""
+        return [Run(name, options, seed, out / name / f"seed{seed}")
+                for seed in self.seeds for name, options in self.configs.items()]
+
+    def config(self, run: Run) -> Config:
+        """The full training configuration of one run (ConfigError when an option is unknown or out of range)."""
+        base = Config.load(self.recipe).to_dict() if self.recipe else {}
+        if "preset" in run.options:
+            for field in PRESETS.get(run.options["preset"], ()):
+                base.pop(field, None)
+        values = {**base, **run.options, "seed": run.seed, "data_path": self.data_path, "data_name": self.data_name,
+                  "model_name": str(run.folder / "checkpoint"), "logger_name": str(run.folder / "log")}
+        try:
+            return Config(**values)
+        except ConfigError as e:
+            raise ConfigError(f"configuration {run.name!r}: {e}") from None
+
+
+def _where(path: Path, key: str) -> str:
+    return f"grid {path}: {key!r}"
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; one-line ConfigError for anything that would fail later."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ConfigError(f"grid {path} does not exist; see python -m hsc_pyg.ablate --help for its layout") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"grid {path} is not valid JSON ({e}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"grid {path} holds a {type(raw).__name__}; expected a JSON object with 'configs'")
+    unknown = sorted(set(raw) - GRID_KEYS)
+    if unknown:
+        raise ConfigError(f"grid {path}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are "
+                          f"{', '.join(sorted(GRID_KEYS))}")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"{_where(path, 'seeds')} must be a list of distinct non-negative integers, found {seeds!r}")
+    common = _options(raw.get("common", {}), _where(path, "common"))
+    configs: dict[str, dict[str, Any]] = {}
+    for name, options in _object(raw.get("configs", {}), _where(path, "configs")).items():
+        configs[_name(name, path)] = {**common, **_options(options, _where(path, f"configs.{name}"))}
+    axes = _object(raw.get("axes", {}), _where(path, "axes"))
+    for option, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{_where(path, f'axes.{option}')} must be a non-empty list of values, found {values!r}")
+    for combination in product(*axes.values()) if axes else ():
+        options = dict(zip(axes, combination))
+        name = _name(",".join(f"{k}={v}" for k, v in options.items()), path)
+        if name in configs:
+            raise ConfigError(f"grid {path}: configuration {name!r} is both in 'configs' and made by 'axes'")
+        configs[name] = {**common, **_options(options, _where(path, "axes"))}
+    if not configs:
+        raise ConfigError(f"grid {path} names no configuration; add 'configs' (name -> options) or 'axes'")
+    baseline = raw.get("baseline", next(iter(configs)))
+    if baseline not in configs:
+        raise ConfigError(f"{_where(path, 'baseline')} is {baseline!r}, which is not one of the configurations "
+                          f"({', '.join(configs)})")
+    evaluate = _object(raw.get("evaluate", {}), _where(path, "evaluate"))
+    bad = sorted(set(evaluate) - {"split", "rerank_k"})
+    if bad:
+        raise ConfigError(f"{_where(path, 'evaluate')}: unknown key(s) {', '.join(bad)}; it takes split and rerank_k")
+    ks = evaluate.get("rerank_k", [])
+    if not isinstance(ks, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        raise ConfigError(f"{_where(path, 'evaluate.rerank_k')} must be a list of integers >= 1, found {ks!r}")
+    grid = Grid(recipe=str(raw.get("recipe", "")), data_path=str(raw.get("data_path", "data")),
+                data_name=str(raw.get("data_name", "synthetic_precomp")), seeds=seeds, configs=configs,
+                baseline=baseline, evaluate={"split": str(evaluate.get("split", "test")), "rerank_k": ks})
+    if grid.recipe and not Path(grid.recipe).is_file():
+        raise ConfigError(f"{_where(path, 'recipe')}: {grid.recipe} does not exist (paths are relative to "
+                          f"{Path.cwd()})")
+    for run in grid.runs(Path("runs")):   # every configuration is checked before anything trains
+        grid.config(run)
+    return grid
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a JSON object, found {type(value).__name__}")
+    return value
+
+
+def _options(value: Any, where: str) -> dict[str, Any]:
+    options = _object(value, where)
+    fixed = sorted(set(options) & set(RUN_FIELDS))
+    if fixed:
+        raise ConfigError(f"{where}: {', '.join(fixed)} are set by the runner (seeds, data_path and data_name at the "
+                          "top of the grid); remove them")
+    return dict(options)
+
+
+def _name(name: str, path: Path) -> str:
+    if not name or name in (".", "..") or "/" in name or os.sep in name or name.startswith("."):
+        raise ConfigError(f"grid {path}: {name!r} cannot name a run folder; use letters, digits, '_', '=' or ','")
+    return name
+
+
+# --------------------------------------------------------------------------- running
+class RunFailed(HSCError):
+    """One run's training or evaluation ended with an error (the others go on)."""
+
+
+def _child(python: str, argv: list[str], log: Path) -> int:
+    """Run a command line of the checkout with its output appended to ``log``; Ctrl-C reaches the child too (same
+    process group), which saves its checkpoint; the runner then stops."""
+    with open(log, "ab") as out:
+        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.flush()
+        return subprocess.call([python, *argv], cwd=os.getcwd(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def _last_line(log: Path) -> str:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
+    """Train ``run`` (resuming an interrupted training) and evaluate its best-dev model, each with the interpreter
+    ``python``; write and return ``run.json``."""
+    folder = run.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = grid.config(run)
+    checkpoint = folder / "checkpoint" / "checkpoint.pth"
+    timing_path = folder / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"train_seconds": 0.0, "attempts": 0}
+    if not (folder / "train_done.json").exists():
+        if checkpoint.is_file():
+            argv = [str(ROOT / "train.py"), "--resume", str(checkpoint), "--no_progress"]
+        else:
+            config.save(folder / "config.json")
+            argv = [str(ROOT / "train.py"), "--config", str(folder / "config.json"), "--no_progress", "--overwrite"]
+        start = time.perf_counter()
+        status = _child(python, argv, folder / "train.log")
+        timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
+                  "attempts": timing["attempts"] + 1}
+        write_json(timing_path, timing)
+        if status in (130, 143):
+            raise KeyboardInterrupt
+        if status != 0:
+            raise RunFailed(f"{run.name} seed {run.seed}: training failed with status {status}: "
+                            f"{_last_line(folder / 'train.log')} (log {folder / 'train.log'})")
+        write_json(folder / "train_done.json", timing)
+    report = folder / "eval.json"
+    argv = [str(ROOT / "evaluate.py"), "--model", str(folder / "checkpoint" / "model_best.pth"),
+            "--data_path", grid.data_path, "--data_name", grid.data_name, "--split", grid.evaluate["split"],
+            "--json", str(report), "--no_progress"]
+    if grid.evaluate["rerank_k"]:
+        argv += ["--rerank_k", *map(str, grid.evaluate["rerank_k"])]
+    status = _child(python, argv, folder / "eval.log")
+    if status in (130, 143):
+        raise KeyboardInterrupt
+    if status != 0:
+        raise RunFailed(f"{run.name} seed {run.seed}: evaluation failed with status {status}: "
+                        f"{_last_line(folder / 'eval.log')} (log {folder / 'eval.log'})")
+    result = _run_record(run, config, json.loads(report.read_text()), timing)
+    write_json(folder / "run.json", result, indent=1)
+    return result
+
+
+def _run_record(run: Run, config: Config, report: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    from .checkpoint import load_checkpoint, read_checkpoint
+
+    best = run.folder / "checkpoint" / "model_best.pth"
+    model = load_checkpoint(best, map_location="cpu")
+    last = read_checkpoint(run.folder / "checkpoint" / "checkpoint.pth")
+    metrics = report["metrics"]
+    record = {
+        "name": run.name, "config": run.options, "seed": run.seed,
+        "test_rsum": metrics["rsum"], "test_metrics": metrics, "split": report["split"],
+        "dev_best_rsum": float(last["best_rsum"]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "epochs": config.num_epochs, "train_seconds": round(timing["train_seconds"], 1),
+        "seconds_per_epoch": round(timing["train_seconds"] / max(config.num_epochs, 1), 1),
+        "train_attempts": timing["attempts"],
+    }
+    if "first_stage_metrics" in report:
+        record["first_stage_rsum"] = report["first_stage_metrics"]["rsum"]
+        record["rerank"] = [{"k": r["k"], "rsum": r["metrics"]["rsum"], "fraction": r["fraction"]}
+                            for r in report["rerank"]]
+    return record
+
+
+# --------------------------------------------------------------------------- the study
+def _t_sf(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` degrees of freedom (t >= 0), through the regularized incomplete beta
+    function I_x(df/2, 1/2) / 2 with x = df / (df + t^2), evaluated by its continued fraction (Lentz)."""
+    if t == 0.0:
+        return 0.5
+    a, b, x = df / 2.0, 0.5, df / (df + t * t)
+    if x <= 0.0:
+        return 0.0
+    swap = x > (a + 1.0) / (a + b + 2.0)      # the fraction converges fast below this point; use symmetry above it
+    if swap:
+        a, b, x = b, a, 1.0 - x
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 300):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-12:
+            break
+    incomplete = front * value
+    return (1.0 - incomplete if swap else incomplete) / 2.0
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float] | None:
+    """Welch's t statistic and two-sided p-value of mean(a) - mean(b); None with fewer than 2 values on a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = sum((v - ma) ** 2 for v in a) / (len(a) - 1) / len(a)
+    vb = sum((v - mb) ** 2 for v in b) / (len(b) - 1) / len(b)
+    if va + vb == 0.0:
+        return (0.0, 1.0) if ma == mb else (math.copysign(math.inf, ma - mb), 0.0)
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return t, min(1.0, 2.0 * _t_sf(abs(t), df))
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (grid order): seeds done, mean and sample standard deviation of the test rsum,
+    difference from the baseline with Welch's two-sided p-value, parameters, seconds per epoch."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_name.setdefault(r["name"], []).append(r)
+    base = [r["test_rsum"] for r in by_name.get(grid.baseline, [])]
+    rows = []
+    for name in grid.configs:
+        done = by_name.get(name, [])
+        if not done:
+            continue
+        values = [r["test_rsum"] for r in done]
+        mean, std = _mean_std(values)
+        row = {"name": name, "config": grid.configs[name], "seeds": sorted(r["seed"] for r in done),
+               "test_rsum_mean": mean, "test_rsum_std": std, "test_rsum": values,
+               "parameters": done[0]["parameters"],
+               "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in done])[0]}
+        if name != grid.baseline and base:
+            row["diff_vs_baseline"] = mean - sum(base) / len(base)
+            test = welch(values, base)
+            if test is not None:
+                row["t"], row["p"] = test
+        if "rerank" in done[0]:
+            row["first_stage_rsum_mean"] = _mean_std([r["first_stage_rsum"] for r in done])[0]
+            for i, entry in enumerate(done[0]["rerank"]):
+                row[f"rerank_k{entry['k']}_rsum_mean"] = _mean_std([r["rerank"][i]["rsum"] for r in done])[0]
+        rows.append(row)
+    return rows
+
+
+def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
+    ks = grid.evaluate["rerank_k"]
+    head = ["configuration", "options", "seeds", "test rsum (mean ± std)", f"vs {grid.baseline}", "p (Welch)"]
+    head += ["first stage"] + [f"K = {k}" for k in ks] if ks else []
+    head += ["parameters", "s / epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        options = ", ".join(f"{k}={v}" for k, v in row["config"].items()) or "(recipe)"
+        diff = f"{row['diff_vs_baseline']:+.1f}" if "diff_vs_baseline" in row else ""
+        p = f"{row['p']:.3f}" if "p" in row else ""
+        cells = [row["name"], options, str(len(row["seeds"])),
+                 f"{row['test_rsum_mean']:.1f} ± {row['test_rsum_std']:.1f}", diff, p]
+        if ks:
+            cells.append(f"{row.get('first_stage_rsum_mean', float('nan')):.1f}")
+            cells += [f"{row.get(f'rerank_k{k}_rsum_mean', float('nan')):.1f}" for k in ks]
+        cells += [f"{row['parameters']:,}", f"{row['seconds_per_epoch']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Test rsum of each best-dev model on {grid.data_name}/{grid.evaluate['split']}; std is the sample "
+                 f"standard deviation over seeds; p: Welch's two-sided t-test against {grid.baseline} (with 3 seeds a "
+                 "side only large, consistent differences reach p < 0.05); s / epoch: wall seconds of the training "
+                 "process (start-up and validation included) per epoch.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid: Grid, rows: list[dict[str, Any]]) -> bytes:
+    """Horizontal bars of the mean test rsum with the standard deviation as error bars, as PNG bytes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 0.45 * len(rows) + 1.2), dpi=120)
+    ax = fig.add_subplot()
+    names = [r["name"] for r in rows][::-1]
+    means = [r["test_rsum_mean"] for r in rows][::-1]
+    stds = [r["test_rsum_std"] for r in rows][::-1]
+    colors = ["tab:orange" if n == grid.baseline else "tab:blue" for n in names]
+    ax.barh(names, means, xerr=stds, color=colors, capsize=3)
+    for y, row in enumerate(rows[::-1]):   # every seed's value as a dot
+        ax.plot(row["test_rsum"], [y] * len(row["test_rsum"]), "k.", markersize=4)
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_xlim(left=max(0.0, low - 0.1 * (max(means) - low + 1.0) - 5.0))
+    ax.set_xlabel(f"test rsum on {grid.data_name} (mean ± std over seeds)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_study(grid: Grid, runs: list[dict[str, Any]], results: Path) -> None:
+    """``results`` (JSON: every run, and the summary rows), the Markdown table and the plot beside it, as one unit."""
+    rows = summarize(grid, runs)
+    data = {"data_name": grid.data_name, "split": grid.evaluate["split"], "recipe": grid.recipe,
+            "baseline": grid.baseline, "runs": runs, "summary": rows}
+    text, table, picture = json.dumps(data, indent=1) + "\n", markdown(grid, rows), plot(grid, rows)
+    atomic_files({results: lambda f: f.write(text.encode()),
+                  results.with_suffix(".md"): lambda f: f.write(table.encode()),
+                  results.with_suffix(".png"): lambda f: f.write(picture)})

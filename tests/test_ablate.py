@@ -1,0 +1,131 @@
+"""The ablation runner: grid checks, Welch's test against known values, and a tiny grid trained end to end, resumed
+after a failure without redoing finished runs."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from hsc_pyg.cli.ablate import main
+from hsc_pyg.data.synthetic import make_synthetic
+from hsc_pyg.engine.ablation import load_grid, summarize, welch
+from hsc_pyg.errors import ConfigError
+
+RECIPE = {"embed_size": 16, "word_dim": 8, "sim_dim": 8, "img_layers": 2, "txt_layers": 2, "batch_size": 8,
+          "vocab_threshold": 1, "val_step": 1000, "log_step": 1, "num_epochs": 1, "device": "cpu"}
+
+
+def write(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture()
+def recipe(tmp_path) -> Path:
+    return write(tmp_path / "recipe.json", RECIPE)
+
+
+# --------------------------------------------------------------------------- statistics
+@pytest.mark.parametrize("t, df, p", [(2.776445, 4, 0.05), (4.604095, 4, 0.01), (2.570582, 5, 0.05),
+                                      (1.0, 1, 0.5), (0.0, 3, 1.0)])
+def test_t_distribution_tail_matches_the_tables(t, df, p):
+    from hsc_pyg.engine.ablation import _t_sf
+
+    assert 2 * _t_sf(t, df) == pytest.approx(p, abs=2e-6)
+
+
+def test_welch_against_a_hand_computation():
+    a, b = [206.2, 204.0, 205.1], [179.9, 183.0, 181.2]
+    t, p = welch(a, b)
+    ma, mb = sum(a) / 3, sum(b) / 3
+    va = sum((x - ma) ** 2 for x in a) / 2 / 3
+    vb = sum((x - mb) ** 2 for x in b) / 2 / 3
+    assert t == pytest.approx((ma - mb) / math.sqrt(va + vb))
+    assert p < 1e-3
+    assert welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]) == (0.0, 1.0)
+    assert welch([1.0], [1.0, 2.0]) is None
+
+
+# --------------------------------------------------------------------------- the grid file
+@pytest.mark.parametrize("grid, message", [
+    ({"configs": {}}, "names no configuration"),
+    ({"configs": {"a": {}}, "seeds": [0, 0]}, "distinct non-negative integers"),
+    ({"configs": {"a": {}}, "seeds": "0"}, "distinct non-negative integers"),
+    ({"configs": {"a": {"seed": 3}}}, "set by the runner"),
+    ({"configs": {"a": {"img_gnn": "nope"}}}, "configuration 'a'"),
+    ({"configs": {"a": {"embed_size": -4}}}, "configuration 'a'"),
+    ({"configs": {"../x": {}}}, "cannot name a run folder"),
+    ({"configs": {"a": {}}, "baseline": "b"}, "not one of the configurations"),
+    ({"configs": {"a": {}}, "typo": 1}, "unknown key"),
+    ({"configs": {"a": {}}, "axes": {"img_gnn": []}}, "non-empty list"),
+    ({"configs": {"a": {}}, "evaluate": {"rerank_k": [0]}}, "integers >= 1"),
+    ({"configs": {"a": {}}, "recipe": "missing.json"}, "does not exist"),
+])
+def test_bad_grids_are_one_line_errors(tmp_path, grid, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_grid(write(tmp_path / "grid.json", grid))
+    assert "\n" not in str(e.value)
+
+
+def test_axes_make_the_product_and_common_options_reach_every_configuration(tmp_path, recipe):
+    grid = load_grid(write(tmp_path / "grid.json", {
+        "recipe": str(recipe), "seeds": [0, 1], "common": {"num_epochs": 2},
+        "configs": {"hsc": {}}, "axes": {"img_gnn": ["gat", "gcn"], "img_edges": ["full", "knn:4"]}}))
+    assert list(grid.configs) == ["hsc", "img_gnn=gat,img_edges=full", "img_gnn=gat,img_edges=knn:4",
+                                  "img_gnn=gcn,img_edges=full", "img_gnn=gcn,img_edges=knn:4"]
+    assert all(options["num_epochs"] == 2 for options in grid.configs.values())
+    runs = grid.runs(tmp_path / "out")
+    assert [(r.name, r.seed) for r in runs[:5]] == [(name, 0) for name in grid.configs]   # seed-major
+    config = grid.config(runs[1])
+    assert (config.img_gnn, config.embed_size, config.num_epochs) == ("gat", 16, 2)
+    assert config.model_name == str(tmp_path / "out" / "img_gnn=gat,img_edges=full" / "seed0" / "checkpoint")
+
+
+def test_summary_means_stds_and_the_baseline_comparison(tmp_path, recipe):
+    grid = load_grid(write(tmp_path / "grid.json", {"recipe": str(recipe), "seeds": [0, 1, 2],
+                                                   "configs": {"a": {}, "b": {"itc_weight": 1.0}}}))
+    runs = [{"name": n, "seed": s, "test_rsum": v, "parameters": 10, "seconds_per_epoch": 1.0}
+            for n, values in (("a", [200.0, 202.0, 204.0]), ("b", [190.0, 191.0, 195.0]))
+            for s, v in enumerate(values)]
+    a, b = summarize(grid, runs)
+    assert (a["test_rsum_mean"], a["test_rsum_std"]) == (202.0, 2.0)
+    assert "p" not in a and b["diff_vs_baseline"] == pytest.approx(192.0 - 202.0)
+    assert (b["t"], b["p"]) == welch([190.0, 191.0, 195.0], [200.0, 202.0, 204.0])
+
+
+# --------------------------------------------------------------------------- end to end
+def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tmp_path, recipe, capsys, monkeypatch):
+    make_synthetic(tmp_path / "data" / "synthetic_precomp", num_train=10, num_dev=10, num_test=10, img_dim=16,
+                   num_regions=16)
+    monkeypatch.chdir(tmp_path)
+    grid = {"recipe": "recipe.json", "data_path": "data", "data_name": "synthetic_precomp", "seeds": [0],
+            "configs": {"hsc": {}, "broken": {"vocab_path": "missing.json"}},   # fails in train.py
+            "evaluate": {"rerank_k": [3]}}
+    write(tmp_path / "grid.json", grid)
+    args = ["--grid", "grid.json", "--out", "runs", "--results", "study/ablation.json"]
+    assert main(args) == 1                       # the broken configuration fails, the others finish
+    out, err = capsys.readouterr()
+    assert "1 run(s) failed" in err and "broken seed 0: training failed" in err and "missing.json" in err
+    study = json.loads(Path("study/ablation.json").read_text())
+    assert [(r["name"], r["seed"]) for r in study["runs"]] == [("hsc", 0)]
+    run = study["runs"][0]
+    assert run["config"] == {} and run["parameters"] > 0 and len(run["rerank"]) == 1
+    assert run["test_rsum"] == json.loads(Path("runs/hsc/seed0/eval.json").read_text())["metrics"]["rsum"]
+    assert Path("study/ablation.md").read_text().startswith("| configuration |")
+    assert Path("study/ablation.png").read_bytes()[:4] == b"\x89PNG"
+    finished = Path("runs/hsc/seed0/run.json").stat().st_mtime_ns
+
+    grid["configs"]["broken"] = {"img_edges": "knn:4"}   # fixed: only the failed runs train again
+    write(tmp_path / "grid.json", grid)
+    assert main(args + ["--dry_run"]) == 0
+    assert "1 finished, 1 to do" in capsys.readouterr().out
+    assert main(args) == 0
+    assert Path("runs/hsc/seed0/run.json").stat().st_mtime_ns == finished
+    assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2
+
+    grid["configs"]["hsc"] = {"img_layers": 1}       # a finished run with other options is not silently reused
+    write(tmp_path / "grid.json", grid)
+    assert main(args) == 2
+    assert "holds a run with other options" in capsys.readouterr().err
