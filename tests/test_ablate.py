@@ -129,3 +129,11 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     write(tmp_path / "grid.json", grid)
     assert main(args) == 2
     assert "holds a run with other options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid", sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_the_shipped_study_grids_are_valid(grid, monkeypatch):
+    monkeypatch.chdir(grid.parents[2])          # their paths are relative to the project root
+    loaded = load_grid(grid)
+    assert loaded.configs and loaded.baseline in loaded.configs
