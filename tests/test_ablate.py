@@ -120,7 +120,11 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     grid["configs"]["broken"] = {"img_edges": "knn:4"}   # fixed: only the failed runs train again
     write(tmp_path / "grid.json", grid)
     assert main(args + ["--dry_run"]) == 0
-    assert "1 finished, 1 to do" in capsys.readouterr().out
+    assert "1 finished, 1 to do here" in capsys.readouterr().out
+    assert main(args + ["--dry_run", "--only", "hsc"]) == 0
+    assert "1 finished, 0 to do here" in capsys.readouterr().out
+    assert main(args + ["--dry_run", "--only", "nope"]) == 2
+    assert "--only: nope not in the grid (hsc, broken)" in capsys.readouterr().err
     assert main(args) == 0
     assert Path("runs/hsc/seed0/run.json").stat().st_mtime_ns == finished
     assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2

@@ -29,7 +29,7 @@ from hsc_pyg.engine.checkpoint import load_checkpoint, read_checkpoint, save_che
 from hsc_pyg.engine.distributed import DistributedBatchSampler, GatheredNegatives
 from hsc_pyg.engine.evaluation import encode_split, evaluate, score_matrix, score_matrix_distributed
 from hsc_pyg.engine.train import CHECKPOINT, resume_config, seed_everything, train
-from hsc_pyg.nn.loss import ContrastiveLoss
+from hsc_pyg.nn.loss import ContrastiveLoss, ImageTextContrastive
 from hsc_pyg.nn.model import ImageEncoding, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +169,16 @@ def _job(folder: Path) -> None:
     torch.save({"scores": scores.detach(), "loss": loss.item(),
                 "grads": {name: p.grad for name, p in model.named_parameters()}}, folder / f"gathered{rank}.pt")
 
+    # the same with the first stage's contrastive loss (--itc_weight 1): its cosines are those of the global batch
+    torch.manual_seed(0)
+    model = build_model(model_config(data)).train()
+    net = distributed.wrap_model(GatheredNegatives(model), torch.device("cpu"))
+    out = net(collate(caption_data(data), rank_shards(0)[rank]))
+    loss = ContrastiveLoss()(out.scores) + ImageTextContrastive()(out.cosine, out.scale)
+    loss.backward()
+    torch.save({"cosine": out.cosine.detach(), "loss": loss.item(),
+                "grads": {name: p.grad for name, p in model.named_parameters()}}, folder / f"gathered_itc{rank}.pt")
+
     # training with gathered negatives
     result = train(train_config(data, folder / "gathered"), max_iters=1, gather_negatives=True)
     torch.save({"losses": result.losses, "weights": dict(result.model.named_parameters())},
@@ -216,6 +226,17 @@ def global_batch_scores(model, dataset, shards: list[torch.Tensor]) -> torch.Ten
     columns = torch.cat([model.score(all_images, model.encode_captions(b.captions)) for b in batches], 1)
     offsets = np.cumsum([0] + [len(i) for i in images[:-1]])
     return columns[torch.cat([b.img_index + int(o) for b, o in zip(batches, offsets)])]
+
+
+def global_batch_cosine(model, dataset, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The first-stage cosine matrix of the global batch, in one process: row b = global caption b's image."""
+    batches = [collate(dataset, items) for items in shards]
+    stage = model.first_stage
+    images = [stage.image_vectors(model.encode_images(b.images).glo) for b in batches]
+    captions = torch.cat([stage.caption_vectors(model.encode_captions(b.captions).glo) for b in batches])
+    offsets = np.cumsum([0] + [len(i) for i in images[:-1]])
+    rows = torch.cat([b.img_index + int(o) for b, o in zip(batches, offsets)])
+    return torch.cat(images)[rows] @ captions.T
 
 
 def initial_model(config: Config):
@@ -339,6 +360,27 @@ def test_gathered_negatives_give_every_rank_the_gradient_of_the_global_batch_los
         torch.testing.assert_close(ranks[r]["scores"], scores.detach(), rtol=0, atol=1e-6)
         assert ranks[r]["loss"] == pytest.approx(loss.item(), abs=1e-5)
         assert_states_close(ranks[r]["grads"], {n: p.grad for n, p in model.named_parameters()}, atol=1e-6)
+
+
+def test_gathered_negatives_with_the_first_stage_loss_give_the_global_batch_gradient(job, data):
+    with one_thread():
+        torch.manual_seed(0)
+        model = build_model(model_config(data)).train()
+        dataset, shards = caption_data(data), rank_shards(0)
+        cosine = global_batch_cosine(model, dataset, shards)
+        loss = (ContrastiveLoss()(global_batch_scores(model, dataset, shards))
+                + ImageTextContrastive()(cosine, model.first_stage.scale()))
+        loss.backward()
+
+    ranks = [load(job, "gathered_itc", r) for r in range(WORLD)]
+    assert cosine.shape == (BATCH * WORLD, BATCH * WORLD)
+    first_stage = {n for n, p in model.named_parameters() if n.startswith("first_stage.")}
+    assert first_stage and all(model.get_parameter(n).grad.abs().sum() > 0 for n in first_stage)
+    for r in range(WORLD):
+        torch.testing.assert_close(ranks[r]["cosine"], cosine.detach(), rtol=0, atol=1e-6)
+        assert ranks[r]["loss"] == pytest.approx(loss.item(), abs=1e-5)
+        # gradients up to ~5 here (the inverse temperature 14.3 scales them): float32 rounding reaches 2e-6
+        assert_states_close(ranks[r]["grads"], {n: p.grad for n, p in model.named_parameters()}, atol=1e-5)
 
 
 def test_training_with_gathered_negatives_starts_from_the_global_batch_loss(job, data):

@@ -46,9 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="", metavar="FILE.json",
                    help="the study: JSON of every finished run, and FILE.md (table) and FILE.png (plot) beside it "
                         "(default: OUT/ablation.json)")
+    p.add_argument("--only", default="", metavar="NAME,NAME",
+                   help="train only these configurations of the grid (the study still reports every finished run)")
+    p.add_argument("--seeds", default="", metavar="S,S", help="train only these seeds of the grid")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
+    p.epilog = ("Several runners may share one grid and --out on disjoint --only / --seeds (one per core, say): each "
+                "writes the study of every run finished by any of them.")
     return p
+
+
+def _subset(text: str, flag: str, allowed: list, kind=str) -> set:
+    """The names in a comma-separated flag, each checked against the grid."""
+    try:
+        chosen = {kind(item.strip()) for item in text.split(",") if item.strip()}
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
+    unknown = sorted(map(str, chosen - set(allowed)))
+    if unknown:
+        raise ConfigError(f"{flag}: {', '.join(unknown)} not in the grid ({', '.join(map(str, allowed))})")
+    return chosen
+
+
+def _finished(runs: list) -> dict:
+    """run.json of every finished run of the grid, read from disk (another runner may have added some)."""
+    return {id(r): json.loads((r.folder / "run.json").read_text()) for r in runs if (r.folder / "run.json").is_file()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,16 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if results.suffix != ".json":
             raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")
         runs = grid.runs(out)
-        finished = {id(r): json.loads((r.folder / "run.json").read_text()) for r in runs
-                    if (r.folder / "run.json").is_file()}
+        finished = _finished(runs)
         for run in runs:
             done = finished.get(id(run))
             if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
                 raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
                                   f"now asks for {run.options}: choose another --out or remove that folder")
-        todo = [r for r in runs if id(r) not in finished]
+        only = _subset(args.only, "--only", list(grid.configs)) if args.only else set(grid.configs)
+        seeds = _subset(args.seeds, "--seeds", grid.seeds, int) if args.seeds else set(grid.seeds)
+        todo = [r for r in runs if id(r) not in finished and r.name in only and r.seed in seeds]
         print(f"{len(runs)} runs ({len(grid.configs)} configurations x {len(grid.seeds)} seeds): "
-              f"{len(finished)} finished, {len(todo)} to do", flush=True)
+              f"{len(finished)} finished, {len(todo)} to do here", flush=True)
         if args.dry_run:
             for run in todo:
                 print(f"  {run.folder}  {json.dumps(run.options)}")
@@ -80,13 +103,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n, run in enumerate([] if args.report else todo, 1):
             print(f"[{n}/{len(todo)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
             try:
-                finished[id(run)] = result = train_and_evaluate(grid, run, sys.executable)
+                result = train_and_evaluate(grid, run, sys.executable)
             except RunFailed as e:
                 failures.append(str(e))
                 print(f"  failed: {e}", file=sys.stderr, flush=True)
                 continue
             print(f"  test rsum {result['test_rsum']:.1f} ({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
+            finished = _finished(runs)
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+        finished = _finished(runs)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
             print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
