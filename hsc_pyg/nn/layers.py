@@ -161,7 +161,7 @@ class HSCRegionBlock(RelationalLayer):
         self.phi_mix = nn.Linear(channels, channels)
         self.update_proj = nn.Linear(channels, channels)    # W
         self.norm = nn.BatchNorm1d(channels)
-        HSCRegionBlock.reset_parameters(self)   # this class's parameters: a subclass resets its own once it has built them
+        HSCRegionBlock.reset_parameters(self)   # this class's own: a subclass resets its own once it has built them
 
     def reset_parameters(self):
         for lin in (self.message_proj, self.theta, self.phi, self.theta_mix, self.phi_mix, self.update_proj):
