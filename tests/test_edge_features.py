@@ -246,3 +246,14 @@ def test_edge_features_take_the_sparse_path_on_complete_graphs():
     torch.testing.assert_close(states[-1], to_dense_batch(expected, batch.batch)[0])
     with pytest.raises(DataError, match=r"^the layers were built for edge features but the graphs have none"):
         stack(x, batch)
+
+
+def test_similarity_matrix_takes_the_boxes_of_models_that_read_them():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(**SMALL, img_gnn="hsc_geo", img_layers=1, txt_layers=1))
+    images = torch.randn(2, 6, 10)
+    boxes = torch.stack([random_boxes(6, 0), random_boxes(6, 1)])
+    scores = model.similarity_matrix(images, [[1, 5, 2], [1, 6, 7, 2]], boxes=boxes)
+    assert scores.shape == (2, 2) and torch.isfinite(scores).all()
+    with pytest.raises(DataError, match=r"^img_gnn='hsc_geo' needs region boxes"):
+        model.similarity_matrix(images, [[1, 5, 2]])

@@ -82,8 +82,10 @@ class RelationalStack(nn.Module):
                                 "edge builder that has features (img_edges=spatial) or set img_edge_features=false")
             extra["edge_attr"] = edge_attr.to(x.dtype)
         pos = getattr(batch, "pos", None) if any(layer.needs_pos for layer in self.layers) else None
-        wanted_weights = return_weights and any(l.has_edge_weights and not l.dense_weights for l in self.layers)
-        if getattr(batch, "complete", False) and self.dense_capable and not extra and not wanted_weights:
+        # edge weights asked of a layer whose dense path computes none: the sparse path gives them
+        weights_need_sparse = return_weights and any(layer.has_edge_weights and not layer.dense_weights
+                                                     for layer in self.layers)
+        if getattr(batch, "complete", False) and self.dense_capable and not extra and not weights_need_sparse:
             pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
             if pos is not None:
                 pos = to_dense_batch(pos, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0]
