@@ -245,13 +245,17 @@ class HSCGeometryBlock(HSCRegionBlock):
         nn.init.zeros_(self.geometry[2].weight)
         nn.init.zeros_(self.geometry[2].bias)
 
+    def _boxes(self, pos: Tensor | None, x: Tensor) -> Tensor:
+        check_boxes(self.registry_name, pos is not None)
+        return pos.to(x.dtype)
+
     def geometry_bias(self, target: Tensor, source: Tensor) -> Tensor:
         """Learned bias of boxes ``[..., 4]`` (broadcast) -> ``[...]``."""
         return self.geometry(box_geometry(target, source)).squeeze(-1)
 
     def forward(self, x, edge_index, batch=None, return_weights=False, pos=None):
         a, p, g = self._heads(x)
-        weight = self.edge_updater(edge_index, a=a, p=p, box=_need_boxes(pos, x), count=graph_sizes(batch, x))
+        weight = self.edge_updater(edge_index, a=a, p=p, box=self._boxes(pos, x), count=graph_sizes(batch, x))
         return self._aggregate(x, edge_index, g, weight, return_weights)
 
     def edge_update(self, a_i: Tensor, p_j: Tensor, box_i: Tensor, box_j: Tensor, count_i: Tensor) -> Tensor:
@@ -259,7 +263,7 @@ class HSCGeometryBlock(HSCRegionBlock):
 
     def forward_dense(self, x, mask, return_weights=False, pos=None):
         a, p, g = self._heads(x)
-        box = _need_boxes(pos, x)
+        box = self._boxes(pos, x)
         affinity = a @ p.transpose(1, 2) + self.geometry_bias(box.unsqueeze(2), box.unsqueeze(1))
         return self._aggregate_dense(x, mask, affinity, g, return_weights)
 
@@ -269,11 +273,6 @@ def check_boxes(layer: str, has_boxes: bool) -> None:
     if LAYERS.capability(layer, "needs_pos") and not has_boxes:
         raise DataError(f"img_gnn={layer!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data has none; "
                         "add the boxes file or use img_gnn=hsc")
-
-
-def _need_boxes(pos: Tensor | None, x: Tensor) -> Tensor:
-    check_boxes("hsc_geo", pos is not None)
-    return pos.to(x.dtype)
 
 
 @register_layer("hsc_text")
