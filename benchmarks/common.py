@@ -37,11 +37,11 @@ def make_config(preset: str, quick: bool = False, **overrides) -> Config:
     return Config(preset=preset, **sizes, **overrides)
 
 
-def make_model(preset: str, quick: bool = False, device: str = "cpu", seed: int = 0) -> HSCModel:
+def make_model(preset: str, quick: bool = False, device: str = "cpu", seed: int = 0, **overrides) -> HSCModel:
     """Random weights (the cost does not depend on training); BatchNorm running statistics randomised so that no
-    normalisation is the identity."""
+    normalisation is the identity. ``overrides``: model options over the preset (``img_gnn="gat"``, ...)."""
     torch.manual_seed(seed)
-    model = build_model(make_config(preset, quick))
+    model = build_model(make_config(preset, quick, **overrides))
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, torch.nn.BatchNorm1d):
@@ -96,9 +96,21 @@ def caption_batch(captions: list[list[int]], edges: str = "full"):
     return collate_graphs([caption_graph(c, edges=edges) for c in captions])
 
 
-def pair_batch(images: torch.Tensor, captions: list[list[int]]):
-    """A training batch of distinct images, caption b with image b (as a batch of 128 random captions of F30K has)."""
-    items = [(image_graph(images[b]), caption_graph(captions[b]), b, b) for b in range(len(captions))]
+def grid_boxes(num_regions: int) -> torch.Tensor:
+    """Normalised boxes of the cells of a square grid, row-major, ``[num_regions, 4]`` (as the grid features of
+    ``hsc_pyg.features`` and the built-in data have)."""
+    side = round(num_regions ** 0.5)
+    cell = torch.arange(num_regions)
+    r, c = cell.div(side, rounding_mode="floor").float(), (cell % side).float()
+    return torch.stack([c, r, c + 1, r + 1], dim=1) / side
+
+
+def pair_batch(images: torch.Tensor, captions: list[list[int]], img_edges: str = "full"):
+    """A training batch of distinct images, caption b with image b (as a batch of 128 random captions of F30K has);
+    the images carry grid boxes (for ``spatial`` edges and the layers that read boxes)."""
+    boxes = grid_boxes(images.shape[1])
+    items = [(image_graph(images[b], boxes, img_edges), caption_graph(captions[b]), b, b)
+             for b in range(len(captions))]
     return collate_pairs(items)
 
 

@@ -8,8 +8,13 @@
 Sections (``--only``): ``scoring`` (exact pair scoring pairs/s and peak memory, 64x320 ... 400x2000, and the scaling
 ratios), ``baseline`` (the original-style per-caption loop re-implemented in ``original_style.py``: exact scoring and
 the HSC training step, each asserted equal to ours first, then timed interleaved with ours on the same machine),
-``encoding`` (images/s, captions/s), ``training`` (steps/s and peak memory at batch 32 and 128), ``rerank``
-(retrieve-then-rerank with K = 20 on 1,000 x 5,000: exact pair scores needed and time).
+``encoding`` (images/s, captions/s), ``training`` (steps/s and peak memory at batch 32 and 128), ``layers`` (training
+steps/s at batch 32 of HSC with every registered layer type on the region graph, the word graph kept ``hsc_text``: on
+the ``full`` graph by the dense path and by sparse message passing where the layer has both, and with the ``spatial``
+builder's edge features for the layers that take them; ``--layers`` picks some), ``rerank`` (retrieve-then-rerank with
+K = 20 on 1,000 x 5,000: exact pair scores needed and time).
+
+    python benchmarks/run.py --only layers --threads 2 --out benchmarks/results/layers_train_cpu.json
 
 Every measurement runs in its own subprocess (a clean allocator and a meaningful peak memory), warms up first, and
 reports the median of ``--repeats`` runs (wall and process CPU seconds). Weights are random (the cost does not depend
@@ -38,8 +43,9 @@ import torch  # noqa: E402
 
 import common as cm  # noqa: E402
 import original_style as og  # noqa: E402
+from hsc_pyg.nn.layers import LAYERS  # noqa: E402
 
-SECTIONS = ("scoring", "baseline", "encoding", "training", "rerank")
+SECTIONS = ("scoring", "baseline", "encoding", "training", "layers", "rerank")
 SCORE_SIZES = ((64, 320), (128, 640), (100, 500), (200, 1000), (400, 2000))
 QUICK_SCORE_SIZES = ((8, 40), (16, 80), (12, 60), (24, 120))
 SCALING_PAIRS = (((64, 320), (128, 640)), ((100, 500), (200, 1000)), ((100, 500), (400, 2000)),
@@ -170,7 +176,8 @@ def worker_encode(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _train_inputs(batch: int, quick: bool, device: str, equal_lengths: int | None = None, seed: int = 0):
+def _train_inputs(batch: int, quick: bool, device: str, equal_lengths: int | None = None, seed: int = 0,
+                  img_edges: str = "full"):
     img_dim, vocab = _vocab_dims(quick)
     images = cm.synthetic_images(batch, img_dim, seed=seed)
     if equal_lengths:
@@ -178,7 +185,7 @@ def _train_inputs(batch: int, quick: bool, device: str, equal_lengths: int | Non
         captions = [[1] + rng.integers(4, vocab, size=equal_lengths - 2).tolist() + [2] for _ in range(batch)]
     else:
         captions = cm.synthetic_captions(batch, vocab, seed=seed)
-    pairs = cm.pair_batch(images, captions).to(device)
+    pairs = cm.pair_batch(images, captions, img_edges).to(device)
     lengths = torch.tensor([len(c) for c in captions])
     tokens = torch.zeros(batch, int(lengths.max()), dtype=torch.long)
     for i, c in enumerate(captions):
@@ -242,15 +249,23 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     from hsc_pyg.engine.train import train_step
     from hsc_pyg.nn.loss import ContrastiveLoss
 
-    model = cm.make_model(spec["preset"], quick, device).train()
+    options = spec.get("model", {})
+    model = cm.make_model(spec["preset"], quick, device, **options).train()
     amp = "bf16" if dtype == "bf16" and device.startswith("cuda") else "off"
     config = cm.Config(model.config, amp=amp)   # the run's options around the model's config
     criterion = ContrastiveLoss(config.margin, config.max_violation)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
-    images, pairs, tokens, lengths = _train_inputs(batch, quick, device)
+    images, pairs, tokens, lengths = _train_inputs(batch, quick, device, img_edges=config.img_edges)
+    if spec.get("sparse"):
+        pairs.images.complete = False            # the same complete graphs, by sparse message passing
+    stack = model.image_encoder.stack
+    dense = bool(pairs.images.complete and stack.dense_capable and not stack.uses_edge_attr)
     dev = torch.device(device)
-    out: dict[str, Any] = {"preset": spec["preset"], "batch_size": batch, "amp": amp,
+    out: dict[str, Any] = {"preset": spec["preset"], "batch_size": batch, "amp": amp, "model": options,
+                           "region_path": "dense" if dense else "sparse",
+                           "region_edges_per_image": pairs.images.edge_index.size(1) // pairs.images.num_graphs,
+                           "parameters": sum(p.numel() for p in model.parameters()),
                            "mean_caption_tokens": float(lengths.float().mean()), "threads": torch.get_num_threads()}
     cpu_amp = dtype == "bf16" and not device.startswith("cuda")
 
@@ -406,11 +421,29 @@ def plan(args) -> list[tuple[str, dict[str, Any]]]:
             for batch in ((8, 16) if args.quick else (32, 128)):
                 todo.append(("training", dict(base, kind="train", preset=preset, batch_size=batch,
                                               steps=args.train_steps if batch <= 32 else max(1, args.train_steps - 1))))
+    if "layers" in sections:
+        for options, sparse in layer_variants(args.layers):
+            todo.append(("layers", dict(base, kind="train", preset="hsc", batch_size=8 if args.quick else 32,
+                                        steps=args.train_steps, model=options, sparse=sparse)))
     if "rerank" in sections:
         n_img, n_cap = (40, 200) if args.quick else (1000, 5000)
         for preset in args.rerank_presets:
             todo.append(("rerank", dict(base, kind="rerank", preset=preset, n_img=n_img, n_cap=n_cap, k=20)))
     return todo
+
+
+def layer_variants(names: list[str]) -> list[tuple[dict[str, Any], bool]]:
+    """(model options, force the sparse path) of the ``layers`` section: each layer on the ``full`` graph (dense path
+    where it has one, and sparse), and on ``spatial`` edges with their features where it takes them."""
+    variants = []
+    for name in names:
+        if not LAYERS.capability(name, "needs_edge_attr"):
+            if LAYERS.capability(name, "supports_dense"):
+                variants.append(({"img_gnn": name}, False))
+            variants.append(({"img_gnn": name}, True))
+        if LAYERS.capability(name, "supports_edge_attr"):
+            variants.append(({"img_gnn": name, "img_edges": "spatial", "img_edge_features": True}, True))
+    return variants
 
 
 def scaling(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -470,6 +503,14 @@ def table(report: dict[str, Any]) -> str:
             continue
         mem = r["peak_memory"].get("above_start_mb", float("nan"))
         lines.append(f"training {r['preset']:10s} B={r['batch_size']:<4} {r['steps_per_s']:.3f} steps/s  peak +{mem:.0f} MB")
+    for r in report.get("layers", []):
+        if "error" in r:
+            lines.append(f"layers   {json.dumps(r['spec']['model'])}: {r['error'][:80]}")
+            continue
+        options = r["model"]
+        edges = f"{options.get('img_edges', 'full')}{' +features' if options.get('img_edge_features') else ''}"
+        lines.append(f"layers   {options['img_gnn']:12s} {edges:17s} {r['region_path']:6s} B={r['batch_size']:<4} "
+                     f"{r['steps_per_s']:.3f} steps/s  peak +{r['peak_memory'].get('above_start_mb', float('nan')):.0f} MB")
     for r in report.get("rerank", []):
         if "error" in r:
             lines.append(f"rerank: {r['error'][:80]}")
@@ -489,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--presets", default="hsc,sgraf_saf,sgraf_sgr")
     parser.add_argument("--rerank_presets", default="hsc")
+    parser.add_argument("--layers", default="", help="comma-separated region-graph layer types of the layers section "
+                                                     "(default: every registered one)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--train_steps", type=int, default=3, help="timed steps at batch 32 (one fewer at 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -514,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     args.presets = [p for p in args.presets.split(",") if p]
     args.rerank_presets = [p for p in args.rerank_presets.split(",") if p]
+    args.layers = [name for name in args.layers.split(",") if name] or LAYERS.names()
     if args.threads:
         torch.set_num_threads(args.threads)
     env = cm.environment(args.device, args.dtype)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .data.graphs import check_edge_spec
+from .data.graphs import check_edge_spec, edge_feature_size
 from .errors import ConfigError
 from .nn.layers import LAYERS
 from .io import write_text
@@ -145,6 +145,11 @@ class ModelConfig:
     align_levels: str = option("higher", "comma-separated levels to align and fuse: object, relational, higher")
     img_edges: str = option("full", "region-graph edges: full, knn:K, spatial, none")
     txt_edges: str = option("full", "word-graph edges: full, window:K, none")
+    img_edge_features: bool = option(False, "give the img_edges builder's edge features (spatial: 5 columns of "
+                                            "relative geometry) to the region-graph layers (gat, gatv2, transformer, "
+                                            "gine; their edge_dim)")
+    txt_edge_features: bool = option(False, "give the word graph's relation features (2 columns: relative word "
+                                            "offset) to the word-graph layers (gat, gatv2, transformer, gine)")
 
     def __post_init__(self) -> None:
         if self.preset in PRESETS:
@@ -153,7 +158,9 @@ class ModelConfig:
                     object.__setattr__(self, name, value)
         check_fields(self)
         self.levels()
+        self._check_edges()
         for side in ("img", "txt"):
+            self._check_layer_inputs(side)
             arguments = self.layer_arguments(side)
             try:
                 LAYERS.check_arguments(getattr(self, f"{side}_gnn"), arguments, skip=1)
@@ -161,7 +168,6 @@ class ModelConfig:
                 given = "".join(f", {side}_layer_{k}={v!r}" for k, v in arguments.items())
                 raise ConfigError(f"{side}_gnn={getattr(self, f'{side}_gnn')!r}{given}: {e}") from None
         self._check_preset()
-        self._check_edges()
         self._check_size()
 
     def levels(self) -> tuple[str, ...]:
@@ -176,7 +182,31 @@ class ModelConfig:
     def layer_arguments(self, side: str) -> dict[str, Any]:
         """Keyword arguments of the ``side`` (``img`` / ``txt``) layers: the ``{side}_layer_*`` fields that are set."""
         given = {"heads": getattr(self, f"{side}_layer_heads"), "dropout": getattr(self, f"{side}_layer_dropout")}
+        if getattr(self, f"{side}_edge_features"):
+            given["edge_dim"] = self.edge_feature_size(side)
         return {k: v for k, v in given.items() if v is not None}
+
+    def edge_feature_size(self, side: str) -> int:
+        """Columns of the ``side`` graphs' edge features (0: none), as the edge builder declares them."""
+        spec, graph = (self.img_edges, "image") if side == "img" else (self.txt_edges, "caption")
+        return edge_feature_size(spec, graph=graph)
+
+    def _check_layer_inputs(self, side: str) -> None:
+        """The layer type and the edge features / boxes it gets agree (one-line ConfigError saying what to set)."""
+        layer, edges, features = (getattr(self, f"{side}_{k}") for k in ("gnn", "edges", "edge_features"))
+        if side == "txt" and LAYERS.capability(layer, "needs_pos"):
+            raise ConfigError(f"txt_gnn={layer!r} needs region boxes, so it applies to region graphs only; use "
+                              "txt_gnn=hsc_text or another layer without boxes")
+        takes = ", ".join(n for n in LAYERS if LAYERS.capability(n, "supports_edge_attr"))
+        if features and not LAYERS.capability(layer, "supports_edge_attr"):
+            raise ConfigError(f"{side}_edge_features=True but {side}_gnn={layer!r} takes no edge features; use one of "
+                              f"{takes} or set {side}_edge_features=false")
+        if features and self.edge_feature_size(side) == 0:
+            raise ConfigError(f"{side}_edge_features=True but {side}_edges={edges!r} builds no edge features; use "
+                              f"{side}_edges=spatial (boxes needed) or set {side}_edge_features=false")
+        if LAYERS.capability(layer, "needs_edge_attr") and not features:
+            fix = "with img_edges=spatial" if side == "img" else "(relative word positions)"
+            raise ConfigError(f"{side}_gnn={layer!r} needs edge features; set {side}_edge_features=true {fix}")
 
     def _check_preset(self) -> None:
         if self.preset.startswith("sgraf_"):

@@ -52,6 +52,23 @@ def test_score_and_train_workers_report_their_fields():
     assert 0 < rr["exact_pairs_scored"] <= 10 * 50 and rr["fraction_of_all_pairs"] <= 1
 
 
+def test_layers_section_trains_every_layer_on_the_path_it_names():
+    variants = run.layer_variants(["gat", "gine", "hsc", "transformer"])
+    assert variants == [({"img_gnn": "gat"}, False), ({"img_gnn": "gat"}, True),
+                        ({"img_gnn": "gat", "img_edges": "spatial", "img_edge_features": True}, True),
+                        ({"img_gnn": "gine", "img_edges": "spatial", "img_edge_features": True}, True),
+                        ({"img_gnn": "hsc"}, False), ({"img_gnn": "hsc"}, True),
+                        ({"img_gnn": "transformer"}, True),
+                        ({"img_gnn": "transformer", "img_edges": "spatial", "img_edge_features": True}, True)]
+    paths = []
+    for options, sparse in variants[:3]:
+        train = run.worker_train(_spec(kind="train", preset="hsc", batch_size=6, steps=1, model=options, sparse=sparse))
+        assert train["steps_per_s"] > 0 and train["model"] == options
+        paths.append((train["region_path"], train["region_edges_per_image"]))
+    assert paths[:2] == [("dense", 36 * 36), ("sparse", 36 * 36)]
+    assert paths[2][0] == "sparse" and paths[2][1] < 36 * 36   # spatial: the 8-neighbourhood of the grid cells
+
+
 def test_runner_writes_json_with_environment_and_scaling(tmp_path):
     out = tmp_path / "bench.json"
     assert run.main(["--quick", "--only", "scoring", "--presets", "sgraf_saf", "--repeats", "1",

@@ -20,24 +20,42 @@ def complete_batch(sizes, dim, seed=0):
     return collate_graphs([image_graph(torch.randn(n, dim, generator=g)) for n in sizes])
 
 
-@pytest.mark.parametrize("name", ["hsc", "hsc_text"])
+def grid_boxes(count: int, side: int = 3) -> torch.Tensor:
+    cell = torch.arange(count)
+    r, c = cell.div(side, rounding_mode="floor").float(), (cell % side).float()
+    return torch.stack([c, r, c + 1, r + 1], dim=1) / side
+
+
+DENSE = sorted(n for n in LAYERS if LAYERS.capability(n, "supports_dense") and n != "none")
+
+
+@pytest.mark.parametrize("name", DENSE)
 def test_dense_path_equals_message_passing(name):
     torch.manual_seed(0)
     layer = build_layer(name, 12).double()
-    if name == "hsc":  # the zero-initialised BatchNorm would hide the aggregation: give it weight
-        torch.nn.init.uniform_(layer.norm.weight, 0.5, 1.5)
-        torch.nn.init.uniform_(layer.norm.bias, -0.5, 0.5)
+    if name.startswith("hsc"):  # the zero-initialised BatchNorm (and geometry map) would hide the aggregation
+        for norm in [m for m in layer.modules() if isinstance(m, torch.nn.BatchNorm1d)]:
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+    if name == "hsc_geo":
+        torch.nn.init.normal_(layer.geometry[2].weight)
     layer.eval()
-    batch = complete_batch([5, 3, 7], 12)
+    g = torch.Generator().manual_seed(0)
+    batch = collate_graphs([image_graph(torch.randn(n, 12, generator=g), grid_boxes(n)) for n in (5, 3, 7)])
     x = batch.x.double()
-    sparse, w_sparse = layer(x, batch.edge_index, batch.batch, return_weights=True)
-    from torch_geometric.utils import to_dense_batch
+    boxes = {"pos": batch.pos.double()} if layer.needs_pos else {}
+    sparse, w_sparse = layer(x, batch.edge_index, batch.batch, return_weights=True, **boxes)
     dense_x, mask = to_dense_batch(x, batch.batch)
-    dense, w_dense = layer.forward_dense(dense_x, mask, return_weights=True)
+    boxes = {"pos": to_dense_batch(batch.pos.double(), batch.batch)[0]} if layer.needs_pos else {}
+    dense, w_dense = layer.forward_dense(dense_x, mask, return_weights=True, **boxes)
     torch.testing.assert_close(dense[mask], sparse, atol=1e-12, rtol=0)
-    pair = mask.unsqueeze(2) & mask.unsqueeze(1)
-    torch.testing.assert_close(w_dense[pair], w_sparse, atol=1e-12, rtol=0)
-    assert w_sparse.shape == (5 * 5 + 3 * 3 + 7 * 7,)
+    assert (sparse - x).abs().max() > 0.1   # the layer did something
+    if layer.has_edge_weights and layer.dense_weights:
+        pair = mask.unsqueeze(2) & mask.unsqueeze(1)
+        torch.testing.assert_close(w_dense[pair], w_sparse, atol=1e-12, rtol=0)
+        assert w_sparse.shape == (5 * 5 + 3 * 3 + 7 * 7,)
+    else:
+        assert w_dense is None
 
 
 def test_hsc_edge_weight_is_scaled_bilinear_affinity():
@@ -68,15 +86,22 @@ def test_unknown_layer_name_lists_the_valid_ones():
 TRAINABLE = sorted(set(LAYERS) - {"none"})
 
 
+def layer_options(name: str) -> dict:
+    """Config of a small model with ``name`` on the region graph and, where it can, on the word graph."""
+    text_name = {"hsc": "hsc_text", "hsc_text": "hsc", "hsc_geo": "hsc_text"}.get(name, name)
+    needs = LAYERS.capability(name, "needs_edge_attr")
+    return dict(img_gnn=name, txt_gnn=text_name, img_edges="spatial" if needs else "full", img_edge_features=needs,
+                txt_edge_features=needs)
+
+
 @pytest.mark.parametrize("name", TRAINABLE)
 def test_every_layer_type_trains_on_both_graphs(name):
     torch.manual_seed(0)
-    text_name = "hsc_text" if name == "hsc" else ("hsc" if name == "hsc_text" else name)
-    cfg = Config(img_dim=10, vocab_size=30, embed_size=16, word_dim=16, sim_dim=8, num_regions=6,
-                 img_gnn=name, txt_gnn=text_name, img_layers=2, txt_layers=2)
+    cfg = Config(img_dim=10, vocab_size=30, embed_size=16, word_dim=16, sim_dim=8, num_regions=6, img_layers=2,
+                 txt_layers=2, **layer_options(name))
     model = build_model(cfg).train()
     g = torch.Generator().manual_seed(0)
-    images = [image_graph(torch.randn(6, 10, generator=g)) for _ in range(3)]
+    images = [image_graph(torch.randn(6, 10, generator=g), grid_boxes(6), cfg.img_edges) for _ in range(3)]
     captions = [caption_graph(torch.randint(4, 30, (n,), generator=g)) for n in (5, 3, 8, 4)]
     pairs = PairBatch(images=collate_graphs(images), captions=collate_graphs(captions),
                       img_index=torch.tensor([0, 1, 2, 0]), img_ids=torch.arange(3), cap_ids=torch.arange(4))
@@ -129,8 +154,9 @@ class _EdgeAttrProbe(RelationalLayer):
     supports_edge_attr = True
     has_edge_weights = False
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, edge_dim: int | None = None):
         super().__init__()
+        self.edge_dim = edge_dim
         self.received = []
 
     def forward(self, x, edge_index, batch=None, return_weights=False, edge_attr=None):
@@ -145,12 +171,15 @@ def test_edge_features_reach_the_layers_that_declare_them():
         graphs = [image_graph(torch.randn(3, 4), boxes, edges="spatial") for _ in range(2)]
         batch = collate_graphs(graphs)
         assert batch.edge_attr.shape == (batch.edge_index.size(1), 5)
-        probe = RelationalStack("edge_attr_probe", 4, 2)
-        probe(batch.x, batch)
+        probe = RelationalStack("edge_attr_probe", 4, 2, {"edge_dim": 5})
+        probe(batch.x, batch, edge_attr=batch.edge_attr)
         assert all(torch.equal(got, batch.edge_attr) for got in (layer.received[0] for layer in probe.layers))
-        # layers that do not declare it run on the same batch without it
+        # built without edge_dim, it gets none; layers that do not declare it run on the same batch without it
+        unused = RelationalStack("edge_attr_probe", 4, 1)
+        unused(batch.x, batch, edge_attr=batch.edge_attr)
+        assert unused.layers[0].received == [None]
         plain = RelationalStack("hsc", 4, 1)
-        states, _, _ = plain(batch.x, batch)
+        states, _, _ = plain(batch.x, batch, edge_attr=batch.edge_attr)
         assert states[-1].shape == (2, 3, 4)
     finally:
         LAYERS.unregister("edge_attr_probe")

@@ -8,9 +8,10 @@ graph of word nodes (``x [L]`` token ids). Edges come from a builder named by a 
 ``knn:K``      each node receives edges from its K nearest nodes by feature cosine, plus a self-loop: ``N * (K + 1)``
                edges (K is clamped to ``N - 1``); region graphs only
 ``spatial``    regions that overlap or whose centres are near (within 1.5 x the mean box size), self-loops included;
-               ``edge_attr [E, 5]`` = relative geometry (source centre offset / target size, log size ratios, IoU),
-               kept in the ``Data`` / ``Batch`` and passed to layers that declare ``supports_edge_attr``; needs
-               boxes (asking for it on data without boxes is a DataError); region graphs only
+               ``edge_attr [E, 5]``, the geometry of source j relative to target i (boxes x1, y1, x2, y2; centre
+               ``c``, width ``w``, height ``h``): ``(cx_j - cx_i) / w_i``, ``(cy_j - cy_i) / h_i``,
+               ``log(w_j / w_i)``, ``log(h_j / h_i)``, ``IoU(i, j)``; kept in the ``Data`` / ``Batch``; needs boxes
+               (asking for it on data without boxes is a DataError); region graphs only
 ``window:K``   nodes at most K positions apart, self-loops included: ``N * (2K + 1) - K * (K + 1)`` edges when N > K
 ``none``       no edges (``E = 0``)
 =============  ==========================================================================================================
@@ -18,6 +19,12 @@ graph of word nodes (``x [L]`` token ids). Edges come from a builder named by a 
 Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source j, ``edge_index[1]`` the target i,
 and edges are sorted by target, then by source. For ``full`` this is row-major over (target, source): edge ``e = i * N +
 j``, so per-edge weights reshaped to ``[N, N]`` give ``w[i, j]`` with i the target (receiving) node.
+
+Edge features reach a layer only when the model config asks for them (``img_edge_features`` / ``txt_edge_features``);
+their width is :func:`edge_feature_size` (the builder's ``edge_attr`` capability for region graphs), which the config
+passes to the layer's constructor as ``edge_dim``. Word graphs get their relation features from word order, whatever
+the builder: :func:`word_relations` (``[E, 2]``: ``(j - i) / L`` and ``clip(j - i, -4, 4) / 4`` for the edge from
+word j to word i of a caption of L words), computed by the word-graph encoder from the batch (no data to carry).
 
 Whether a graph is complete (which lets the layers use their dense path) is read from its edges by
 :func:`collate_graphs`, never from the spec.
@@ -43,6 +50,13 @@ from ..registry import Registry
 #: (the mean of the two boxes' sqrt(w * h)). 1.5 joins a grid cell to its 8 neighbours.
 SPATIAL_NEAR = 1.5
 
+
+#: Word offsets beyond this many positions are clipped in the second column of :func:`word_relations`.
+WORD_OFFSET_CLIP = 4
+#: Columns of :func:`word_relations`: the relative offset ``(j - i) / L`` and the clipped offset.
+WORD_RELATION_FEATURES = 2
+#: Columns of :func:`box_geometry`.
+BOX_GEOMETRY_FEATURES = 4
 
 #: Edge builders by name: ``fn(num_nodes, x, pos, k) -> (edge_index [2, E], edge_attr [E, F] | None)``, with the
 #: capabilities ``takes_k`` (the spec is ``name:K`` with a positive integer K), ``needs_x`` / ``needs_pos`` (the builder
@@ -86,6 +100,46 @@ def check_edge_spec(spec: str, *, graph: str, has_pos: bool = True) -> None:
     if needs_pos and not has_pos:
         raise DataError(f"img_edges={spec!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data has none; "
                         "add the boxes file or use img_edges=full or knn:K")
+
+
+def edge_feature_size(spec: str, *, graph: str) -> int:
+    """Columns of the edge features of ``graph`` ("image" or "caption") graphs built by ``spec``: the builder's
+    ``edge_attr`` for region graphs (0: it builds none), :data:`WORD_RELATION_FEATURES` for word graphs."""
+    name, _ = parse_edge_spec(spec)
+    return WORD_RELATION_FEATURES if graph == "caption" else EDGE_BUILDERS.capability(name, "edge_attr")
+
+
+def word_relations(edge_index: Tensor, batch: Tensor) -> Tensor:
+    """Relation features of word-graph edges, ``[E, 2]`` float32: for the edge from word j to word i of a caption of
+    L words, ``(j - i) / L`` (in (-1, 1)) and ``clip(j - i, -4, 4) / 4`` (the order of near words).
+
+    ``edge_index`` and ``batch [num_nodes]`` (node -> caption) of a batch of word graphs: nodes are in word order
+    within each graph, so node index differences are word offsets.
+    """
+    source, target = edge_index
+    offset = (source - target).float()
+    length = torch.bincount(batch)[batch[target]].float()
+    return torch.stack([offset / length, offset.clamp(-WORD_OFFSET_CLIP, WORD_OFFSET_CLIP) / WORD_OFFSET_CLIP], dim=1)
+
+
+def box_geometry(target: Tensor, source: Tensor) -> Tensor:
+    """Relative geometry of boxes ``[..., 4]`` (x1, y1, x2, y2; broadcast), ``[..., 4]``: the log-ratio features of
+    Relation Networks (Hu et al., CVPR 2018) and the Object Relation Transformer (Herdade et al., NeurIPS 2019),
+    ``log(|cx_j - cx_i| / w_i)``, ``log(|cy_j - cy_i| / h_i)``, ``log(w_j / w_i)``, ``log(h_j / h_i)`` for source j
+    and target i. Centre offsets are clamped at 1e-3 of the box size (``log`` >= -6.9, also for j = i) and sizes at
+    1e-6 (so zero boxes, e.g. padding, stay finite)."""
+    def parts(box: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        x1, y1, x2, y2 = box.unbind(-1)
+        return (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1).clamp_min(1e-6), (y2 - y1).clamp_min(1e-6)
+
+    cx_i, cy_i, w_i, h_i = parts(target)
+    cx_j, cy_j, w_j, h_j = parts(source)
+    return torch.stack([
+        torch.log(((cx_j - cx_i).abs() / w_i).clamp_min(1e-3)),
+        torch.log(((cy_j - cy_i).abs() / h_i).clamp_min(1e-3)),
+        torch.log(w_j / w_i),
+        torch.log(h_j / h_i),
+    ], dim=-1)
 
 
 def make_edges(spec: str, num_nodes: int, x: Tensor | None = None, pos: Tensor | None = None,

@@ -29,6 +29,7 @@ from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, VocabError
 from ..nn.functional import l2norm
+from ..nn.layers import check_boxes
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import distributed
 from .device import autocast, eval_mode, resolve_device
@@ -106,12 +107,14 @@ def _as_packed(captions: CaptionEncoding | PackedCaptions) -> PackedCaptions:
 
 # --------------------------------------------------------------------------- encoding
 def check_features(model: HSCModel, split: PrecompSplit, source: str = "the model") -> None:
-    """DataError unless the split's region features have the shape ``[*, num_regions, img_dim]`` the model reads."""
+    """DataError unless the split's region features have the shape ``[*, num_regions, img_dim]`` the model reads, and
+    boxes where its layers need them."""
     config = model.config
     if split.img_dim != config.img_dim or split.num_regions != config.num_regions:
         raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
                         f"features but {source} expects [*, {config.num_regions}, {config.img_dim}]; evaluate it on "
                         "the dataset it was trained on")
+    check_boxes(config.img_gnn, split.boxes is not None)
 
 
 def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, source: str = "the model",

@@ -60,6 +60,7 @@ from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
 from ..io import remove_stale_temps
+from ..nn.layers import check_boxes
 from ..nn.loss import ContrastiveLoss, ImageTextContrastive
 from ..nn.model import HSCModel, build_model
 from ..nn.similarity import HEADS
@@ -518,6 +519,7 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
                         f"{config.img_dim}; resume on the dataset it was trained on")
     config = config.replace(img_dim=train_split.img_dim, num_regions=train_split.num_regions, vocab_size=len(vocab))
     dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges)
+    check_boxes(config.img_gnn, train_split.boxes is not None)
     batch_sampler = distributed.DistributedBatchSampler(len(dataset), config.batch_size)
     batches_per_epoch = batch_sampler.steps_per_epoch()
     if batches_per_epoch == 0:

@@ -3,9 +3,11 @@
 Both take a PyG ``Batch`` (from :func:`hsc_pyg.data.graphs.collate_graphs`) and return dense padded node states
 ``[num_graphs, max_nodes, d]`` with a mask, for the per-pair similarity part. They keep the states of the three levels
 of the paper: ``object`` (the input of the relational stack), ``relational`` (after its first layer) and ``higher``
-(after its last layer). On complete graphs (``batch.complete``, read from the edges by ``collate_graphs``) a layer with
-a dense path runs as batched matrix products; otherwise as sparse message passing over ``batch.edge_index``, with the
-batch's ``edge_attr`` passed to the layers that declare ``supports_edge_attr``.
+(after its last layer). On complete graphs (``batch.complete``, read from the edges by ``collate_graphs``) layers with
+a dense path run as batched matrix products; otherwise, or with edge features, as sparse message passing over
+``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
+(from the edge builder), the word graphs' :func:`~hsc_pyg.data.graphs.word_relations`; region boxes (``batch.pos``)
+go to the layers that declare ``needs_pos``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.utils import to_dense_batch
 
 from ..config import LEVELS
+from ..data.graphs import word_relations
+from ..errors import DataError
 from .functional import l2norm
 from .layers import build_layer, xavier_linear
 
@@ -57,30 +61,50 @@ class RelationalStack(nn.Module):
 
     @property
     def uses_edge_attr(self) -> bool:
-        return any(layer.supports_edge_attr for layer in self.layers)
+        return any(layer.edge_dim is not None for layer in self.layers)
 
-    def forward(self, x: Tensor, batch, return_weights: bool = False) -> tuple[list[Tensor], Tensor, list]:
-        """``x [num_nodes, C]`` -> (dense states of every depth ``[B, N, C]``, mask ``[B, N]``, weights per layer)."""
+    def forward(self, x: Tensor, batch, return_weights: bool = False,
+                edge_attr: Tensor | None = None) -> tuple[list[Tensor], Tensor, list]:
+        """``x [num_nodes, C]`` -> (dense states of every depth ``[B, N, C]``, mask ``[B, N]``, weights per layer).
+
+        ``edge_attr [E, F]``: the edge features of ``batch`` for the layers built with ``edge_dim`` (DataError if
+        they need them and it is None).
+        """
         max_nodes = getattr(batch, "max_nodes", None)
         if max_nodes is None:
             max_nodes = int((batch.ptr[1:] - batch.ptr[:-1]).max())
         dense, mask = to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)
         states, weights = [dense], []
-        edge_attr = getattr(batch, "edge_attr", None) if self.uses_edge_attr else None
-        if getattr(batch, "complete", False) and self.dense_capable and edge_attr is None:
+        extra: dict[str, Tensor] = {}
+        if self.uses_edge_attr:
+            if edge_attr is None:
+                raise DataError("the layers were built for edge features but the graphs have none; build them with an "
+                                "edge builder that has features (img_edges=spatial) or set img_edge_features=false")
+            extra["edge_attr"] = edge_attr.to(x.dtype)
+        pos = getattr(batch, "pos", None) if any(layer.needs_pos for layer in self.layers) else None
+        # edge weights asked of a layer whose dense path computes none: the sparse path gives them
+        weights_need_sparse = return_weights and any(layer.has_edge_weights and not layer.dense_weights
+                                                     for layer in self.layers)
+        if getattr(batch, "complete", False) and self.dense_capable and not extra and not weights_need_sparse:
             pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
+            if pos is not None:
+                pos = to_dense_batch(pos, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0]
             for layer in self.layers:
-                dense, w = layer.forward_dense(dense, mask, return_weights)
+                dense, w = layer.forward_dense(dense, mask, return_weights, **_boxes(layer, pos))
                 states.append(dense)
                 # (b, i, j) row-major order = the `full` builder's edge order (target-major)
                 weights.append(w[pair_mask] if w is not None else None)
         else:
             for layer in self.layers:
-                extra = {"edge_attr": edge_attr} if layer.supports_edge_attr and edge_attr is not None else {}
-                x, w = layer(x, batch.edge_index, batch.batch, return_weights, **extra)
+                features = extra if layer.edge_dim is not None else {}
+                x, w = layer(x, batch.edge_index, batch.batch, return_weights, **features, **_boxes(layer, pos))
                 states.append(to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0])
                 weights.append(w)
         return states, mask, weights
+
+
+def _boxes(layer, pos: Tensor | None) -> dict[str, Tensor | None]:
+    return {"pos": pos} if layer.needs_pos else {}
 
 
 class RegionGraphEncoder(nn.Module):
@@ -98,7 +122,8 @@ class RegionGraphEncoder(nn.Module):
         self.no_imgnorm = no_imgnorm
 
     def forward(self, batch, levels: tuple[str, ...] = ("higher",), return_weights: bool = False) -> GraphStates:
-        states, mask, weights = self.stack(self.fc(batch.x), batch, return_weights)
+        edge_attr = getattr(batch, "edge_attr", None) if self.stack.uses_edge_attr else None
+        states, mask, weights = self.stack(self.fc(batch.x), batch, return_weights, edge_attr)
         out = {}
         for level in levels:
             h = states[level_index(level, self.num_layers)]
@@ -137,7 +162,8 @@ class WordGraphEncoder(nn.Module):
         return out if self.no_txtnorm else l2norm(out)
 
     def forward(self, batch, levels: tuple[str, ...] = ("higher",), return_weights: bool = False) -> GraphStates:
-        states, mask, weights = self.stack(self.dropout(self.embed(batch.x)), batch, return_weights)
+        edge_attr = word_relations(batch.edge_index, batch.batch) if self.stack.uses_edge_attr else None
+        states, mask, weights = self.stack(self.dropout(self.embed(batch.x)), batch, return_weights, edge_attr)
         lengths = mask.sum(-1)
         out = {level: self.recurrent(states[level_index(level, self.num_layers)], lengths) for level in levels}
         return GraphStates(out, mask, weights if return_weights else None)

@@ -6,15 +6,25 @@ return the learned weight of each edge (affinity or attention) for visualisation
 ``img_layer_*`` / ``txt_layer_*`` give its keyword arguments, which must be ones its constructor takes.
 
 Each class declares what it can do, as PyG's convolutions do: ``has_edge_weights`` (returns learned per-edge weights),
-``supports_dense`` (a batched-matmul path for complete graphs) and ``supports_edge_attr`` (its ``forward`` takes
-``edge_attr [E, F]``, e.g. the ``spatial`` builder's relative geometry; the encoders pass it only to such layers).
+``supports_dense`` (a batched-matmul path for complete graphs, with the same weights as the sparse path: a model trained
+on one is evaluated with the other), ``dense_weights`` (that path also returns the edge weights),
+``supports_edge_attr`` (its constructor takes ``edge_dim`` and its ``forward`` then takes ``edge_attr [E, edge_dim]``,
+e.g. the ``spatial`` builder's relative geometry; the config passes ``edge_dim`` from the edge builder when
+``img_edge_features`` / ``txt_edge_features`` is set, and the encoders pass ``edge_attr`` only to layers built with
+it), ``needs_edge_attr`` (it cannot run without edge features) and ``needs_pos`` (its ``forward`` takes the region
+boxes ``pos [num_nodes, 4]``; region graphs with boxes only).
 
 Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source ``j``, ``edge_index[1]`` the target
 ``i``; a message travels ``j -> i``.
 
-Two layers are HSC's own (MODEL.md §3) and have a *dense* path as well: on complete graphs (the ``full`` edge builder,
-self-loops included) the sum over all sources is a batched matrix product, which never materialises the ``[E, d]``
-message tensor. ``tests/test_layers.py`` checks that the dense path equals the plain message passing.
+*Dense* paths: on complete graphs (the ``full`` edge builder, self-loops included) the sum over all sources is a
+batched matrix product, which never materialises the ``[E, d]`` message tensor. HSC's own layers (MODEL.md §3) and
+``hsc_geo`` compute it themselves; ``gcn``, ``gat``, ``sage``, ``graphconv`` and ``gin`` run PyG's dense convolutions
+(``torch_geometric.nn.dense``) on their sparse convolution's own parameters, with the all-ones adjacency of each graph
+(its self-loops are the ``full`` graph's, so the dense layers' ``add_loop`` changes nothing: it sets the diagonal to 1
+in ``DenseGCNConv`` / ``DenseGATConv``, and adds the ``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv``
+adds too). ``gatv2``, ``transformer`` and ``gine`` have no dense PyG version; edge features always take the sparse path
+(no dense PyG layer takes them). ``tests/test_layers.py`` checks that every dense path equals the plain message passing.
 """
 from __future__ import annotations
 
@@ -26,14 +36,17 @@ from torch_geometric.nn import (
     GATv2Conv,
     GCNConv,
     GINConv,
+    GINEConv,
     GraphConv,
     MessagePassing,
     SAGEConv,
     TransformerConv,
 )
+from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv
 from torch_geometric.utils import degree
 
-from ..errors import ConfigError
+from ..data.graphs import BOX_GEOMETRY_FEATURES, box_geometry
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 
 LAYERS: Registry[type["RelationalLayer"]] = Registry("layer")
@@ -77,16 +90,22 @@ class RelationalLayer(MessagePassing):
     registry_name = "?"
     has_edge_weights = True
     supports_dense = False
+    dense_weights = True
     supports_edge_attr = False
+    needs_edge_attr = False
+    needs_pos = False
+    #: width of the edge features this instance was built for (None: it takes none)
+    edge_dim: int | None = None
 
     def forward(self, x: Tensor, edge_index: Tensor, batch: Tensor | None = None,
                 return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """``x [num_nodes, C]`` -> ``(x' [num_nodes, C], edge weights [E] or None)``; layers that declare
-        ``supports_edge_attr`` also take ``edge_attr [E, F]``."""
+        """``x [num_nodes, C]`` -> ``(x' [num_nodes, C], edge weights [E] or None)``; layers built with ``edge_dim``
+        also take ``edge_attr [E, edge_dim]``, layers that declare ``needs_pos`` take ``pos [num_nodes, 4]``."""
         raise NotImplementedError
 
     def forward_dense(self, x: Tensor, mask: Tensor, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Complete-graph form: ``x [B, N, C]``, ``mask [B, N]`` -> ``(x' [B, N, C], weights [B, N, N] or None)``.
+        """Complete-graph form: ``x [B, N, C]``, ``mask [B, N]`` -> ``(x' [B, N, C], weights [B, N, N] or None)``;
+        layers that declare ``needs_pos`` also take ``pos [B, N, 4]``.
 
         ``weights[b, i, j]`` is the weight of the edge ``j -> i``; padded rows and columns are zero.
         """
@@ -142,7 +161,7 @@ class HSCRegionBlock(RelationalLayer):
         self.phi_mix = nn.Linear(channels, channels)
         self.update_proj = nn.Linear(channels, channels)    # W
         self.norm = nn.BatchNorm1d(channels)
-        self.reset_parameters()
+        HSCRegionBlock.reset_parameters(self)   # this class's own: a subclass resets its own once it has built them
 
     def reset_parameters(self):
         for lin in (self.message_proj, self.theta, self.phi, self.theta_mix, self.phi_mix, self.update_proj):
@@ -156,11 +175,8 @@ class HSCRegionBlock(RelationalLayer):
 
     def forward(self, x, edge_index, batch=None, return_weights=False):
         a, p, g = self._heads(x)
-        size = graph_sizes(batch, x)
-        weight = self.edge_updater(edge_index, a=a, p=p, count=size)
-        y = self.propagate(edge_index, g=g, weight=weight)
-        out = x + self.norm(self.update_proj(y))
-        return out, (weight if return_weights else None)
+        weight = self.edge_updater(edge_index, a=a, p=p, count=graph_sizes(batch, x))
+        return self._aggregate(x, edge_index, g, weight, return_weights)
 
     def edge_update(self, a_i: Tensor, p_j: Tensor, count_i: Tensor) -> Tensor:
         return (a_i * p_j).sum(-1) / count_i.squeeze(-1)
@@ -168,14 +184,95 @@ class HSCRegionBlock(RelationalLayer):
     def message(self, g_j: Tensor, weight: Tensor) -> Tensor:
         return weight.unsqueeze(-1) * g_j
 
+    def _aggregate(self, x: Tensor, edge_index: Tensor, g: Tensor, weight: Tensor,
+                   return_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """``x + BN(W sum_j weight_ij g_j)`` from the edge weights ``[E]``."""
+        y = self.propagate(edge_index, g=g, weight=weight)
+        out = x + self.norm(self.update_proj(y))
+        return out, (weight if return_weights else None)
+
     def forward_dense(self, x, mask, return_weights=False):
         a, p, g = self._heads(x)
+        return self._aggregate_dense(x, mask, a @ p.transpose(1, 2), g, return_weights)
+
+    def _aggregate_dense(self, x: Tensor, mask: Tensor, affinity: Tensor, g: Tensor,
+                         return_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_aggregate` on a complete graph from the unscaled affinity ``[B, N(target), N(source)]``."""
         size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)          # [B, 1, 1]
-        weight = (a @ p.transpose(1, 2)) / size * mask.unsqueeze(1)          # [B, N(target), N(source)]
+        weight = affinity / size * mask.unsqueeze(1)                         # [B, N(target), N(source)]
         y = weight @ g
         upd = torch.zeros_like(x)
         upd[mask] = self.norm(self.update_proj(y[mask]))
         return x + upd, (weight if return_weights else None)
+
+
+@register_layer("hsc_geo")
+class HSCGeometryBlock(HSCRegionBlock):
+    r"""HSC's image block with a learned bias from the relative geometry of the two regions (an attention bias as in
+    Relation Networks, Hu et al. CVPR 2018, and the Object Relation Transformer, Herdade et al. NeurIPS 2019).
+
+    .. math::
+        e_{ij} = \frac{A_i \cdot P_j + w_2^\top \mathrm{ReLU}(W_1 \gamma_{ij} + b_1) + b_2}{N}, \quad
+        x'_i = x_i + \mathrm{BN}\Big(W \sum_{j \in \mathcal{N}(i)} e_{ij}\, g(x_j)\Big)
+
+    with everything as in ``hsc`` and :math:`\gamma_{ij}` the log-ratio geometry of box j relative to box i
+    (:func:`~hsc_pyg.data.graphs.box_geometry`: ``log(|dx| / w_i)``, ``log(|dy| / h_i)``, ``log(w_j / w_i)``,
+    ``log(h_j / h_i)``). ``w_2`` and ``b_2`` start at zero, so the block starts as ``hsc`` (and, with its zero
+    BatchNorm, as the identity). Needs the region boxes (``{split}_boxes.npy``); any edge builder; dense path on
+    complete graphs.
+
+    Args:
+        channels (int): node state size ``d``.
+        heads (int, optional): number of affinity projections (default: ``4``).
+        geometry_hidden (int, optional): hidden size of the geometry map (default: ``64``).
+    Shapes: ``x [num_nodes, d]``, ``pos [num_nodes, 4]`` -> ``[num_nodes, d]``; weights ``[E]``.
+    """
+
+    needs_pos = True
+
+    def __init__(self, channels: int, heads: int = 4, geometry_hidden: int = 64):
+        super().__init__(channels, heads)
+        self.geometry = nn.Sequential(nn.Linear(BOX_GEOMETRY_FEATURES, geometry_hidden), nn.ReLU(),
+                                      nn.Linear(geometry_hidden, 1))
+        self._reset_geometry()
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self._reset_geometry()
+
+    def _reset_geometry(self) -> None:
+        self.geometry[0].reset_parameters()
+        nn.init.zeros_(self.geometry[2].weight)
+        nn.init.zeros_(self.geometry[2].bias)
+
+    def _boxes(self, pos: Tensor | None, x: Tensor) -> Tensor:
+        check_boxes(self.registry_name, pos is not None)
+        return pos.to(x.dtype)
+
+    def geometry_bias(self, target: Tensor, source: Tensor) -> Tensor:
+        """Learned bias of boxes ``[..., 4]`` (broadcast) -> ``[...]``."""
+        return self.geometry(box_geometry(target, source)).squeeze(-1)
+
+    def forward(self, x, edge_index, batch=None, return_weights=False, pos=None):
+        a, p, g = self._heads(x)
+        weight = self.edge_updater(edge_index, a=a, p=p, box=self._boxes(pos, x), count=graph_sizes(batch, x))
+        return self._aggregate(x, edge_index, g, weight, return_weights)
+
+    def edge_update(self, a_i: Tensor, p_j: Tensor, box_i: Tensor, box_j: Tensor, count_i: Tensor) -> Tensor:
+        return ((a_i * p_j).sum(-1) + self.geometry_bias(box_i, box_j)) / count_i.squeeze(-1)
+
+    def forward_dense(self, x, mask, return_weights=False, pos=None):
+        a, p, g = self._heads(x)
+        box = self._boxes(pos, x)
+        affinity = a @ p.transpose(1, 2) + self.geometry_bias(box.unsqueeze(2), box.unsqueeze(1))
+        return self._aggregate_dense(x, mask, affinity, g, return_weights)
+
+
+def check_boxes(layer: str, has_boxes: bool) -> None:
+    """DataError unless the data has region boxes where ``layer`` (an ``img_gnn``) needs them."""
+    if LAYERS.capability(layer, "needs_pos") and not has_boxes:
+        raise DataError(f"img_gnn={layer!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data has none; "
+                        "add the boxes file or use img_gnn=hsc")
 
 
 @register_layer("hsc_text")
@@ -234,62 +331,85 @@ class HSCWordBlock(RelationalLayer):
 
 
 class PyGConvLayer(RelationalLayer):
-    """A PyG convolution as a residual relational layer: ``x' = x + conv(x, edge_index)``.
+    """A PyG convolution as a residual relational layer: ``x' = x + conv(x, edge_index[, edge_attr])``.
 
     Subclasses only build their convolution in ``__init__`` (with their own explicit arguments) and say whether it
-    returns attention weights, the way PyG's ``BasicGNN`` subclasses only override ``init_conv``.
+    returns attention weights, the way PyG's ``BasicGNN`` subclasses only override ``init_conv``. A subclass with a
+    PyG dense version names it in ``dense_class``: its ``forward`` runs on this layer's convolution (the same
+    parameters, read under the same attribute names) with the all-ones adjacency of each complete graph.
     """
 
     has_edge_weights = False
+    dense_class: type[nn.Module] | None = None
 
-    def __init__(self, conv: MessagePassing):
+    def __init__(self, conv: MessagePassing, edge_dim: int | None = None):
         super().__init__()
         self.conv = conv
+        self.edge_dim = edge_dim
 
     def reset_parameters(self):
         self.conv.reset_parameters()
 
-    def forward(self, x, edge_index, batch=None, return_weights=False):
+    def forward(self, x, edge_index, batch=None, return_weights=False, edge_attr=None):
+        extra = {} if self.edge_dim is None else {"edge_attr": edge_attr}
         if self.has_edge_weights:
-            y, (att_index, alpha) = self.conv(x, edge_index, return_attention_weights=True)
+            y, (att_index, alpha) = self.conv(x, edge_index, return_attention_weights=True, **extra)
             # the convolutions keep the edge order when they add no self-loops; average the heads
             weight = alpha.mean(-1) if return_weights else None
             return x + y, weight
-        return x + self.conv(x, edge_index), None
+        return x + self.conv(x, edge_index, **extra), None
+
+    def dense_conv(self) -> nn.Module:
+        """The object ``dense_class.forward`` runs on: the convolution itself (same attribute names)."""
+        return self.conv
+
+    def forward_dense(self, x, mask, return_weights=False):
+        adj = (mask.unsqueeze(2) & mask.unsqueeze(1)).to(x.dtype)   # each graph complete, self-loops included
+        return x + self.dense_class.forward(self.dense_conv(), x, adj, mask), None
 
 
 @register_layer("gcn")
 class GCNLayer(PyGConvLayer):
-    """``GCNConv`` (symmetric-normalised, fixed edge weights: nothing learned per edge)."""
+    """``GCNConv`` (symmetric-normalised, fixed edge weights: nothing learned per edge); dense: ``DenseGCNConv``."""
+
+    supports_dense = True
+    dense_class = DenseGCNConv
 
     def __init__(self, channels: int):
         super().__init__(GCNConv(channels, channels, add_self_loops=False))
 
 
 class AttentionConvLayer(PyGConvLayer):
-    """An attention convolution with ``heads`` heads concatenated (``channels / heads`` each) and ``dropout`` on its
-    attention coefficients; returns the attention averaged over heads. Subclasses name the PyG class."""
+    """An attention convolution with ``heads`` heads concatenated (``channels / heads`` each), ``dropout`` on its
+    attention coefficients and, with ``edge_dim``, edge features in the attention; returns the attention averaged
+    over heads. Subclasses name the PyG class."""
 
     has_edge_weights = True
+    supports_edge_attr = True
     conv_class: type[MessagePassing]
     conv_options: dict = {}
 
-    def __init__(self, channels: int, heads: int = 4, dropout: float = 0.0):
+    def __init__(self, channels: int, heads: int = 4, dropout: float = 0.0, edge_dim: int | None = None):
         out = _head_split(channels, heads, self.registry_name)
-        super().__init__(self.conv_class(channels, out, heads=heads, dropout=dropout, **self.conv_options))
+        super().__init__(self.conv_class(channels, out, heads=heads, dropout=dropout, edge_dim=edge_dim,
+                                         **self.conv_options), edge_dim)
 
 
 @register_layer("gat")
 class GATLayer(AttentionConvLayer):
-    """``GATConv`` (no added self-loops: the edge builders decide them)."""
+    """``GATConv`` (no added self-loops: the edge builders decide them); dense: ``DenseGATConv`` (without edge
+    features; it returns no attention, so asking for the edge weights takes the sparse path)."""
 
     conv_class = GATConv
     conv_options = {"add_self_loops": False}
+    supports_dense = True
+    dense_weights = False
+    dense_class = DenseGATConv
 
 
 @register_layer("gatv2")
 class GATv2Layer(AttentionConvLayer):
-    """``GATv2Conv`` (no added self-loops: the edge builders decide them)."""
+    """``GATv2Conv`` (no added self-loops: the edge builders decide them); PyG has no dense version."""
 
     conv_class = GATv2Conv
     conv_options = {"add_self_loops": False}
@@ -297,31 +417,69 @@ class GATv2Layer(AttentionConvLayer):
 
 @register_layer("transformer")
 class TransformerLayer(AttentionConvLayer):
-    """``TransformerConv`` (graph transformer attention)."""
+    """``TransformerConv`` (graph transformer attention); PyG has no dense version."""
 
     conv_class = TransformerConv
 
 
 @register_layer("sage")
 class SAGELayer(PyGConvLayer):
-    """``SAGEConv`` with mean aggregation (no learned edge weights)."""
+    """``SAGEConv`` with mean aggregation (no learned edge weights); dense: ``DenseSAGEConv``."""
+
+    supports_dense = True
+    dense_class = DenseSAGEConv
 
     def __init__(self, channels: int):
         super().__init__(SAGEConv(channels, channels))
 
+    def dense_conv(self) -> nn.Module:
+        # DenseSAGEConv's lin_rel (neighbour mean) / lin_root (the node) are SAGEConv's lin_l / lin_r; the bias sits on
+        # the other Linear, which adds the same sum
+        return _DenseSAGEView(self.conv)
+
+
+class _DenseSAGEView:
+    """``SAGEConv``'s parameters under ``DenseSAGEConv``'s attribute names (no parameters of its own)."""
+
+    def __init__(self, conv: SAGEConv):
+        self.lin_rel, self.lin_root, self.normalize = conv.lin_l, conv.lin_r, conv.normalize
+
 
 @register_layer("graphconv")
 class GraphConvLayer(PyGConvLayer):
-    """``GraphConv`` (Morris et al.), sum aggregation (no learned edge weights)."""
+    """``GraphConv`` (Morris et al.), sum aggregation (no learned edge weights); dense: ``DenseGraphConv``."""
+
+    supports_dense = True
+    dense_class = DenseGraphConv
 
     def __init__(self, channels: int):
         super().__init__(GraphConv(channels, channels))
 
 
+def _gin_mlp(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
+
+
 @register_layer("gin")
 class GINLayer(PyGConvLayer):
-    """``GINConv`` with a two-layer MLP (no learned edge weights)."""
+    """``GINConv`` with a two-layer MLP (no learned edge weights); dense: ``DenseGINConv``."""
+
+    supports_dense = True
+    dense_class = DenseGINConv
 
     def __init__(self, channels: int):
-        mlp = nn.Sequential(nn.Linear(channels, channels), nn.ReLU(), nn.Linear(channels, channels))
-        super().__init__(GINConv(mlp, train_eps=True))
+        super().__init__(GINConv(_gin_mlp(channels), train_eps=True))
+
+
+@register_layer("gine")
+class GINELayer(PyGConvLayer):
+    r"""``GINEConv`` (Hu et al., 2020): GIN whose messages carry the edge features,
+    ``x'_i = MLP((1 + eps) x_i + sum_j ReLU(x_j + W e_ji))``, with ``W`` a Linear ``edge_dim -> channels`` and the
+    two-layer MLP of ``gin``. Needs edge features (``img_edge_features`` / ``txt_edge_features``); PyG has no dense
+    version. No learned edge weights."""
+
+    supports_edge_attr = True
+    needs_edge_attr = True
+
+    def __init__(self, channels: int, edge_dim: int):
+        super().__init__(GINEConv(_gin_mlp(channels), train_eps=True, edge_dim=edge_dim), edge_dim)

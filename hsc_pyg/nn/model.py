@@ -215,16 +215,19 @@ class HSCModel(nn.Module):
 
     # ---------------------------------------------------------------- convenience
     @torch.no_grad()
-    def similarity_matrix(self, images: Tensor, captions: Sequence[Sequence[int]], batch_size: int = 128) -> Tensor:
+    def similarity_matrix(self, images: Tensor, captions: Sequence[Sequence[int]], batch_size: int = 128,
+                          boxes: Tensor | None = None) -> Tensor:
         """Eval-mode scores of raw inputs: ``images`` float ``[N, R, D]``, ``captions`` token-id lists (with
-        ``<start>``/``<end>``) -> ``[N, M]`` float32 on the CPU."""
+        ``<start>``/``<end>``) -> ``[N, M]`` float32 on the CPU. ``boxes [N, R, 4]``: the regions' boxes, for models
+        that read them (``img_edges=spatial``, ``img_gnn=hsc_geo``)."""
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
             images = torch.as_tensor(images, dtype=torch.float32)
             img_parts = [self.encode_images(collate_graphs(
-                [image_graph(f, edges=self.config.img_edges) for f in images[i:i + batch_size]]).to(device))
+                [image_graph(f, None if boxes is None else torch.as_tensor(boxes[k]), self.config.img_edges)
+                 for k, f in enumerate(images[i:i + batch_size], start=i)]).to(device))
                 for i in range(0, len(images), batch_size)]
             cap_parts = [self.encode_captions(collate_graphs(
                 [caption_graph(c, edges=self.config.txt_edges) for c in captions[i:i + batch_size]]).to(device))
