@@ -18,6 +18,7 @@ from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
 from .first_stage import FirstStage
 from .functional import l2norm
+from .kernels import compute_dtype
 from .similarity import SimilarityModule
 
 
@@ -163,6 +164,9 @@ class HSCModel(nn.Module):
         out = img.regions.new_zeros(n_img, n_cap, dtype=self.similarity.score_proj.weight.dtype)
         if n_img == 0 or n_cap == 0:
             return out
+        # under autocast (bf16 scoring) the region and word states are cast once here, not once per product
+        dtype = compute_dtype(img.regions)
+        img = ImageEncoding(img.regions.to(dtype), img.glo)
         lengths = cap.mask.sum(1)
         order = torch.argsort(lengths, stable=True)
         if self.training:
@@ -174,6 +178,7 @@ class HSCModel(nn.Module):
             for c0, c1 in _length_blocks(lengths[order].tolist(), max_captions):
                 columns = order[c0:c1]
                 block = cap[columns].trimmed()
+                block = CaptionEncoding(block.words.to(dtype), block.mask, block.glo)
                 img_step = n_img if self.training else max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
                 for i0 in range(0, n_img, img_step):
                     out[i0:i0 + img_step, columns] = self._score_block(img[i0:i0 + img_step], block, columns, norm)
