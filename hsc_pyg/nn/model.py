@@ -22,6 +22,11 @@ from .kernels import compute_dtype
 from .similarity import SimilarityModule
 
 
+def _by_level(states: list[Tensor]) -> Tensor:
+    """The states of the aligned levels stacked on axis 1 (one level: a view, not a copy)."""
+    return states[0].unsqueeze(1) if len(states) == 1 else torch.stack(states, 1)
+
+
 def _index(t: Tensor, idx) -> Tensor:
     return t[idx] if not isinstance(idx, int) else t[idx: idx + 1]
 
@@ -127,15 +132,15 @@ class HSCModel(nn.Module):
     def encode_images(self, images) -> ImageEncoding:
         """A ``Batch`` of region graphs -> :class:`ImageEncoding` (once per image)."""
         states = self.image_encoder(images, self.levels)
-        regions = torch.stack([states.levels[lv] for lv in self.levels], 1)
-        glo = torch.stack([self.similarity.visual_sa(states.levels[lv]) for lv in self.levels], 1)
+        regions = _by_level([states.levels[lv] for lv in self.levels])
+        glo = _by_level([self.similarity.visual_sa(states.levels[lv]) for lv in self.levels])
         return ImageEncoding(regions, glo)
 
     def encode_captions(self, captions) -> CaptionEncoding:
         """A ``Batch`` of word graphs -> :class:`CaptionEncoding` (once per caption)."""
         states = self.text_encoder(captions, self.levels)
-        words = torch.stack([states.levels[lv] for lv in self.levels], 1)
-        glo = torch.stack([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels], 1)
+        words = _by_level([states.levels[lv] for lv in self.levels])
+        glo = _by_level([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels])
         return CaptionEncoding(words, states.mask, glo)
 
     # ---------------------------------------------------------------- per pair
