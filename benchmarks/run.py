@@ -565,7 +565,7 @@ def plan(args) -> list[tuple[str, dict[str, Any]]]:
                 todo.append(("training", dict(base, kind="train", preset=preset, batch_size=batch,
                                               steps=args.train_steps if batch <= 32 else max(1, args.train_steps - 1))))
     if "bf16" in sections:
-        for n_img, n_cap in ((12, 60),) if args.quick else ((100, 500), (200, 1000)):
+        for n_img, n_cap in ((12, 60),) if args.quick else args.bf16_sizes:
             todo.append(("bf16", dict(base, kind="bf16", preset="sgraf_saf", n_img=n_img, n_cap=n_cap,
                                       repeats=args.repeats)))
     if "rerank" in sections:
@@ -663,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--presets", default="hsc,sgraf_saf,sgraf_sgr")
     parser.add_argument("--rerank_presets", default="hsc")
+    parser.add_argument("--bf16_sizes", default="100x500,200x1000",
+                        help="images x captions of the bf16 section, comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--train_steps", type=int, default=3, help="timed steps at batch 32 (one fewer at 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -688,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown section(s) {bad}; choose from {', '.join(SECTIONS)}")
     args.presets = [p for p in args.presets.split(",") if p]
     args.rerank_presets = [p for p in args.rerank_presets.split(",") if p]
+    args.bf16_sizes = [tuple(int(n) for n in size.split("x")) for size in args.bf16_sizes.split(",") if size]
     if args.threads:
         torch.set_num_threads(args.threads)
     env = cm.environment(args.device, args.dtype)

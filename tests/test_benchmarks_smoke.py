@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 import common as cm  # noqa: E402
 import original_style as og  # noqa: E402
 import run  # noqa: E402
+from hsc_pyg.engine.device import cpu_bf16_instructions  # noqa: E402
 
 
 def _spec(**kw):
@@ -50,6 +51,17 @@ def test_score_and_train_workers_report_their_fields():
     assert enc["images"]["per_s"] > 0 and enc["captions"]["per_s"] > 0
     rr = run.worker_rerank(_spec(kind="rerank", preset="hsc", n_img=10, n_cap=50, k=3))
     assert 0 < rr["exact_pairs_scored"] <= 10 * 50 and rr["fraction_of_all_pairs"] <= 1
+
+
+@pytest.mark.skipif(not cpu_bf16_instructions(),
+                    reason="this CPU has no native bf16 matrix instructions (bf16 scoring is refused)")
+def test_bf16_worker_reports_the_side_by_side_fields():
+    r = run.worker_bf16(_spec(kind="bf16", preset="sgraf_saf", n_img=6, n_cap=30, repeats=1))
+    assert set(r["scoring"]) == {"original", "float32", "bf16", "exact_ranking"}
+    assert r["check_original_max_abs_diff"] < 1e-5 and 0 < r["bf16_max_abs_diff"] < 0.05
+    assert r["exact_ranking_recall_table_equals_float32"] and r["cpu_bf16_instructions"]
+    assert r["gemm"]["float32"]["gflop_per_s"] > 0 and r["float32_gemm_floor_pairs_per_s"] > 0
+    assert r["encoding"]["max_abs_diff"] < 1e-5 and r["encoding"]["speed_vs_original_with_global_vectors"] > 0
 
 
 def test_runner_writes_json_with_environment_and_scaling(tmp_path):
