@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
 from hsc_pyg.errors import HSCError
 
 DESCRIPTION = """\
@@ -66,9 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("compute")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     run.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
-                     help="autocast on the GPU (default: %(default)s; fp32 is the reference). Faster, but the scores "
-                          "come out rounded to the autocast precision (bf16: about 3 digits), so near-equal scores "
-                          "tie and ties count against the query: recalls can drop; check against fp32")
+                     help="precision of the pair scores (default: %(default)s = float32, the reference). bf16 (on a "
+                          "GPU, or a CPU with AMX-BF16 / AVX512-BF16 / Arm BF16; refused elsewhere) or fp16 (GPU): "
+                          "every pair is scored in that precision, then again in float32: each query's top "
+                          "--rescore_k in both directions, every ground-truth pair, and every pair whose score lies "
+                          "within the largest bf16 error seen of a ground-truth score of its query, so that the "
+                          "recall table is float32's. The encoders run in float32")
+    run.add_argument("--rescore_k", type=int, default=None, metavar="K",
+                     help="with --amp bf16/fp16: the top K of every query, in both directions, re-scored in float32 "
+                          f"(the top of each ranking in float32 order; default: {DEFAULT_RESCORE_K}); 0 = pure "
+                          "bf16/fp16 scores, nothing re-scored (about 3 significant digits: near-equal scores tie, and "
+                          "ties count against the query)")
     run.add_argument("--batch_size", type=int, default=128,
                      help="images or captions per encoder call (default: %(default)s)")
     run.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: %(default)s)")
@@ -96,7 +105,15 @@ def print_report(report: dict[str, Any]) -> None:
     n, m, exact_pairs = report["num_images"], report["num_captions"], report["exact_pairs"]
     what = f"{report['data_name']}/{report['split']}"
     title = f"{what}: {'5-fold (1K) average' if report['protocol'] == 'fold5' else f'{n} images, {m} captions'}"
-    print(format_table(report["metrics"], title=f"{title} -- exact ({exact_pairs:,} pair scores)"))
+    if "rescore" in report:
+        rescore = report["rescore"]
+        how = (f"{report['amp']} scores, each query's top {rescore['k']} re-scored in float32 "
+               f"({rescore['float32_pairs']:,} of {exact_pairs:,} pair scores, {100 * rescore['fraction']:.2f}%)")
+    elif report["amp"] != "off":
+        how = f"{report['amp']} scores ({exact_pairs:,} pair scores)"
+    else:
+        how = f"exact ({exact_pairs:,} pair scores)"
+    print(format_table(report["metrics"], title=f"{title} -- {how}"))
     if "first_stage_metrics" in report:
         print()
         print(format_table(report["first_stage_metrics"],
@@ -121,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     protocol = Protocol(
         data_path=args.data_path, data_name=args.data_name, split=args.split, models=args.model, sims=args.sims,
         vocab_path=args.vocab_path, fold5=args.fold5, rerank_k=tuple(args.rerank_k), save_sims=args.save_sims,
-        overwrite=args.overwrite, json=args.json, device=args.device, amp=args.amp, batch_size=args.batch_size,
+        overwrite=args.overwrite, json=args.json, device=args.device, amp=args.amp, rescore_k=args.rescore_k,
+        batch_size=args.batch_size,
         workers=args.workers, score_chunk_mb=args.score_chunk_mb, store_dtype=args.store_dtype,
         progress=not args.no_progress)
     try:

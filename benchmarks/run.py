@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import subprocess
 import sys
@@ -45,7 +44,7 @@ import common as cm  # noqa: E402
 import original_style as og  # noqa: E402
 from hsc_pyg.nn.layers import LAYERS  # noqa: E402
 
-SECTIONS = ("scoring", "baseline", "encoding", "training", "layers", "rerank")
+SECTIONS = ("scoring", "baseline", "encoding", "training", "layers", "rerank", "bf16")
 SCORE_SIZES = ((64, 320), (128, 640), (100, 500), (200, 1000), (400, 2000))
 QUICK_SCORE_SIZES = ((8, 40), (16, 80), (12, 60), (24, 120))
 SCALING_PAIRS = (((64, 320), (128, 640)), ((100, 500), (200, 1000)), ((100, 500), (400, 2000)),
@@ -199,7 +198,6 @@ def check_training_matches(device: str, preset: str = "hsc", batch: int = 6, len
     agree (dropout off, equal caption lengths, distinct images): the loss, every gradient, and the SAF BatchNorm's
     running statistics (one update per caption, in caption order). Quick size, in ``dtype`` (float64: differences are
     rounding only, so the tolerances are tight; float32 also exercises the oneDNN products). AssertionError if not."""
-    from hsc_pyg.engine.train import train_step
     from hsc_pyg.nn.loss import ContrastiveLoss
 
     ours = cm.make_model(preset, quick=True, device=device).to(dtype).train()
@@ -352,7 +350,165 @@ def worker_rerank(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_memory": mem.result}
 
 
-WORKERS = {"score": worker_score, "encode": worker_encode, "train": worker_train, "rerank": worker_rerank}
+def gemm_rates(device: str, repeats: int, calls: int = 20) -> dict[str, Any]:
+    """GFLOP/s of ``torch.randn(4096, 1024) @ torch.randn(1024, 256)`` in float32 and bfloat16 (median of ``repeats``
+    runs of ``calls`` products): the machine's matrix rate at about the scorer's local-alignment shape."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(4096, 1024, device=device).to(dtype)
+        b = torch.randn(1024, 256, device=device).to(dtype)
+        for _ in range(3):
+            a @ b                                                    # warm-up
+
+        def call():
+            for _ in range(calls):
+                a @ b
+
+        walls, _ = _timed_runs(call, device, repeats)
+        out[str(dtype).replace("torch.", "")] = {"gflop_per_s": 2 * 4096 * 1024 * 256 * calls / 1e9 / cm.summary(walls)["median"],
+                                                 "wall_s": cm.summary(walls)}
+    return out
+
+
+def flop_per_pair(mean_words: float, d: int, m: int, regions: int) -> float:
+    """Multiply-adds x 2 of one SAF pair with ``mean_words`` words (benchmarks/NOTES.md): the word-region scores and the
+    attended context (``2 R d L``), the local alignment (``L d m``), the global alignment (``d m``)."""
+    return 2 * (2 * regions * d * mean_words + mean_words * d * m + d * m)
+
+
+def worker_bf16(spec: dict[str, Any]) -> dict[str, Any]:
+    """float32 exact, bf16 and bf16 with exact ranking (``evaluate.py --amp off``, ``--amp bf16 --rescore_k 0``,
+    ``--amp bf16``) through the real evaluation code, side by side with the original-style loop (asserted equal to
+    float32 first) on the same encodings, interleaved; the machine's float32 and bf16 GEMM rates; encoding, ours vs
+    the original-style encoders (asserted equal first)."""
+    from hsc_pyg.engine import evaluation as ev
+    from hsc_pyg.engine.device import cpu_bf16_instructions
+    from hsc_pyg.engine.metrics import recall_metrics
+    from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
+
+    device = _setup(spec)
+    quick, repeats, k = spec["quick"], spec["repeats"], spec.get("rescore_k", DEFAULT_RESCORE_K)
+    n_img, n_cap = spec["n_img"], spec["n_cap"]
+    model = cm.make_model(spec["preset"], quick, device)
+    images, captions = _inputs(n_img, n_cap, quick)
+    img, cap = cm.encode(model, images, captions, device=device)
+    packed = ev.PackedCaptions.pack(cap)
+    lengths = cap.mask.sum(1)
+    sizes = model.config
+    out: dict[str, Any] = {
+        "preset": spec["preset"], "n_img": n_img, "n_cap": n_cap, "pairs": n_img * n_cap, "rescore_k": k,
+        "threads": torch.get_num_threads(), "mean_caption_tokens": float(lengths.float().mean()),
+        "cpu": cm.cpu_model(), "cpu_bf16_instructions": cpu_bf16_instructions(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    per_pair = flop_per_pair(float(lengths.float().mean()), sizes.embed_size, sizes.sim_dim, sizes.num_regions)
+    out["gemm"] = gemm_rates(device, repeats)
+    out["flop_per_pair"] = per_pair
+    out["float32_gemm_floor_pairs_per_s"] = out["gemm"]["float32"]["gflop_per_s"] * 1e9 / per_pair
+    out["bf16_gemm_floor_pairs_per_s"] = out["gemm"]["bfloat16"]["gflop_per_s"] * 1e9 / per_pair
+
+    box: dict[str, Any] = {}
+
+    def float32():
+        box["float32"] = ev.score_matrix(model, img, packed, progress=False)
+
+    def bf16():
+        box["bf16"] = ev.score_matrix(model, img, packed, amp="bf16", progress=False)
+
+    def exact_ranking():
+        scores = ev.score_matrix(model, img, packed, amp="bf16", progress=False)
+        box["exact_ranking"] = ev.rescore_ranking(scores, k, 5, lambda r, c: ev.pair_scores(model, img, packed, r, c))
+
+    out["check_original_max_abs_diff"] = og.check_scores_match(model, img[:7], cap[:13], atol=1e-5)
+    regions64, words64 = img.regions[:, 0].double(), cap.words[:, 0].double()
+    cap_lens = lengths.tolist()
+
+    def original():
+        with torch.no_grad():
+            box["original"] = og.shard_scores(model.similarity, regions64, words64, cap_lens, shard_size=100)
+
+    runs = {"original": original, "float32": float32, "bf16": bf16, "exact_ranking": exact_ranking}
+    for fn in runs.values():
+        fn()                                                              # warm-up
+    timings: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in runs}
+    for _ in range(repeats):                                              # interleaved
+        for name, fn in runs.items():
+            w, c = cm.time_call(fn, device)
+            timings[name][0].append(w)
+            timings[name][1].append(c)
+    rates = {name: _rates(w, c, n_img * n_cap) for name, (w, c) in timings.items()}
+    base = rates["original"]["pairs_per_s"]
+    out["scoring"] = {name: dict(r, vs_original=r["pairs_per_s"] / base) for name, r in rates.items()}
+    out["float32_vs_gemm_floor"] = out["float32_gemm_floor_pairs_per_s"] / rates["float32"]["pairs_per_s"]
+    exact, rescored = box["float32"], box["exact_ranking"]
+    out["bf16_max_abs_diff"] = float(np.abs(box["bf16"] - exact).max())
+    out["exact_ranking_float32_pairs"] = rescored.num_float32_pairs
+    out["exact_ranking_recall_table_equals_float32"] = rescored.metrics(5) == recall_metrics(exact, 5)
+    out["encoding"] = _encoding_side_by_side(model, images, captions, device, repeats)
+    return out
+
+
+def _encoding_side_by_side(model, images: torch.Tensor, captions: list[list[int]], device: str,
+                           repeats: int, batch: int = 128) -> dict[str, Any]:
+    """``encode_images`` + ``encode_captions`` (with the global vectors) against the original-style encoders (without:
+    the original computes them inside its similarity), on the same batches, asserted equal, timed interleaved. Our
+    graph batches are collated outside the timing, as the original's padded tensors are."""
+    order = sorted(range(len(captions)), key=lambda k: len(captions[k]))
+    captions = [captions[k] for k in order]
+    img_batches = [cm.image_batch(images[i:i + batch]).to(device) for i in range(0, len(images), batch)]
+    cap_batches = [cm.caption_batch(captions[i:i + batch]).to(device) for i in range(0, len(captions), batch)]
+    padded = []
+    for i in range(0, len(captions), batch):
+        part = captions[i:i + batch]
+        tokens = torch.zeros(len(part), max(map(len, part)), dtype=torch.long)
+        for j, c in enumerate(part):
+            tokens[j, :len(c)] = torch.tensor(c)
+        padded.append((tokens.to(device), torch.tensor([len(c) for c in part])))
+    image_chunks = [images[i:i + batch].to(device) for i in range(0, len(images), batch)]
+
+    def ours():
+        return ([model.encode_images(b) for b in img_batches], [model.encode_captions(b) for b in cap_batches])
+
+    def original():
+        return ([og.encode_images(model, x) for x in image_chunks], [og.encode_captions(model, t, n) for t, n in padded])
+
+    def original_with_global_vectors():
+        """The original-style encoders plus VisualSA / TextSA once per item, as the original's similarity computes
+        them (images: a batch; captions: one caption at a time, cut to its length)."""
+        sim = model.similarity
+        out_img = [og.visual_sa(sim.visual_sa, v, v.mean(1)) for v in (og.encode_images(model, x) for x in image_chunks)]
+        out_cap = []
+        for tokens, lengths in padded:
+            words = og.encode_captions(model, tokens, lengths)
+            out_cap.append([og.text_sa(sim.text_sa, words[i:i + 1, :n], words[i:i + 1, :n].mean(1))
+                            for i, n in enumerate(lengths.tolist())])
+        return out_img, out_cap
+
+    with torch.no_grad():
+        (ours_img, ours_cap), (og_img, og_cap) = ours(), original()
+        diff = max([float((a.regions[:, 0] - b).abs().max()) for a, b in zip(ours_img, og_img)]
+                   + [float((a.words[:, 0] - b[:, :a.words.size(2)]).abs().max()) for a, b in zip(ours_cap, og_cap)])
+        if diff > 1e-5:
+            raise AssertionError(f"our encoders differ from the original-style ones by {diff:.3g}")
+        runs = {"original": original, "original_with_global_vectors": original_with_global_vectors, "ours": ours}
+        walls: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                walls[name].append(cm.time_call(fn, device)[0])
+    w = {name: cm.summary(v) for name, v in walls.items()}
+    return {"images": len(images), "captions": len(captions), "max_abs_diff": diff, "ours_wall_s": w["ours"],
+            "original_wall_s": w["original"], "original_with_global_vectors_wall_s": w["original_with_global_vectors"],
+            "speed_vs_original": w["original"]["median"] / w["ours"]["median"],
+            "speed_vs_original_with_global_vectors": (w["original_with_global_vectors"]["median"]
+                                                      / w["ours"]["median"]),
+            "what": "ours: encode_images + encode_captions, which include the global vectors (VisualSA / TextSA); "
+                    "original-style: EncoderImage + EncoderText (benchmarks/original_style.py), whose global vectors "
+                    "the original computes in its similarity, once per shard; with_global_vectors: plus VisualSA / "
+                    "TextSA once per item"}
+
+
+WORKERS = {"score": worker_score, "encode": worker_encode, "train": worker_train, "rerank": worker_rerank,
+           "bf16": worker_bf16}
 
 
 # =========================================================================== the parent
@@ -425,6 +581,10 @@ def plan(args) -> list[tuple[str, dict[str, Any]]]:
         for options, sparse in layer_variants(args.layers):
             todo.append(("layers", dict(base, kind="train", preset="hsc", batch_size=8 if args.quick else 32,
                                         steps=args.train_steps, model=options, sparse=sparse)))
+    if "bf16" in sections:
+        for n_img, n_cap in ((12, 60),) if args.quick else args.bf16_sizes:
+            todo.append(("bf16", dict(base, kind="bf16", preset="sgraf_saf", n_img=n_img, n_cap=n_cap,
+                                      repeats=args.repeats)))
     if "rerank" in sections:
         n_img, n_cap = (40, 200) if args.quick else (1000, 5000)
         for preset in args.rerank_presets:
@@ -511,6 +671,18 @@ def table(report: dict[str, Any]) -> str:
         edges = f"{options.get('img_edges', 'full')}{' +features' if options.get('img_edge_features') else ''}"
         lines.append(f"layers   {options['img_gnn']:12s} {edges:17s} {r['region_path']:6s} B={r['batch_size']:<4} "
                      f"{r['steps_per_s']:.3f} steps/s  peak +{r['peak_memory'].get('above_start_mb', float('nan')):.0f} MB")
+    for r in report.get("bf16", []):
+        if "error" in r:
+            lines.append(f"bf16: {r['error'][:80]}")
+            continue
+        sc = r["scoring"]
+        lines.append(f"bf16     {r['preset']:10s} {r['n_img']}x{r['n_cap']}: original-style {sc['original']['pairs_per_s']:.0f}, "
+                     f"float32 {sc['float32']['pairs_per_s']:.0f} (x{sc['float32']['vs_original']:.2f}), bf16 "
+                     f"{sc['bf16']['pairs_per_s']:.0f} (x{sc['bf16']['vs_original']:.2f}), bf16 exact ranking "
+                     f"{sc['exact_ranking']['pairs_per_s']:.0f} pairs/s (x{sc['exact_ranking']['vs_original']:.2f}); "
+                     f"GEMM floor float32 {r['float32_gemm_floor_pairs_per_s']:.0f}, bf16 {r['bf16_gemm_floor_pairs_per_s']:.0f}; "
+                     f"encoding x{r['encoding']['speed_vs_original']:.2f} the original's speed "
+                     f"(x{r['encoding']['speed_vs_original_with_global_vectors']:.2f} with its global vectors)")
     for r in report.get("rerank", []):
         if "error" in r:
             lines.append(f"rerank: {r['error'][:80]}")
@@ -532,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank_presets", default="hsc")
     parser.add_argument("--layers", default="", help="comma-separated region-graph layer types of the layers section "
                                                      "(default: every registered one)")
+    parser.add_argument("--bf16_sizes", default="100x500,200x1000",
+                        help="images x captions of the bf16 section, comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--train_steps", type=int, default=3, help="timed steps at batch 32 (one fewer at 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
@@ -558,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     args.presets = [p for p in args.presets.split(",") if p]
     args.rerank_presets = [p for p in args.rerank_presets.split(",") if p]
     args.layers = [name for name in args.layers.split(",") if name] or LAYERS.names()
+    args.bf16_sizes = [tuple(int(n) for n in size.split("x")) for size in args.bf16_sizes.split(",") if size]
     if args.threads:
         torch.set_num_threads(args.threads)
     env = cm.environment(args.device, args.dtype)

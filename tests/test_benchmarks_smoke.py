@@ -15,6 +15,7 @@ sys.path.insert(0, str(BENCH))
 import common as cm  # noqa: E402
 import original_style as og  # noqa: E402
 import run  # noqa: E402
+from hsc_pyg.engine.device import cpu_bf16_instructions  # noqa: E402
 
 
 def _spec(**kw):
@@ -67,6 +68,17 @@ def test_layers_section_trains_every_layer_on_the_path_it_names():
         paths.append((train["region_path"], train["region_edges_per_image"]))
     assert paths[:2] == [("dense", 36 * 36), ("sparse", 36 * 36)]
     assert paths[2][0] == "sparse" and paths[2][1] < 36 * 36   # spatial: the 8-neighbourhood of the grid cells
+
+
+@pytest.mark.skipif(not cpu_bf16_instructions(),
+                    reason="this CPU has no native bf16 matrix instructions (bf16 scoring is refused)")
+def test_bf16_worker_reports_the_side_by_side_fields():
+    r = run.worker_bf16(_spec(kind="bf16", preset="sgraf_saf", n_img=6, n_cap=30, repeats=1))
+    assert set(r["scoring"]) == {"original", "float32", "bf16", "exact_ranking"}
+    assert r["check_original_max_abs_diff"] < 1e-5 and 0 < r["bf16_max_abs_diff"] < 0.05
+    assert r["exact_ranking_recall_table_equals_float32"] and r["cpu_bf16_instructions"]
+    assert r["gemm"]["float32"]["gflop_per_s"] > 0 and r["float32_gemm_floor_pairs_per_s"] > 0
+    assert r["encoding"]["max_abs_diff"] < 1e-5 and r["encoding"]["speed_vs_original_with_global_vectors"] > 0
 
 
 def test_runner_writes_json_with_environment_and_scaling(tmp_path):

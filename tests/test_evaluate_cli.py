@@ -240,7 +240,7 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag in ("--model", "--sims", "--data_path", "--data_name", "--split", "--fold5", "--save_sims",
                  "--rerank_k", "--json", "--device", "--amp", "--batch_size", "--vocab_path", "--debug",
-                 "--overwrite", "--score_chunk_mb", "--store_dtype"):
+                 "--overwrite", "--score_chunk_mb", "--store_dtype", "--rescore_k"):
         assert flag in result.stdout, flag
 
 

@@ -9,6 +9,9 @@ import torch
 from ..errors import ConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: CPU instructions that multiply bfloat16 matrices natively, as ``torch.cpu.get_capabilities()`` names them: Intel
+#: AMX, AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later), Arm's SVE BF16 and BF16 (BFMMLA / BFDOT).
+BF16_MATRIX_INSTRUCTIONS = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -28,15 +31,29 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, amp: str = "off") -> contextlib.AbstractContextManager:
-    """The autocast context of ``--amp off|bf16|fp16`` (fp32 is the reference; autocast is a GPU option)."""
+def cpu_bf16_instructions() -> list[str]:
+    """The names of :data:`BF16_MATRIX_INSTRUCTIONS` this CPU has, as torch detects them (empty: none)."""
+    capabilities = torch.cpu.get_capabilities()
+    return [name for name in BF16_MATRIX_INSTRUCTIONS if capabilities.get(name) is True]
+
+
+def autocast(device: torch.device, amp: str = "off", cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
+    """The autocast context of ``--amp off|bf16|fp16`` (fp32 is the reference). On CUDA devices any of them; on the
+    CPU only bf16, only where ``cpu_bf16`` (the caller can use it: pair scoring) and only on a CPU with native bf16
+    matrix instructions (:func:`cpu_bf16_instructions`; elsewhere bf16 is emulated, slower than float32)."""
     if amp not in AMP_DTYPES:
         raise ConfigError(f"--amp {amp!r} is unknown; choose off, bf16 or fp16")
     if AMP_DTYPES[amp] is None:
         return contextlib.nullcontext()
-    if device.type != "cuda":
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
+    if not (cpu_bf16 and amp == "bf16"):
         raise ConfigError(f"--amp {amp} needs a CUDA device (found {device}); use --amp off on the CPU")
-    return torch.autocast(device_type="cuda", dtype=AMP_DTYPES[amp])
+    if not cpu_bf16_instructions():
+        raise ConfigError(f"--amp bf16 on the CPU needs native bf16 matrix instructions (AMX-BF16, AVX512-BF16 or Arm "
+                          f"BF16), which torch does not find on this CPU "
+                          f"({torch.cpu.get_capabilities().get('cpu_name', 'unnamed')}); use --amp off")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,11 @@
 """The retrieval protocols behind ``evaluate.py``: one split, several sources (checkpoints and saved score matrices)
 averaged, the whole matrix or COCO's five 1K folds, optionally re-ranked; saved score matrices read and written.
 
+``--amp bf16`` (or fp16) scores every pair in that precision, then re-scores in float32 each query's top
+``rescore_k`` in both directions, the ground-truth pairs and the pairs whose score is near a ground-truth score
+(:func:`~hsc_pyg.engine.evaluation.rescore_ranking`), so that the recall table is float32's
+(``benchmarks/bf16_ranking.py`` measures it).
+
 :func:`run_protocol` does the work and returns a report dict; the command line only parses flags and prints it. Under
 ``torchrun`` the image rows of each matrix are split across the processes and only rank 0 gets the report (the other
 ranks get None). Warnings go to the ``warn`` callback (the library never prints).
@@ -22,11 +27,15 @@ from ..errors import ConfigError, DataError, os_error_reason
 from ..io import atomic_files, write_json
 from . import distributed
 from .checkpoint import load_checkpoint
-from .device import resolve_device
-from .evaluation import STORE_DTYPES, check_compatible, encode_split, rerank_ensemble, score_matrix_distributed
+from .device import autocast, resolve_device
+from .evaluation import (STORE_DTYPES, check_compatible, encode_split, pair_scores, rerank_ensemble,
+                         rescore_ranking, score_matrix_distributed)
 from .metrics import average_metrics, fold_slices, recall_metrics
 
 Warn = Callable[[str], None]
+#: Re-scored top K per query of ``--amp bf16|fp16`` when ``--rescore_k`` is not given: the smallest K at which no
+#: float32 top-10 item fell outside the bf16 top K on the built-in data and on Flickr8k-mini (README, "bf16 scoring").
+DEFAULT_RESCORE_K = 15
 
 
 @dataclass
@@ -46,6 +55,7 @@ class Protocol:
     json: str = ""
     device: str = "auto"
     amp: str = "off"
+    rescore_k: int | None = None
     batch_size: int = 128
     workers: int = 0
     score_chunk_mb: int = 0
@@ -72,6 +82,21 @@ class Protocol:
         if self.score_chunk_mb < 0:
             raise ConfigError(f"--score_chunk_mb must be at least 1 (or 0: the model's own bound), found "
                               f"{self.score_chunk_mb}")
+        if self.rescore_k is not None and self.amp == "off":
+            raise ConfigError("--rescore_k re-scores the top K of a --amp bf16 or fp16 pass in float32; it does nothing "
+                              "with --amp off: drop it or add --amp bf16")
+        if self.rescore_k is not None and self.rescore_k < 0:
+            raise ConfigError(f"--rescore_k must be at least 0 (0: pure --amp scores), found {self.rescore_k}")
+        if self.save_sims and self.rescored_k():
+            raise ConfigError(f"--save_sims with --amp {self.amp} and --rescore_k {self.rescored_k()} would save a "
+                              "matrix that mixes precisions; save it with --amp off, or --rescore_k 0 for pure "
+                              f"{self.amp} scores")
+
+    def rescored_k(self) -> int:
+        """The top K per query re-scored in float32 (0: none; always 0 with --amp off or without --model)."""
+        if self.amp == "off" or not self.models:
+            return 0
+        return DEFAULT_RESCORE_K if self.rescore_k is None else self.rescore_k
 
 
 # --------------------------------------------------------------------------- output files
@@ -180,8 +205,8 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
     exact_pairs = sum((b[0].stop - b[0].start) * (b[1].stop - b[1].start) for b in blocks)
     average = Average()
     seconds: dict[str, float] = {}
-    for path in p.sims if main_rank else []:
-        sims = load_sims(path, (n, m), p.data_name, p.split, warn)
+    loaded = [load_sims(path, (n, m), p.data_name, p.split, warn) for path in (p.sims if main_rank else [])]
+    for sims in loaded:
         average.add([sims[rows, cols] for rows, cols in blocks])
     members = _score_models(p, split, blocks, average, seconds, progress)
     if not main_rank:
@@ -189,23 +214,35 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
     scores = average.mean()
     if save_path is not None:
         save_sims(save_path, scores[0], {"data_name": p.data_name, "split": p.split, "shape": [n, m],
-                                         "models": list(p.models), "sims": list(p.sims)})
-    per_block = [recall_metrics(block, per_image) for block in scores]
+                                         "models": list(p.models), "sims": list(p.sims), "amp": p.amp})
     report: dict[str, Any] = {
         "data_name": p.data_name, "split": p.split, "protocol": "fold5" if p.fold5 else "all",
-        "num_images": n, "num_captions": m, "models": list(p.models), "sims": list(p.sims),
-        "metrics": average_metrics(per_block) if p.fold5 else per_block[0], "exact_pairs": exact_pairs,
+        "num_images": n, "num_captions": m, "models": list(p.models), "sims": list(p.sims), "amp": p.amp,
+        "exact_pairs": exact_pairs,
     }
+    if p.rescored_k():
+        start = time.perf_counter()
+        rescored = [_rescore(p, members, [sims[rows, cols] for sims in loaded], block, rows, cols, per_image,
+                             progress) for block, (rows, cols) in zip(scores, blocks)]
+        seconds["rescore"] = time.perf_counter() - start
+        per_block = [r.metrics(per_image) for r in rescored]
+        float32_pairs = sum(r.num_float32_pairs for r in rescored)
+        report["rescore"] = {"k": p.rescored_k(), "float32_pairs": float32_pairs,
+                             "fraction": float32_pairs / exact_pairs, "margin": max(r.margin for r in rescored)}
+    else:
+        per_block = [recall_metrics(block, per_image) for block in scores]
+    report["metrics"] = average_metrics(per_block) if p.fold5 else per_block[0]
     if p.rerank_k:
         untrained = [path for path, (model, _, _) in zip(p.models, members) if not bool(model.first_stage.trained)]
         if untrained:
             warn(f"{', '.join(untrained)}: no trained first stage (--itc_weight 0 or an official checkpoint); the "
                  "shortlist is the untrained cosine of the global vectors, which misses more of the exact ranking")
         report["rerank"] = []
+        amp = "off" if p.rescored_k() else p.amp       # exact ranking: the re-ranked pairs' scores in float32
         for k in p.rerank_k:
             start = time.perf_counter()
             reranked = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], k,
-                                        chunk_mb=p.score_chunk_mb or None, amp=p.amp, progress=progress)
+                                        chunk_mb=p.score_chunk_mb or None, amp=amp, progress=progress)
                         for rows, cols in blocks]
             seconds[f"rerank_k{k}"] = time.perf_counter() - start
             per_block = [r.metrics(per_image) for r in reranked]
@@ -221,18 +258,39 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
     return report
 
 
+def _rescore(p: Protocol, members: list[tuple], sims: list[np.ndarray], scores: np.ndarray, rows: slice,
+             cols: slice, per_image: int, progress: bool):
+    """One block's ``scores`` (the average of the sources at ``--amp``) with float32 scores where they decide the
+    ranking (:func:`~hsc_pyg.engine.evaluation.rescore_ranking`): the models' float32 pair scores averaged with the
+    saved matrices' entries."""
+
+    def float32_scores(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(r), dtype=np.float32)
+        for model, img, cap in members:
+            total += pair_scores(model, img[rows], cap[cols], r, c, chunk_mb=p.score_chunk_mb or None,
+                                 progress=progress)
+        for matrix in sims:
+            total += matrix[r, c]
+        return total / (len(members) + len(sims))
+
+    return rescore_ranking(scores, p.rescored_k(), per_image, float32_scores)
+
+
 def _score_models(p: Protocol, split: PrecompSplit, blocks: list[tuple[slice, slice]], average: Average,
                   seconds: dict[str, float], progress: bool) -> list[tuple]:
-    """Encode the split with each checkpoint, score only ``blocks`` into ``average``; the encodings kept for
-    re-ranking (``[(model, images, captions)]`` when ``p.rerank_k``)."""
+    """Encode the split with each checkpoint (in float32: ``--amp`` is the precision of the pair scores), score only
+    ``blocks`` into ``average``; the encodings kept for re-ranking and re-scoring (``[(model, images, captions)]``
+    when ``p.rerank_k`` or ``p.rescored_k()``)."""
     device = distributed.local_device(resolve_device(p.device)) if p.models else None
+    if p.models:
+        autocast(device, p.amp, cpu_bf16=True)     # an --amp this device cannot do fails before any work
     vocab = Vocabulary.load(p.vocab_path) if p.vocab_path and p.models else None
     members = []
     for path in p.models:
         start = time.perf_counter()
         model = load_checkpoint(path, map_location="cpu").to(device).eval()
         check_compatible(model, split, vocab, source=f"checkpoint {path}")
-        img_enc, captions = encode_split(model, split, vocab, batch_size=p.batch_size, amp=p.amp,
+        img_enc, captions = encode_split(model, split, vocab, batch_size=p.batch_size,
                                          store_dtype=STORE_DTYPES[p.store_dtype], workers=p.workers,
                                          progress=progress)
         seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - start
@@ -242,6 +300,6 @@ def _score_models(p: Protocol, split: PrecompSplit, blocks: list[tuple[slice, sl
         seconds["score"] = seconds.get("score", 0.0) + time.perf_counter() - start
         if distributed.is_main():
             average.add(parts, owned=True)
-        if p.rerank_k:
+        if p.rerank_k or p.rescored_k():
             members.append((model, img_enc, captions))
     return members

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.utils import to_dense_batch
@@ -73,7 +74,11 @@ class RelationalStack(nn.Module):
         max_nodes = getattr(batch, "max_nodes", None)
         if max_nodes is None:
             max_nodes = int((batch.ptr[1:] - batch.ptr[:-1]).max())
-        dense, mask = to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)
+        if x.size(0) == batch.num_graphs * max_nodes:      # every graph has max_nodes nodes (images): a view
+            dense = x.view(batch.num_graphs, max_nodes, x.size(-1))
+            mask = x.new_ones(batch.num_graphs, max_nodes, dtype=torch.bool)
+        else:
+            dense, mask = to_dense_batch(x, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)
         states, weights = [dense], []
         extra: dict[str, Tensor] = {}
         if self.uses_edge_attr:

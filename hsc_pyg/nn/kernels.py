@@ -145,22 +145,24 @@ class Kernels:
         n_img, n_cap, length, n_reg = attn.shape
         attn = attn.reshape(n_img, n_cap * length, n_reg)                 # a view: (C, L) are adjacent in memory
         words = words.reshape(n_cap * length, -1)
+        if not torch.is_grad_enabled():
+            return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj, compute_dtype(regions))
         if torch.is_autocast_enabled(regions.device.type):
             context = torch.bmm(attn, regions)
             local = _l2norm(F.linear((_l2norm(context) - words).square(), proj.weight, proj.bias))
-        elif torch.is_grad_enabled():
-            local = _l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
         else:
-            return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj)
+            local = _l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
         local = local.view(n_img, n_cap, length, -1)
         return torch.cat([sim_glo.unsqueeze(-2).to(local.dtype), local], dim=-2)
 
     def _alignment_nodes_in_place(self, attn: Tensor, regions: Tensor, words: Tensor, sim_glo: Tensor,
-                                  proj: nn.Linear) -> Tensor:
+                                  proj: nn.Linear, dtype: torch.dtype) -> Tensor:
         """No autograd: the context of a step of images (one on the CPU, where it then stays in cache; all of them
         elsewhere) goes into a scratch buffer, is normalised, differenced and squared there, projected, and its
         l2-normalised projection written straight into the node tensor (also scratch, valid until this thread's next
-        call): no stack, no concatenation."""
+        call): no stack, no concatenation. Everything is computed in ``dtype`` (the inputs' own, or bf16 under
+        autocast: the "out=" products do not autocast, so their operands are cast here)."""
+        attn, regions, words, sim_glo = (t.to(dtype) for t in (attn, regions, words, sim_glo))
         n_img, n_words, n_reg = attn.shape
         n_cap = sim_glo.size(1)
         step = 1 if regions.device.type == "cpu" else n_img
@@ -233,6 +235,13 @@ class LocalAlignment(torch.autograd.Function):
         g_attn = torch.bmm(g, regions.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         g_regions = torch.bmm(attn.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
         return g_attn, g_regions, g_words, g_weight, g_bias, None
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the products of ``x`` run in: the autocast dtype of its device when autocast is on there, else its
+    own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def _l2norm(x: Tensor) -> Tensor:

@@ -201,8 +201,11 @@ class HSCRegionBlock(RelationalLayer):
         size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)          # [B, 1, 1]
         weight = affinity / size * mask.unsqueeze(1)                         # [B, N(target), N(source)]
         y = weight @ g
-        upd = torch.zeros_like(x)
-        upd[mask] = self.norm(self.update_proj(y[mask]))
+        if bool(mask.all()):     # no padding (images): the BatchNorm's rows are all the nodes, no gather / scatter
+            upd = self.norm(self.update_proj(y.flatten(0, 1))).view_as(x)
+        else:
+            upd = torch.zeros_like(x)
+            upd[mask] = self.norm(self.update_proj(y[mask]))
         return x + upd, (weight if return_weights else None)
 
 

@@ -18,7 +18,13 @@ from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
 from .first_stage import FirstStage
 from .functional import l2norm
+from .kernels import compute_dtype
 from .similarity import SimilarityModule
+
+
+def _by_level(states: list[Tensor]) -> Tensor:
+    """The states of the aligned levels stacked on axis 1 (one level: a view, not a copy)."""
+    return states[0].unsqueeze(1) if len(states) == 1 else torch.stack(states, 1)
 
 
 def _index(t: Tensor, idx) -> Tensor:
@@ -126,15 +132,15 @@ class HSCModel(nn.Module):
     def encode_images(self, images) -> ImageEncoding:
         """A ``Batch`` of region graphs -> :class:`ImageEncoding` (once per image)."""
         states = self.image_encoder(images, self.levels)
-        regions = torch.stack([states.levels[lv] for lv in self.levels], 1)
-        glo = torch.stack([self.similarity.visual_sa(states.levels[lv]) for lv in self.levels], 1)
+        regions = _by_level([states.levels[lv] for lv in self.levels])
+        glo = _by_level([self.similarity.visual_sa(states.levels[lv]) for lv in self.levels])
         return ImageEncoding(regions, glo)
 
     def encode_captions(self, captions) -> CaptionEncoding:
         """A ``Batch`` of word graphs -> :class:`CaptionEncoding` (once per caption)."""
         states = self.text_encoder(captions, self.levels)
-        words = torch.stack([states.levels[lv] for lv in self.levels], 1)
-        glo = torch.stack([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels], 1)
+        words = _by_level([states.levels[lv] for lv in self.levels])
+        glo = _by_level([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels])
         return CaptionEncoding(words, states.mask, glo)
 
     # ---------------------------------------------------------------- per pair
@@ -163,6 +169,9 @@ class HSCModel(nn.Module):
         out = img.regions.new_zeros(n_img, n_cap, dtype=self.similarity.score_proj.weight.dtype)
         if n_img == 0 or n_cap == 0:
             return out
+        # under autocast (bf16 scoring) the region and word states are cast once here, not once per product
+        dtype = compute_dtype(img.regions)
+        img = ImageEncoding(img.regions.to(dtype), img.glo)
         lengths = cap.mask.sum(1)
         order = torch.argsort(lengths, stable=True)
         if self.training:
@@ -174,6 +183,7 @@ class HSCModel(nn.Module):
             for c0, c1 in _length_blocks(lengths[order].tolist(), max_captions):
                 columns = order[c0:c1]
                 block = cap[columns].trimmed()
+                block = CaptionEncoding(block.words.to(dtype), block.mask, block.glo)
                 img_step = n_img if self.training else max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
                 for i0 in range(0, n_img, img_step):
                     out[i0:i0 + img_step, columns] = self._score_block(img[i0:i0 + img_step], block, columns, norm)

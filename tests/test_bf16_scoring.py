@@ -1,0 +1,118 @@
+"""bf16 pair scoring with exact ranking (``evaluate.py --amp bf16``): the recall table equals float32's on the built-in
+data, the re-scored entries are float32 scores, and CPUs without native bf16 matrix instructions are refused."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hsc_pyg.config import Config
+from hsc_pyg.data.precomp import PrecompSplit
+from hsc_pyg.data.synthetic import make_synthetic
+from hsc_pyg.engine import device as device_module
+from hsc_pyg.engine.checkpoint import load_checkpoint
+from hsc_pyg.engine.evaluation import BAND_FACTOR, encode_split, pair_scores, rescore_ranking, score_matrix
+from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
+from hsc_pyg.engine.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+needs_bf16 = pytest.mark.skipif(not device_module.cpu_bf16_instructions(),
+                                reason="this CPU has no native bf16 matrix instructions (bf16 scoring is refused)")
+N_TEST = 60
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """A small HSC trained briefly on the built-in data (so that its rankings mean something): (data, checkpoint)."""
+    root = tmp_path_factory.mktemp("bf16")
+    make_synthetic(root / "synthetic_precomp", num_train=160, num_dev=4, num_test=N_TEST, img_dim=32, num_regions=16)
+    config = Config(data_path=str(root), data_name="synthetic_precomp", model_name=str(root / "run" / "checkpoint"),
+                    logger_name=str(root / "run" / "log"), embed_size=64, word_dim=32, sim_dim=32, img_layers=2,
+                    txt_layers=2, batch_size=32, learning_rate=2e-3, num_epochs=8, lr_update=6,
+                    max_violation_after=4, vocab_threshold=1, val_step=1000, log_step=100, device="cpu", seed=0)
+    train(config)
+    return root, root / "run" / "checkpoint" / "model_best.pth"
+
+
+def evaluate(capsys, *argv):
+    status = cli.main([str(a) for a in argv] + ["--no_progress"])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@needs_bf16
+def test_bf16_with_exact_ranking_gives_the_float32_recall_table_on_the_built_in_data(capsys, trained, tmp_path):
+    data, checkpoint = trained
+    common = ["--model", checkpoint, "--data_path", data, "--data_name", "synthetic_precomp", "--device", "cpu"]
+    tables = {}
+    for name, flags in (("float32", ["--amp", "off"]), ("exact_ranking", ["--amp", "bf16"]),
+                        ("bf16", ["--amp", "bf16", "--rescore_k", "0"])):
+        status, out, err = evaluate(capsys, *common, *flags, "--json", tmp_path / f"{name}.json")
+        assert status == 0, err
+        tables[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    exact_ranking = tables["exact_ranking"]
+    assert exact_ranking["metrics"] == tables["float32"]["metrics"]
+    assert exact_ranking["rescore"]["k"] == DEFAULT_RESCORE_K and 0 < exact_ranking["rescore"]["fraction"] < 1
+    assert "rescore" not in tables["bf16"] and tables["bf16"]["amp"] == "bf16"
+
+
+@needs_bf16
+def test_rescored_entries_are_the_float32_scores_and_the_rest_stays_bf16(trained):
+    data, checkpoint = trained
+    model = load_checkpoint(checkpoint).eval()
+    img, cap = encode_split(model, PrecompSplit.open(data, "synthetic_precomp", "test"), progress=False)
+    float32 = score_matrix(model, img, cap, progress=False)
+    bf16 = score_matrix(model, img, cap, amp="bf16", progress=False)
+    assert 0 < np.abs(bf16 - float32).max() < 0.05                 # really bf16, and close
+    calls = []
+
+    def float32_pairs(rows, cols):
+        calls.append((rows, cols, pair_scores(model, img, cap, rows, cols)))
+        return calls[-1][2]
+
+    k = 5
+    result = rescore_ranking(bf16, k, 5, float32_pairs)
+    rows, cols, values = (np.concatenate(parts) for parts in zip(*calls))
+    rescored = np.zeros(bf16.shape, dtype=bool)
+    rescored[rows, cols] = True
+    # re-scored: each query's bf16 top K in both directions and every ground-truth pair (and the pairs near those)
+    top = np.zeros(bf16.shape, dtype=bool)
+    np.put_along_axis(top, np.argsort(-bf16, axis=1)[:, :k], True, axis=1)
+    np.put_along_axis(top, np.argsort(-bf16, axis=0)[:k], True, axis=0)
+    top[np.arange(bf16.shape[1]) // 5, np.arange(bf16.shape[1])] = True
+    assert rescored[top].all() and result.num_float32_pairs == rescored.sum() == len(rows)
+    # their entries are float32 scores: bit for bit the float32 pair scorer's (called again on the same pairs), and
+    # the float32 matrix's up to the last bit (its blocks pad captions differently); every other entry is bf16's
+    assert np.array_equal(result.scores[rows, cols], values)
+    for call_rows, call_cols, call_values in calls:
+        assert np.array_equal(call_values, pair_scores(model, img, cap, call_rows, call_cols))
+    assert np.abs(values - float32[rows, cols]).max() < 1e-6
+    assert np.array_equal(result.scores[~rescored], bf16[~rescored])
+    assert result.margin == pytest.approx(BAND_FACTOR * np.abs(calls[0][2] - bf16[calls[0][0], calls[0][1]]).max())
+
+
+def test_bf16_is_refused_with_one_line_where_the_cpu_has_no_bf16_matrix_instructions(capsys, monkeypatch, tmp_path):
+    make_synthetic(tmp_path / "synthetic_precomp", num_train=4, num_dev=2, num_test=2, img_dim=8, num_regions=16)
+    monkeypatch.setattr(device_module, "cpu_bf16_instructions", lambda: [])
+    status, out, err = evaluate(capsys, "--model", tmp_path / "absent.pth", "--data_path", tmp_path, "--device", "cpu",
+                                "--amp", "bf16")
+    assert status == 2 and out == ""
+    assert err.strip().count("\n") == 0
+    assert "--amp bf16 on the CPU needs native bf16 matrix instructions" in err and "use --amp off" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rescore_k", "10"], "--rescore_k re-scores the top K of a --amp bf16 or fp16 pass"),
+    (["--amp", "bf16", "--rescore_k", "-1"], "--rescore_k must be at least 0"),
+    (["--amp", "bf16", "--save_sims", "x.npy"], "would save a matrix that mixes precisions"),
+])
+def test_rescore_flags_that_cannot_work_are_one_line_errors(capsys, tmp_path, flags, message):
+    status, out, err = evaluate(capsys, "--model", tmp_path / "m.pth", "--data_path", tmp_path, *flags)
+    assert status == 2 and message in err and err.strip().count("\n") == 0
