@@ -69,8 +69,10 @@ def _subset(text: str, flag: str, allowed: list, kind=str) -> set:
 
 
 def _finished(runs: list) -> dict:
-    """run.json of every finished run of the grid, read from disk (another runner may have added some)."""
-    return {id(r): json.loads((r.folder / "run.json").read_text()) for r in runs if (r.folder / "run.json").is_file()}
+    """run.json of every finished run of the grid, read from disk (another runner may have added some), named by
+    this grid (a run folder may be shared with another grid, by a link, under another name)."""
+    return {id(r): {**json.loads((r.folder / "run.json").read_text()), "name": r.name} for r in runs
+            if (r.folder / "run.json").is_file()}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
