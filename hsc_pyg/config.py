@@ -160,6 +160,10 @@ class ModelConfig:
         self.levels()
         self._check_edges()
         for side in ("img", "txt"):
+            try:
+                LAYERS.get(getattr(self, f"{side}_gnn"))
+            except ConfigError as e:
+                raise ConfigError(f"{side}_gnn={getattr(self, f'{side}_gnn')!r}: {e}") from None
             self._check_layer_inputs(side)
             arguments = self.layer_arguments(side)
             try:

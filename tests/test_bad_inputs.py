@@ -271,7 +271,7 @@ CASES = [
          edit_captions(replace_line(4, b" ".join([b"red cube"] * 1000)), split="train")),
     # ---- options
     Case("unknown layer name", TRAIN + ["--dry_run", "--img_gnn", "gat9"],
-         r"img_gnn='gat9': unknown layer 'gat9'; choose one of gat, gatv2, gcn, .*hsc, hsc_text, none"),
+         r"img_gnn='gat9': unknown layer 'gat9'; choose one of gat, gatv2, gcn, .*hsc, hsc_geo, hsc_text, none"),
     Case("unknown edge builder", TRAIN + ["--dry_run", "--img_edges", "delaunay"],
          r"img_edges: edge spec 'delaunay' is unknown; valid: full, knn:K, none, spatial, window:K"),
     Case("non-ASCII digit as K", TRAIN + ["--dry_run", "--img_edges", "knn:²"],
