@@ -287,12 +287,12 @@ def test_layer_type_without_weights_gives_a_clear_message(split, layer_type):
         region_graph(model, split, 0, level="higher")
     message = str(info.value)
     assert f"img_gnn={layer_type!r} learns no per-edge weights" in message
-    assert "gat, gatv2, hsc, hsc_text, transformer" in message and "\n" not in message
+    assert "gat, gatv2, hsc, hsc_geo, hsc_text, transformer" in message and "\n" not in message
     assert region_graph(model, split, 0, level="object").number_of_edges() == 0   # nodes only still work
 
 
 def test_weighted_layer_types_are_the_attention_and_hsc_layers():
-    assert weighted_layer_types() == ["gat", "gatv2", "hsc", "hsc_text", "transformer"]
+    assert weighted_layer_types() == ["gat", "gatv2", "hsc", "hsc_geo", "hsc_text", "transformer"]
 
 
 def test_command_line_writes_refuses_to_overwrite_and_reports_errors(split, data_root, tmp_path, capsys):
