@@ -95,6 +95,15 @@ def test_summary_means_stds_and_the_baseline_comparison(tmp_path, recipe):
     assert (b["t"], b["p"]) == welch([190.0, 191.0, 195.0], [200.0, 202.0, 204.0])
 
 
+def test_only_takes_configuration_names_that_hold_commas():
+    from hsc_pyg.cli.ablate import _split_names
+    grid = ["hsc", "img_gnn=gat,img_edges=full", "img_gnn=gat", "itc_weight=1,itc_loss=hinge"]
+    assert _split_names("itc_weight=1,itc_loss=hinge", grid) == ["itc_weight=1,itc_loss=hinge"]
+    assert _split_names("hsc, img_gnn=gat,img_edges=full,img_gnn=gat", grid) == \
+        ["hsc", "img_gnn=gat,img_edges=full", "img_gnn=gat"]
+    assert _split_names("img_edges=full,hsc", grid) == ["img_edges=full", "hsc"]     # the unknown piece is reported
+
+
 # --------------------------------------------------------------------------- end to end
 def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tmp_path, recipe, capsys, monkeypatch):
     make_synthetic(tmp_path / "data" / "synthetic_precomp", num_train=10, num_dev=10, num_test=10, img_dim=16,

@@ -103,3 +103,26 @@ def test_coco5k_eval_small(tmp_path):
     assert report["images"] == 20 and report["captions"] == 100
     assert report["stages"]["score"]["pairs_per_s"] > 0
     assert "EXTRAPOLATED" in report["extrapolated_to_5000x25000"]["label"]
+
+
+def test_epoch_ranking_reads_the_dev_curves_and_compares_each_cutoff_with_the_test_order(tmp_path, capsys):
+    import epoch_ranking
+    curves = {"a": [100, 200, 210, 220], "b": [150, 160, 170, 300]}     # b leads after 1 and 4 epochs, a after 3
+    runs = []
+    for name, curve in curves.items():
+        folder = tmp_path / "runs" / name / "seed0"
+        folder.mkdir(parents=True)
+        folder.joinpath("train.log").write_text("".join(
+            f"epoch {e} iter {10 * e} dev: i2t R@1/5/10 1 / 2 / 3 | t2i R@1/5/10 1 / 2 / 3 | rsum {v} (best)\n"
+            for e, v in enumerate(curve)) + "done: epoch 4\n")
+        runs.append({"name": name, "seed": 0, "test_rsum": {"a": 180.0, "b": 190.0}[name]})
+    (tmp_path / "study.json").write_text(json.dumps({"runs": runs}))
+    out = tmp_path / "order.json"
+    assert epoch_ranking.main(["--study", str(tmp_path / "study.json"), "--out", str(tmp_path / "runs"),
+                               "--cutoffs", "1,3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["order_by_test"] == ["b", "a"]
+    assert report["configurations"]["a"]["dev_best_first_3"] == [210.0]
+    assert report["cutoffs"]["dev_best_first_1"] == {"order": ["b", "a"], "kendall_tau_vs_test": 1.0}
+    assert report["cutoffs"]["dev_best_first_3"] == {"order": ["a", "b"], "kendall_tau_vs_test": -1.0}
+    assert report["cutoffs"]["dev_best"]["kendall_tau_vs_test"] == 1.0

@@ -15,6 +15,7 @@ from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.engine import device as device_module
 from hsc_pyg.engine.checkpoint import load_checkpoint
 from hsc_pyg.engine.evaluation import BAND_FACTOR, encode_split, pair_scores, rescore_ranking, score_matrix
+from hsc_pyg.engine.metrics import recall_metrics
 from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
 from hsc_pyg.engine.train import train
 
@@ -96,6 +97,33 @@ def test_rescored_entries_are_the_float32_scores_and_the_rest_stays_bf16(trained
     assert np.abs(values - float32[rows, cols]).max() < 1e-6
     assert np.array_equal(result.scores[~rescored], bf16[~rescored])
     assert result.margin == pytest.approx(BAND_FACTOR * np.abs(calls[0][2] - bf16[calls[0][0], calls[0][1]]).max())
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rescoring_a_perturbed_matrix_gives_the_exact_recall_table_and_rescores_only_near_the_best_match(seed):
+    """MODEL.md's recall table of a dense, tie-heavy float32 matrix, perturbed by up to +-delta (as a reduced
+    precision would, the largest error occurring among the re-scored top K), is recovered exactly; the band holds
+    only pairs near each query's best ground-truth score."""
+    rng = np.random.default_rng(seed)
+    n, per_image, k, delta = 40, 5, 3, 0.02
+    exact = np.round(rng.normal(size=(n, n * per_image)), 2).astype(np.float32)          # many ties and near-ties
+    captions = np.arange(n * per_image)
+    exact[captions // per_image, captions] += rng.uniform(0, 2, n * per_image).astype(np.float32)
+    noise = rng.uniform(-delta, delta, exact.shape).astype(np.float32)
+    noise[0, np.argmax(exact[0] + noise[0])] = delta                                     # the worst error, in a top K
+    approx = exact + noise
+    result = rescore_ranking(approx, k, per_image, lambda r, c: exact[r, c])
+    assert result.metrics(per_image) == recall_metrics(exact, per_image)
+    assert result.margin == pytest.approx(BAND_FACTOR * delta, rel=1e-4)
+    truth = np.zeros(exact.shape, dtype=bool)
+    truth[captions // per_image, captions] = True
+    best = np.where(truth, exact, -np.inf).max(1, keepdims=True)                         # each image's best caption
+    near = (np.abs(approx - best) <= result.margin) | (np.abs(approx - exact[captions // per_image, captions])
+                                                        <= result.margin)
+    top = np.zeros(exact.shape, dtype=bool)
+    np.put_along_axis(top, np.argsort(-approx, axis=1, kind="stable")[:, :k], True, axis=1)
+    np.put_along_axis(top, np.argsort(-approx, axis=0, kind="stable")[:k], True, axis=0)
+    assert result.num_float32_pairs == (top | truth | near).sum()
 
 
 def test_bf16_is_refused_with_one_line_where_the_cpu_has_no_bf16_matrix_instructions(capsys, monkeypatch, tmp_path):

@@ -223,6 +223,21 @@ def test_rerank_of_the_real_model_with_k_all_equals_exact_scoring(model, split):
     assert small.num_exact_pairs < 3 * (split.num_images + split.num_captions)
 
 
+def test_several_rerank_k_score_the_largest_shortlist_once_and_equal_each_k_alone(model, split, monkeypatch):
+    from hsc_pyg.engine import evaluation
+    images, captions = encode_split(model, split, batch_size=8, progress=False)
+    alone = {k: rerank(model, images, captions, k=k) for k in (2, 5)}
+    calls = []
+    real = evaluation.pair_scores
+    monkeypatch.setattr(evaluation, "pair_scores", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    both = evaluation.rerank_ensemble([(model, images, captions)], [2, 5])
+    assert len(calls) == 1 and calls[0] == alone[5].num_exact_pairs          # one pass, the K = 5 shortlist
+    for k, result in zip((2, 5), both):
+        assert result.k == k and result.num_exact_pairs == alone[k].num_exact_pairs
+        np.testing.assert_allclose(result.i2t, alone[k].i2t, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(result.t2i, alone[k].t2i, rtol=0, atol=1e-6)
+
+
 # ---- the real model ------------------------------------------------------------------------------------------------
 def test_encode_split_equals_encoding_everything_at_once(model, split):
     images, captions = encode_split(model, split, batch_size=7, progress=False)

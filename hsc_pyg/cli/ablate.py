@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the study: JSON of every finished run, and FILE.md (table) and FILE.png (plot) beside it "
                         "(default: OUT/ablation.json)")
     p.add_argument("--only", default="", metavar="NAME,NAME",
-                   help="train only these configurations of the grid (the study still reports every finished run)")
+                   help="train only these configurations of the grid (the study still reports every finished run); "
+                        "names that hold commas are matched whole")
     p.add_argument("--seeds", default="", metavar="S,S", help="train only these seeds of the grid")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
@@ -56,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_names(text: str, allowed: list) -> list:
+    """Comma-separated names where a name may itself hold commas (``img_gnn=gat,img_edges=full``): at each place the
+    longest run of pieces that is a name of the grid is taken, else one piece (reported as unknown)."""
+    pieces, names, i = [p.strip() for p in text.split(",")], [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i, -1) if ",".join(pieces[i:j]) in allowed), i + 1)
+        names.append(",".join(pieces[i:j]))
+        i = j
+    return [n for n in names if n]
+
+
 def _subset(text: str, flag: str, allowed: list, kind=str) -> set:
     """The names in a comma-separated flag, each checked against the grid."""
     try:
-        chosen = {kind(item.strip()) for item in text.split(",") if item.strip()}
+        chosen = {kind(item) for item in _split_names(text, [str(a) for a in allowed])}
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: expected comma-separated integers") from None
     unknown = sorted(map(str, chosen - set(allowed)))

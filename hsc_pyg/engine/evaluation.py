@@ -392,14 +392,14 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
 
     1. each query's top ``k`` in both directions (the top of every ranking in float32 order) and every ground-truth
        pair (an image with each of its captions);
-    2. every pair whose score lies within ``margin`` of the float32 score of a ground-truth pair of its query (the
-       same row for image queries, the same column for caption queries), where ``margin`` is BAND_FACTOR x the
-       largest difference between the two precisions over the pairs of step 1.
+    2. every pair whose score lies within ``margin`` of the float32 score of the best ground-truth pair of its query
+       (the same row for image queries: an image's rank is that of its best caption; the same column for caption
+       queries), where ``margin`` is BAND_FACTOR x the largest difference between the two precisions over the pairs
+       of step 1.
 
-    Every other pair is then more than ``margin`` above or below each ground-truth score of its query, so, as long as
-    its own reduced-precision error is not larger than the largest one seen on the thousands of pairs of step 1, it
-    falls on the same side as in float32: every ground-truth rank, hence the whole recall table (R@K, medr, meanr),
-    is float32's. ``k`` only decides the top of each ranking (in float32 order when the query's float32 top 10 lies in
+    Every other pair is then more than ``margin`` above or below that ground-truth score, so, as long as its own
+    reduced-precision error is not larger than the largest one seen on the thousands of pairs of step 1, it falls on
+    the same side as in float32: every query's rank, hence the whole recall table (R@K, medr, meanr), is float32's. ``k`` only decides the top of each ranking (in float32 order when the query's float32 top 10 lies in
     its reduced-precision top ``k``).
     """
     n, m = scores.shape
@@ -419,8 +419,8 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
     band = torch.zeros(n, m, dtype=torch.bool)
     for r0 in range(0, n, block_rows):
         rows_approx = approx[r0:r0 + block_rows]                                  # [B, M]
-        own = truth[r0 * per_image:(r0 + len(rows_approx)) * per_image].view(-1, per_image, 1)
-        near = ((rows_approx.unsqueeze(1) - own).abs() <= margin).any(1)        # image queries
+        best = truth[r0 * per_image:(r0 + len(rows_approx)) * per_image].view(-1, per_image).amax(1, keepdim=True)
+        near = (rows_approx - best).abs() <= margin                               # image queries
         near |= (rows_approx - truth).abs() <= margin                             # caption queries
         band[r0:r0 + block_rows] = near & ~chosen[r0:r0 + block_rows]
     rows, cols = band.nonzero(as_tuple=True)
@@ -432,31 +432,48 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
 Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
 
 
-def rerank_ensemble(members: Sequence[Member], k: int, chunk_mb: int | None = None, amp: str = "off",
-                    progress: bool = False) -> Reranked:
-    """:func:`rerank_scores` for the average of several models: first-stage scores averaged, exact pair scores
-    averaged."""
+def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int | None = None, amp: str = "off",
+                    progress: bool = False) -> list[Reranked]:
+    """:func:`rerank_scores` for the average of several models (first-stage scores averaged, exact pair scores
+    averaged), for each K of ``ks``: the first-stage matrix is computed once, and the exact scores once, for the largest
+    K (a smaller K's shortlist is part of it), so several K cost what the largest costs."""
     if not members:
         raise ConfigError("re-ranking needs at least one model")
     cosine = first_stage_matrix(*members[0])
     for member in members[1:]:
         cosine += first_stage_matrix(*member)
     cosine /= len(members)
+    m = cosine.shape[1]
+    known_keys, known_values = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)   # sorted by key
 
     def exact(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        total = np.zeros(len(rows), dtype=np.float32)
-        for model, img_enc, captions in members:
-            total += pair_scores(model, img_enc, captions, rows, cols, chunk_mb, amp, progress)
-        return total / len(members)
+        nonlocal known_keys, known_values
+        keys = rows.astype(np.int64) * m + cols
+        pos = np.searchsorted(known_keys, keys).clip(max=max(len(known_keys) - 1, 0))
+        have = known_keys[pos] == keys if len(known_keys) else np.zeros(len(keys), dtype=bool)
+        out = np.empty(len(keys), dtype=np.float32)
+        out[have] = known_values[pos[have]]
+        new = ~have
+        if new.any():
+            total = np.zeros(int(new.sum()), dtype=np.float32)
+            for model, img_enc, captions in members:
+                total += pair_scores(model, img_enc, captions, rows[new], cols[new], chunk_mb, amp, progress)
+            out[new] = total / len(members)
+            known_keys = np.concatenate([known_keys, keys[new]])
+            known_values = np.concatenate([known_values, out[new]])
+            order = np.argsort(known_keys, kind="stable")
+            known_keys, known_values = known_keys[order], known_values[order]
+        return out
 
-    return rerank_scores(cosine, k, exact)
+    results = {k: rerank_scores(cosine, k, exact) for k in sorted(set(ks), reverse=True)}
+    return [results[k] for k in ks]
 
 
 def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
            chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
     """Rank all captions per image and all images per caption by the model's first stage, then score each query's
     top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""
-    return rerank_ensemble([(model, img_enc, captions)], k, chunk_mb, amp, progress)
+    return rerank_ensemble([(model, img_enc, captions)], [k], chunk_mb, amp, progress)[0]
 
 
 # --------------------------------------------------------------------------- the whole protocol
