@@ -144,6 +144,36 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert "holds a run with other options" in capsys.readouterr().err
 
 
+def test_a_resumed_training_is_told_its_run_folder_and_data_again(tmp_path, recipe, monkeypatch):
+    """A checkpoint written by a runner started in another folder holds paths relative to that folder: the resumed
+    training must still write into this run's folder (else evaluate.py reads a stale best model)."""
+    from hsc_pyg.engine import ablation
+
+    monkeypatch.chdir(tmp_path)
+    grid = load_grid(write(tmp_path / "grid.json", {"recipe": "recipe.json", "data_path": "data",
+                                                     "data_name": "synthetic_precomp", "seeds": [0],
+                                                     "configs": {"hsc": {}}}))
+    run = grid.runs(Path("runs"))[0]
+    (run.folder / "checkpoint").mkdir(parents=True)
+    (run.folder / "checkpoint" / "checkpoint.pth").write_bytes(b"interrupted")
+    calls = []
+
+    def child(python, argv, log):           # records the command, writes a log and fails, as a crashed training
+        calls.append(argv)
+        log.write_text("stopped\n")
+        return 1
+
+    monkeypatch.setattr(ablation, "_child", child)
+    with pytest.raises(ablation.RunFailed, match="training failed"):
+        ablation.train_and_evaluate(grid, run, "python")
+    argv = calls[0]
+    assert argv[argv.index("--resume") + 1] == str(run.folder / "checkpoint" / "checkpoint.pth")
+    options = dict(zip(argv[::2], argv[1::2])) | dict(zip(argv[1::2], argv[2::2]))
+    assert options["--model_name"] == str(run.folder / "checkpoint")
+    assert options["--logger_name"] == str(run.folder / "log")
+    assert (options["--data_path"], options["--data_name"]) == ("data", "synthetic_precomp")
+
+
 @pytest.mark.parametrize("grid", sorted((Path(__file__).resolve().parents[1] / "configs" / "studies").glob("*.json")),
                          ids=lambda p: p.name)
 def test_the_shipped_study_grids_are_valid(grid, monkeypatch):

@@ -175,7 +175,10 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"train_seconds": 0.0, "attempts": 0}
     if not (folder / "train_done.json").exists():
         if checkpoint.is_file():
-            argv = [str(ROOT / "train.py"), "--resume", str(checkpoint), "--no_progress"]
+            # the folders and data named again: the checkpoint's own paths may be relative to another working folder
+            argv = [str(ROOT / "train.py"), "--resume", str(checkpoint), "--no_progress",
+                    "--model_name", config.model_name, "--logger_name", config.logger_name,
+                    "--data_path", config.data_path, "--data_name", config.data_name]
         else:
             config.save(folder / "config.json")
             argv = [str(ROOT / "train.py"), "--config", str(folder / "config.json"), "--no_progress", "--overwrite"]
