@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "GPU, or a CPU with AMX-BF16 / AVX512-BF16 / Arm BF16; refused elsewhere) or fp16 (GPU): "
                           "every pair is scored in that precision, then again in float32: each query's top "
                           "--rescore_k in both directions, every ground-truth pair, and every pair whose score lies "
-                          "within the largest bf16 error seen of a ground-truth score of its query, so that the "
+                          "within the largest bf16 error seen of its query's best ground-truth score, so that the "
                           "recall table is float32's. The encoders run in float32")
     run.add_argument("--rescore_k", type=int, default=None, metavar="K",
                      help="with --amp bf16/fp16: the top K of every query, in both directions, re-scored in float32 "

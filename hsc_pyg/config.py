@@ -288,6 +288,10 @@ class TrainConfig:
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     amp: str = option("off", "autocast: off, bf16 or fp16 (GPU)", choices=("off", "bf16", "fp16"))
+    caption_word_drop: float = option(0.0, "training only: the chance that each word of a training caption is left "
+                                           "out for that epoch (<start>, <end> and at least one word stay; drawn "
+                                           "from the seed, the epoch and the caption, so resumes and workers repeat "
+                                           "it); 0 = the papers' data", low=0.0, below=1.0)
     itc_weight: float = option(0.0, "weight of the first stage's contrastive loss added to the hinge loss (0 = the "
                                     "papers' loss exactly)", low=0.0)
     itc_loss: str = option("infonce", "the first stage's loss: infonce (learned temperature, as CLIP / ALBEF) or hinge "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsc_pyg.data.precomp import CaptionDataset, ImageDataset, PrecompSplit, TextDataset, read_lines
+from hsc_pyg.data.precomp import CaptionDataset, ImageDataset, PrecompSplit, TextDataset, drop_words, read_lines
 from hsc_pyg.data.vocab import END, START, UNK, Vocabulary
 from hsc_pyg.errors import ConfigError, DataError
 
@@ -98,6 +98,36 @@ def test_caption_dataset_items(tmp_path):
     assert len(ImageDataset(s)) == 4 and ImageDataset(s, "knn:2")[3].edge_index.shape == (2, 18)
     text = TextDataset(s, vocab, "window:1")
     assert len(text) == 20 and text[0].edge_index.shape == (2, 6 * 3 - 2)
+
+
+def test_drop_words_keeps_the_ends_and_a_word_and_drops_at_the_given_rate():
+    rng = np.random.default_rng(0)
+    tokens = [START, *range(10, 30), END]
+    kept = [drop_words(tokens, 0.25, rng) for _ in range(2000)]
+    assert all(t[0] == START and t[-1] == END and len(t) >= 3 for t in kept)
+    assert all(all(w in tokens for w in t) and t[1:-1] == sorted(t[1:-1]) for t in kept)    # a subsequence, in order
+    rate = 1 - sum(len(t) - 2 for t in kept) / (2000 * 20)
+    assert 0.23 < rate < 0.27
+    assert drop_words([START, 10, END], 0.999, rng) == [START, 10, END]          # never an empty caption
+    assert drop_words([START, END], 0.5, rng) == [START, END]
+
+
+def test_caption_word_drop_repeats_per_seed_epoch_and_caption_and_is_off_at_zero(tmp_path):
+    write_split(tmp_path)
+    s = PrecompSplit.open(tmp_path, "toy_precomp", "train")
+    vocab = Vocabulary(["image", "caption", "1", "2"])
+    plain = CaptionDataset(s, vocab)
+    assert [CaptionDataset(s, vocab, word_drop=0.0, seed=3)[k][1].x.tolist() for k in range(20)] == \
+        [plain[k][1].x.tolist() for k in range(20)]
+
+    def words(seed, epoch):
+        ds = CaptionDataset(s, vocab, word_drop=0.5, seed=seed)
+        ds.set_epoch(epoch)
+        return [ds[k][1].x.tolist() for k in range(20)]
+
+    assert words(1, 0) == words(1, 0) != words(1, 1)
+    assert words(1, 0) != words(2, 0)
+    assert words(1, 0) != [plain[k][1].x.tolist() for k in range(20)]
 
 
 def test_all_unknown_caption_is_valid_input(tmp_path):

@@ -227,6 +227,29 @@ def test_an_interrupt_at_any_point_resumes_bit_for_bit(data, reference, tmp_path
     assert_same_run(tmp_path / "ckpt", reference)
 
 
+def test_an_interrupt_resumes_bit_for_bit_with_caption_word_drop(data, reference, tmp_path, monkeypatch):
+    """The dropped words of the second epoch's remaining captions are the uninterrupted run's (not only the first's)."""
+    from hsc_pyg.data.precomp import CaptionDataset
+
+    epochs = []
+    real_set_epoch = CaptionDataset.set_epoch
+    monkeypatch.setattr(CaptionDataset, "set_epoch", lambda self, e: epochs.append(e) or real_set_epoch(self, e))
+    train(short_config(data, tmp_path / "reference", caption_word_drop=0.3))
+    assert epochs == [0, 1]                                                          # new words each epoch
+    monkeypatch.undo()
+    with_drop = read_checkpoint(tmp_path / "reference" / "ckpt" / CHECKPOINT)["model"]
+    without = read_checkpoint(reference / CHECKPOINT)["model"]
+    assert any(not torch.equal(with_drop[k], without[k]) for k in without)           # the option changes training
+    signal_on_call(monkeypatch, "train_step", 9)
+    with pytest.raises(Interrupted):
+        train(short_config(data, tmp_path / "run", caption_word_drop=0.3))
+    monkeypatch.undo()
+    checkpoint = read_checkpoint(tmp_path / "run" / "ckpt" / CHECKPOINT)
+    assert checkpoint["epoch"] == 1
+    train(resume_config(checkpoint, {}, source="checkpoint"), resume=checkpoint)
+    assert_same_run(tmp_path / "run" / "ckpt", tmp_path / "reference" / "ckpt")
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)],
                          ids=["SIGTERM", "SIGUSR1"])
 def test_sigterm_and_sigusr1_save_like_ctrl_c_and_a_second_signal_waits_for_the_save(

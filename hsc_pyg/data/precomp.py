@@ -279,20 +279,38 @@ def check_caption_graphs(split: PrecompSplit, txt_edges: str) -> None:
     check_graph_size(txt_edges, blanks[longest] + 3, "txt_edges", f"{split.file('caps.txt')} line {longest + 1} (words)")
 
 
+def drop_words(tokens: list[int], chance: float, rng: np.random.Generator) -> list[int]:
+    """``tokens`` (``<start>`` words ``<end>``) with each word left out with probability ``chance``; the first and last
+    tokens stay, and one word (drawn uniformly) when every word would go."""
+    words = tokens[1:-1]
+    if not words:
+        return list(tokens)
+    keep = rng.random(len(words)) >= chance
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return [tokens[0], *(w for w, k in zip(words, keep) if k), tokens[-1]]
+
+
 class CaptionDataset(Dataset):
     """Training items, one per caption: ``(image Data, caption Data, image index, caption index)``.
 
     Collate with :attr:`collate_fn` (:func:`~hsc_pyg.data.graphs.collate_pairs`: each distinct image of a batch
-    becomes one graph).
+    becomes one graph). ``word_drop``: :func:`drop_words`'s chance, with a generator seeded by ``(seed, epoch,
+    caption index)`` (:meth:`set_epoch`), so an item is the same in every process, worker and resumed run.
     """
 
-    def __init__(self, split: PrecompSplit, vocab: Vocabulary, img_edges: str = "full", txt_edges: str = "full"):
+    def __init__(self, split: PrecompSplit, vocab: Vocabulary, img_edges: str = "full", txt_edges: str = "full",
+                 word_drop: float = 0.0, seed: int = 0):
         check_edge_spec(img_edges, graph="image", has_pos=split.boxes is not None)
         check_edge_spec(txt_edges, graph="caption")
         check_image_graphs(split, img_edges)
         check_caption_graphs(split, txt_edges)
         self.split, self.vocab, self.img_edges, self.txt_edges = split, vocab, img_edges, txt_edges
+        self.word_drop, self.seed, self.epoch = word_drop, seed, 0
         self.collate_fn = collate_pairs
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.split.num_captions
@@ -300,7 +318,10 @@ class CaptionDataset(Dataset):
     def __getitem__(self, k: int) -> tuple[Data, Data, int, int]:
         i = self.split.image_of(k)
         image = image_graph(self.split.features(i), self.split.box_tensor(i), self.img_edges)
-        caption = caption_graph(self.vocab.encode(self.split.captions[k]), self.txt_edges)
+        tokens = self.vocab.encode(self.split.captions[k])
+        if self.word_drop > 0:
+            tokens = drop_words(tokens, self.word_drop, np.random.default_rng([self.seed, self.epoch, k]))
+        caption = caption_graph(tokens, self.txt_edges)
         return image, caption, i, k
 
 

@@ -518,7 +518,8 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
                         f"features per image but the checkpoint was trained on {config.num_regions} x "
                         f"{config.img_dim}; resume on the dataset it was trained on")
     config = config.replace(img_dim=train_split.img_dim, num_regions=train_split.num_regions, vocab_size=len(vocab))
-    dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges)
+    dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges, config.caption_word_drop,
+                             config.seed)
     check_boxes(config.img_gnn, train_split.boxes is not None)
     batch_sampler = distributed.DistributedBatchSampler(len(dataset), config.batch_size)
     batches_per_epoch = batch_sampler.steps_per_epoch()
@@ -642,6 +643,7 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
             while epoch < config.num_epochs:
                 sampler_generator.set_state(sampler.epoch_start)
                 batch_sampler.set_epoch(sampler_generator, start=sampler.position)
+                dataset.set_epoch(epoch)
                 loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dataset.collate_fn,
                                     num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
                                     pin_memory=device.type == "cuda")
