@@ -10,7 +10,7 @@ import pytest
 
 from hsc_pyg.cli.ablate import main
 from hsc_pyg.data.synthetic import make_synthetic
-from hsc_pyg.engine.ablation import load_grid, summarize, welch
+from hsc_pyg.engine.ablation import load_grid, markdown, summarize, welch
 from hsc_pyg.errors import ConfigError
 
 RECIPE = {"embed_size": 16, "word_dim": 8, "sim_dim": 8, "img_layers": 2, "txt_layers": 2, "batch_size": 8,
@@ -93,6 +93,8 @@ def test_summary_means_stds_and_the_baseline_comparison(tmp_path, recipe):
     assert (a["test_rsum_mean"], a["test_rsum_std"]) == (202.0, 2.0)
     assert "p" not in a and b["diff_vs_baseline"] == pytest.approx(192.0 - 202.0)
     assert (b["t"], b["p"]) == welch([190.0, 191.0, 195.0], [200.0, 202.0, 204.0])
+    table = markdown(grid, summarize(grid, runs[:4]))                # b has one seed so far: no "± 0.0"
+    assert "| 202.0 ± 2.0 |" in table and "| 190.0 (one seed: no spread yet) |" in table
 
 
 def test_only_takes_configuration_names_that_hold_commas():

@@ -325,7 +325,8 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
         diff = f"{row['diff_vs_baseline']:+.1f}" if "diff_vs_baseline" in row else ""
         p = f"{row['p']:.3f}" if "p" in row else ""
         cells = [row["name"], options, str(len(row["seeds"])),
-                 f"{row['test_rsum_mean']:.1f} ± {row['test_rsum_std']:.1f}", diff, p]
+                 f"{row['test_rsum_mean']:.1f} ± {row['test_rsum_std']:.1f}" if len(row["seeds"]) > 1
+                 else f"{row['test_rsum_mean']:.1f} (one seed: no spread yet)", diff, p]
         if ks:
             cells.append(f"{row.get('first_stage_rsum_mean', float('nan')):.1f}")
             cells += [f"{row.get(f'rerank_k{k}_rsum_mean', float('nan')):.1f}" for k in ks]
