@@ -174,6 +174,8 @@ class HSCModel(nn.Module):
         img = ImageEncoding(img.regions.to(dtype), img.glo)
         lengths = cap.mask.sum(1)
         order = torch.argsort(lengths, stable=True)
+        # captions given in order of length (score_matrix's and pair_scores' blocks): blocks are slices, not copies
+        in_order = bool((order == torch.arange(n_cap, device=order.device)).all())
         if self.training:
             max_captions = max(1, self._pairs_per_chunk(img, cap, chunk_mb) // n_img)
         else:
@@ -182,7 +184,7 @@ class HSCModel(nn.Module):
         with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
             for c0, c1 in _length_blocks(lengths[order].tolist(), max_captions):
                 columns = order[c0:c1]
-                block = cap[columns].trimmed()
+                block = (cap[c0:c1] if in_order else cap[columns]).trimmed()
                 block = CaptionEncoding(block.words.to(dtype), block.mask, block.glo)
                 img_step = n_img if self.training else max(1, self._pairs_per_chunk(img, block, chunk_mb) // len(block))
                 for i0 in range(0, n_img, img_step):
