@@ -206,6 +206,11 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path):
         p.name for p in (tmp_path / "whole").iterdir())
 
 
+def _default_sigint() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_kill_9_and_ctrl_c_through_the_command_line_then_resume(tmp_path):
     """The command killed with SIGKILL mid-run, then interrupted with SIGINT (status 130), then run to the end: the
     files equal an uninterrupted run's."""
@@ -219,7 +224,12 @@ def test_kill_9_and_ctrl_c_through_the_command_line_then_resume(tmp_path):
 
     def run_until(rows: int, sig: int) -> tuple[int, int, str]:
         start = time.monotonic()
-        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a child inherits a blocked or ignored SIGINT (and Python then installs no KeyboardInterrupt): start it with
+        # the default, as a terminal would, whatever an earlier test or library left in this process
+        parent = [line for line in Path("/proc/self/status").read_text().splitlines()
+                  if line.startswith(("SigBlk", "SigIgn"))] if Path("/proc/self/status").exists() else []
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=_default_sigint)
         try:
             deadline = time.monotonic() + 120
             done = 0
@@ -236,7 +246,7 @@ def test_kill_9_and_ctrl_c_through_the_command_line_then_resume(tmp_path):
             process.kill()
         assert state.exists(), (f"signal {sig} sent {signalled:.2f} s after the start, at {done} rows seen (waiting "
                                 f"for {rows}); exit status before the signal {exited}, after {process.returncode}; "
-                                f"stdout {stdout!r}; stderr {stderr!r}")
+                                f"this process {parent}; stdout {stdout!r}; stderr {stderr!r}")
         return process.returncode, json.loads(state.read_text())["rows_done"], stderr
 
     code, killed_at, _ = run_until(5, signal.SIGKILL)
