@@ -400,8 +400,9 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
 
     Every other pair is then more than ``margin`` above or below that ground-truth score, so, as long as its own
     reduced-precision error is not larger than the largest one seen on the thousands of pairs of step 1, it falls on
-    the same side as in float32: every query's rank, hence the whole recall table (R@K, medr, meanr), is float32's. ``k`` only decides the top of each ranking (in float32 order when the query's float32 top 10 lies in
-    its reduced-precision top ``k``).
+    the same side as in float32: every query's rank, hence the whole recall table (R@K, medr, meanr), is float32's.
+    ``k`` only decides the top of each ranking (in float32 order when the query's float32 top 10 lies in its
+    reduced-precision top ``k``).
     """
     n, m = scores.shape
     approx = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
