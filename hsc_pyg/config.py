@@ -294,8 +294,9 @@ class TrainConfig:
                                            "it); 0 = the papers' data", low=0.0, below=1.0)
     itc_weight: float = option(0.0, "weight of the first stage's contrastive loss added to the hinge loss (0 = the "
                                     "papers' loss exactly)", low=0.0)
-    itc_loss: str = option("infonce", "the first stage's loss: infonce (learned temperature, as CLIP / ALBEF) or hinge "
-                                      "(on the cosine matrix)", choices=("infonce", "hinge"))
+    itc_loss: str = option("infonce", "the first stage's loss: infonce (learned temperature, as CLIP / ALBEF), hinge "
+                                      "(on the cosine matrix) or infonce+hinge (their sum)",
+                           choices=("infonce", "hinge", "infonce+hinge"))
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the batch",
                              choices=("stop", "skip"))
     score_chunk_mb: int = option(512, "memory bound of one chunk of the dense pair scorer, in MiB", low=1)

@@ -55,15 +55,28 @@ def model(data_path):
 
 
 # ---- the loss ------------------------------------------------------------------------------------------------------
-def test_infonce_equals_the_two_way_cross_entropy_written_out():
-    g = torch.Generator().manual_seed(0)
-    cosine = torch.rand(6, 6, generator=g) * 2 - 1
-    scale = torch.tensor(14.3)
+def _two_way_cross_entropy(cosine, scale):
     logits = (scale * cosine).double()
-    rows = -torch.stack([logits[i].log_softmax(0)[i] for i in range(6)]).mean()
-    cols = -torch.stack([logits[:, j].log_softmax(0)[j] for j in range(6)]).mean()
+    n = cosine.size(0)
+    rows = -torch.stack([logits[i].log_softmax(0)[i] for i in range(n)]).mean()
+    cols = -torch.stack([logits[:, j].log_softmax(0)[j] for j in range(n)]).mean()
+    return ((rows + cols) / 2).item()
+
+
+def test_infonce_equals_the_two_way_cross_entropy_written_out():
+    cosine = torch.rand(6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    scale = torch.tensor(14.3)
     got = ImageTextContrastive("infonce")(cosine, scale)
-    assert got.item() == pytest.approx(((rows + cols) / 2).item(), rel=1e-6)
+    assert got.item() == pytest.approx(_two_way_cross_entropy(cosine, scale), rel=1e-6)
+
+
+def test_infonce_plus_hinge_is_the_sum_of_the_two_losses():
+    cosine = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    scale = torch.tensor(14.3)
+    hinge = ContrastiveLoss(0.2, True)(cosine).item()
+    got = ImageTextContrastive("infonce+hinge", 0.2, True)(cosine, scale).item()
+    assert hinge > 0
+    assert got == pytest.approx(hinge + _two_way_cross_entropy(cosine, scale), rel=1e-6)
 
 
 def test_hinge_variant_is_the_hinge_loss_of_the_cosine_matrix():

@@ -36,10 +36,11 @@ class ImageTextContrastive(nn.Module):
     against caption j; matching pairs on the diagonal).
 
     ``infonce`` (CLIP / ALBEF): ``(CE(scale * cosine, diag) + CE(scale * cosine^T, diag)) / 2`` with the model's learned
-    inverse temperature ``scale``; ``hinge``: :class:`ContrastiveLoss` on the cosine matrix itself (the scale unused).
+    inverse temperature ``scale``; ``hinge``: :class:`ContrastiveLoss` on the cosine matrix itself (the scale unused);
+    ``infonce+hinge``: the sum of the two.
     """
 
-    KINDS = ("infonce", "hinge")
+    KINDS = ("infonce", "hinge", "infonce+hinge")
 
     def __init__(self, kind: str = "infonce", margin: float = 0.2, max_violation: bool = True):
         super().__init__()
@@ -49,8 +50,11 @@ class ImageTextContrastive(nn.Module):
         self.hinge = ContrastiveLoss(margin, max_violation)
 
     def forward(self, cosine: Tensor, scale: Tensor, max_violation: bool | None = None) -> Tensor:
-        if self.kind == "hinge":
-            return self.hinge(cosine, max_violation)
-        logits = scale * cosine
-        target = torch.arange(cosine.size(0), device=cosine.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        loss = cosine.new_zeros(())
+        if "hinge" in self.kind:
+            loss = loss + self.hinge(cosine, max_violation)
+        if "infonce" in self.kind:
+            logits = scale * cosine
+            target = torch.arange(cosine.size(0), device=cosine.device)
+            loss = loss + (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        return loss
