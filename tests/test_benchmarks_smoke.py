@@ -79,6 +79,7 @@ def test_bf16_worker_reports_the_side_by_side_fields():
     assert r["exact_ranking_recall_table_equals_float32"] and r["cpu_bf16_instructions"]
     assert r["gemm"]["float32"]["gflop_per_s"] > 0 and r["float32_gemm_floor_pairs_per_s"] > 0
     assert r["encoding"]["max_abs_diff"] < 1e-5 and r["encoding"]["speed_vs_original_with_global_vectors"] > 0
+    assert r["encoding"]["speed_vs_original_same_work"] > 0
 
 
 def test_runner_writes_json_with_environment_and_scaling(tmp_path):
