@@ -140,6 +140,17 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert Path("runs/hsc/seed0/run.json").stat().st_mtime_ns == finished
     assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2
 
+    fresh = ["--grid", "grid.json", "--out", "elsewhere", "--results", "study/ablation.json"]   # a fresh clone: the
+    assert main(fresh + ["--dry_run"]) == 0                                    # study file, no run folders
+    assert "2 finished, 0 to do here" in capsys.readouterr().out
+    assert main(fresh + ["--report"]) == 0
+    assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2
+    assert main(fresh[:-1] + ["other.json", "--dry_run"]) == 0               # another study file starts afresh
+    assert "0 finished, 2 to do here" in capsys.readouterr().out
+    Path("broken.json").write_text('{"runs": [{"seed": 0}]}')
+    assert main(fresh[:-1] + ["broken.json", "--dry_run"]) == 2
+    assert "--results broken.json is not a study written by this command" in capsys.readouterr().err
+
     grid["configs"]["hsc"] = {"img_layers": 1}       # a finished run with other options is not silently reused
     write(tmp_path / "grid.json", grid)
     assert main(args) == 2

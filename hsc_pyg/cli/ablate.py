@@ -1,7 +1,7 @@
 """``python -m hsc_pyg.ablate``: train a grid of configurations x seeds, evaluate each best-dev model on the test split,
 and write the study as JSON, a Markdown table and a bar plot.
 
-    python -m hsc_pyg.ablate --grid configs/ablation_f8k.json --out runs/ablation \\
+    python -m hsc_pyg.ablate --grid configs/studies/layers_f8k.json --out runs/layers \\
         --results benchmarks/results/ablation.json
 
 The grid file (JSON)::
@@ -21,6 +21,8 @@ Options are train.py's (``python train.py --help``), with JSON types. Every run 
 process (a crash loses only that run, which is recorded and retried by the next invocation) in
 ``OUT/<configuration>/seed<k>/``; a run is finished when its ``run.json`` exists, and finished runs are never redone,
 so the same command resumes a half-finished grid (an interrupted training continues from its checkpoint exactly).
+Runs already recorded in the --results file (same options and seed) count as finished too, so a fresh clone of the
+repository, which has the study but not the run folders, adds to the study instead of starting it again.
 Paths in the grid are relative to the folder the command runs in.
 """
 from __future__ import annotations
@@ -80,11 +82,33 @@ def _subset(text: str, flag: str, allowed: list, kind=str) -> set:
     return chosen
 
 
-def _finished(runs: list) -> dict:
-    """run.json of every finished run of the grid, read from disk (another runner may have added some), named by
-    this grid (a run folder may be shared with another grid, by a link, under another name)."""
-    return {id(r): {**json.loads((r.folder / "run.json").read_text()), "name": r.name} for r in runs
-            if (r.folder / "run.json").is_file()}
+def _recorded(results: Path) -> list:
+    """The runs an earlier study wrote to ``results`` (empty when there is no such file yet)."""
+    if not results.is_file():
+        return []
+    try:
+        runs = json.loads(results.read_text())["runs"]
+        if not all(isinstance(r, dict) and "config" in r and "seed" in r and "test_rsum" in r for r in runs):
+            raise ValueError("a run without config, seed or test_rsum")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--results {results} is not a study written by this command ({e}); repair it, or name "
+                          f"another --results file") from None
+    return runs
+
+
+def _finished(runs: list, recorded: list) -> dict:
+    """Every finished run of the grid: its run.json on disk (another runner may have added some), else its record in
+    the study file (a fresh clone has the study but not the run folders: those runs are not trained again). Each is
+    named by this grid (a run folder may be shared with another grid, by a link, under another name)."""
+    done = {}
+    for r in runs:
+        if (r.folder / "run.json").is_file():
+            done[id(r)] = {**json.loads((r.folder / "run.json").read_text()), "name": r.name}
+            continue
+        old = next((x for x in recorded if x["config"] == r.options and x["seed"] == r.seed), None)
+        if old is not None:
+            done[id(r)] = {**old, "name": r.name}
+    return done
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if results.suffix != ".json":
             raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")
         runs = grid.runs(out)
-        finished = _finished(runs)
+        recorded = _recorded(results)
+        finished = _finished(runs, recorded)
         for run in runs:
             done = finished.get(id(run))
             if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
@@ -123,9 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"  failed: {e}", file=sys.stderr, flush=True)
                 continue
             print(f"  test rsum {result['test_rsum']:.1f} ({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
-            finished = _finished(runs)
+            finished = _finished(runs, recorded)
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
-        finished = _finished(runs)
+        finished = _finished(runs, recorded)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
             print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
