@@ -29,6 +29,7 @@ from typing import Any
 from .data.graphs import check_edge_spec, edge_feature_size
 from .errors import ConfigError
 from .nn.layers import LAYERS
+from .nn.loss import KINDS as ITC_KINDS
 from .io import write_text
 
 LEVELS = ("object", "relational", "higher")
@@ -294,9 +295,10 @@ class TrainConfig:
                                            "it); 0 = the papers' data", low=0.0, below=1.0)
     itc_weight: float = option(0.0, "weight of the first stage's contrastive loss added to the hinge loss (0 = the "
                                     "papers' loss exactly)", low=0.0)
-    itc_loss: str = option("infonce", "the first stage's loss: infonce (learned temperature, as CLIP / ALBEF), hinge "
-                                      "(on the cosine matrix) or infonce+hinge (their sum)",
-                           choices=("infonce", "hinge", "infonce+hinge"))
+    itc_loss: str = option("infonce", "the first stage's loss, one term or a sum joined by +: infonce (learned "
+                                      "temperature, as CLIP / ALBEF), hinge (on the cosine matrix), distill (the "
+                                      "exact scores' softmax over the batch as the target, at the same temperature); "
+                                      "for example infonce+hinge", choices=ITC_KINDS)
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the batch",
                              choices=("stop", "skip"))
     score_chunk_mb: int = option(512, "memory bound of one chunk of the dense pair scorer, in MiB", low=1)

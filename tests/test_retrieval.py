@@ -79,6 +79,29 @@ def test_infonce_plus_hinge_is_the_sum_of_the_two_losses():
     assert got == pytest.approx(hinge + _two_way_cross_entropy(cosine, scale), rel=1e-6)
 
 
+def test_distill_is_the_two_way_kl_to_the_exact_scores_softmax_and_leaves_the_exact_scores_alone():
+    g = torch.Generator().manual_seed(3)
+    cosine = (torch.rand(5, 5, generator=g) * 2 - 1).requires_grad_()
+    scores = torch.rand(5, 5, generator=g).requires_grad_()
+    scale = torch.tensor(14.3, requires_grad=True)
+    got = ImageTextContrastive("distill")(cosine, scale, scores=scores)
+    p, q = (scale * scores).detach(), (scale * cosine).detach()
+    rows = sum(sum(torch.softmax(p[i], 0)[j] * (torch.log_softmax(p[i], 0)[j] - torch.log_softmax(q[i], 0)[j])
+                   for j in range(5)) for i in range(5)) / 5
+    cols = sum(sum(torch.softmax(p[:, j], 0)[i] * (torch.log_softmax(p[:, j], 0)[i] - torch.log_softmax(q[:, j], 0)[i])
+                   for i in range(5)) for j in range(5)) / 5
+    assert got.item() == pytest.approx(((rows + cols) / 2).item(), rel=1e-5) and got.item() > 0
+    got.backward()
+    assert cosine.grad.abs().sum() > 0 and scale.grad.abs() > 0 and scores.grad is None    # the teacher is detached
+    same = ImageTextContrastive("distill")(scores.detach() + 0.3, scale, scores=scores)      # same softmax: no loss
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    both = ImageTextContrastive("infonce+hinge+distill", 0.2, True)(cosine, scale, scores=scores).item()
+    parts = [ImageTextContrastive(k, 0.2, True)(cosine, scale, scores=scores).item() for k in ("infonce", "hinge")]
+    assert both == pytest.approx(sum(parts) + got.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="exact scores"):
+        ImageTextContrastive("distill")(cosine, scale)
+
+
 def test_hinge_variant_is_the_hinge_loss_of_the_cosine_matrix():
     cosine = torch.rand(5, 5, generator=torch.Generator().manual_seed(1))
     want = ContrastiveLoss(0.2, True)(cosine)
@@ -164,8 +187,9 @@ def test_itc_weight_zero_is_the_hinge_loss_alone(data_path, tmp_path, monkeypatc
     assert not bool(state["first_stage.trained"])
 
 
-def test_a_positive_itc_weight_trains_the_first_stage_and_marks_it(data_path, tmp_path):
-    result = tiny_train(data_path, tmp_path, itc_weight=1.0, first_stage_dim=12)
+@pytest.mark.parametrize("kind", ["infonce", "infonce+hinge+distill"])
+def test_a_positive_itc_weight_trains_the_first_stage_and_marks_it(data_path, tmp_path, kind):
+    result = tiny_train(data_path, tmp_path, itc_weight=1.0, itc_loss=kind, first_stage_dim=12)
     state = torch.load(tmp_path / "ckpt" / "checkpoint.pth", weights_only=False)["model"]
     assert bool(state["first_stage.trained"])
     assert state["first_stage.logit_scale"].item() != pytest.approx(math.log(1 / 0.07), abs=1e-7)

@@ -437,7 +437,8 @@ def train_step(model: torch.nn.Module, pairs, criterion: ContrastiveLoss, optimi
     scores = out.scores
     loss = criterion(scores.float(), max_violation=hardest)
     if config.itc_weight:
-        loss = loss + config.itc_weight * itc(out.cosine.float(), out.scale.float(), max_violation=hardest)
+        loss = loss + config.itc_weight * itc(out.cosine.float(), out.scale.float(), max_violation=hardest,
+                                              scores=scores.float() if itc.needs_scores else None)
     loss_value = distributed.mean_over_ranks(loss.item())
     if not math.isfinite(loss_value):
         return loss_value, scores

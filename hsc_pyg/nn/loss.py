@@ -31,30 +31,53 @@ class ContrastiveLoss(nn.Module):
         return cost_caption.sum() + cost_image.sum()
 
 
+TERMS = ("infonce", "hinge", "distill")
+# every non-empty set of terms, written in TERMS order and joined by "+": infonce, hinge, infonce+hinge, ...
+KINDS = tuple("+".join(t for i, t in enumerate(TERMS) if mask >> i & 1) for mask in range(1, 2 ** len(TERMS)))
+
+
 class ImageTextContrastive(nn.Module):
-    """The first stage's in-batch contrastive loss on ``[B, B]`` cosines (``cosine[i, j]`` = image of caption i
-    against caption j; matching pairs on the diagonal).
+    """The first stage's in-batch loss on ``[B, B]`` cosines (``cosine[i, j]`` = image of caption i against caption
+    j; matching pairs on the diagonal): the sum of the chosen terms (``kind``, joined by "+", in the order of
+    :data:`TERMS`).
 
     ``infonce`` (CLIP / ALBEF): ``(CE(scale * cosine, diag) + CE(scale * cosine^T, diag)) / 2`` with the model's learned
     inverse temperature ``scale``; ``hinge``: :class:`ContrastiveLoss` on the cosine matrix itself (the scale unused);
-    ``infonce+hinge``: the sum of the two.
+    ``distill``: the first stage learns the exact scorer's ranking of the batch, ``(KL(p_rows || q_rows) +
+    KL(p_cols || q_cols)) / 2`` averaged over rows (columns), with ``q = softmax(scale * cosine)`` and the teacher
+    ``p = softmax(scale * scores)`` of the exact ``[B, B]`` scores at the same temperature, both detached (the exact
+    scorer is trained by its own hinge loss only).
     """
-
-    KINDS = ("infonce", "hinge", "infonce+hinge")
 
     def __init__(self, kind: str = "infonce", margin: float = 0.2, max_violation: bool = True):
         super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown contrastive loss {kind!r}; choose one of {', '.join(self.KINDS)}")
-        self.kind = kind
+        if kind not in KINDS:
+            raise ValueError(f"unknown first-stage loss {kind!r}; choose one of {', '.join(KINDS)}")
+        self.terms = set(kind.split("+"))
         self.hinge = ContrastiveLoss(margin, max_violation)
 
-    def forward(self, cosine: Tensor, scale: Tensor, max_violation: bool | None = None) -> Tensor:
+    @property
+    def needs_scores(self) -> bool:
+        return "distill" in self.terms
+
+    def forward(self, cosine: Tensor, scale: Tensor, max_violation: bool | None = None,
+                scores: Tensor | None = None) -> Tensor:
         loss = cosine.new_zeros(())
-        if "hinge" in self.kind:
+        if "hinge" in self.terms:
             loss = loss + self.hinge(cosine, max_violation)
-        if "infonce" in self.kind:
-            logits = scale * cosine
+        logits = scale * cosine
+        if "infonce" in self.terms:
             target = torch.arange(cosine.size(0), device=cosine.device)
             loss = loss + (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        if "distill" in self.terms:
+            if scores is None:
+                raise ValueError("the distill term needs the exact scores of the batch")
+            teacher = scale.detach() * scores.detach()
+            loss = loss + (_kl(teacher, logits, 1) + _kl(teacher, logits, 0)) / 2
         return loss
+
+
+def _kl(teacher: Tensor, student: Tensor, dim: int) -> Tensor:
+    """Mean over rows (dim 1) or columns (dim 0) of KL(softmax(teacher) || softmax(student)) along ``dim``."""
+    log_p, log_q = teacher.log_softmax(dim), student.log_softmax(dim)
+    return (log_p.exp() * (log_p - log_q)).sum(dim).mean()
