@@ -68,6 +68,7 @@ class FakeScorer(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.score_calls = 0
+        self.pair_calls = []
 
     @staticmethod
     def _caption_vectors(cap):
@@ -77,6 +78,16 @@ class FakeScorer(torch.nn.Module):
     def score(self, img, cap, chunk_mb=None):
         self.score_calls += 1
         return self.weight * img.glo[:, 0] @ self._caption_vectors(cap).T
+
+    def words_per_call(self, chunk_mb=None, device="cpu"):
+        return 12
+
+    def score_pairs(self, img, words, lengths, images, cap_glo):
+        """The same score from packed words: ``img.glo . mean of the pair's words``."""
+        self.pair_calls.append((len(lengths), int(lengths.sum())))
+        pair = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        means = torch.zeros(len(lengths), words.size(-1)).index_add_(0, pair, words[:, 0]) / lengths[:, None]
+        return self.weight * (img.glo[images, 0] * means).sum(-1)
 
 
 def fake_encodings(num_images, per_image=5, dim=4, seed=0):
@@ -127,7 +138,9 @@ def test_pair_scores_follow_the_given_pairs():
     scorer = FakeScorer()
     got = pair_scores(scorer, images, captions, rows, cols)
     np.testing.assert_allclose(got, full[rows, cols], rtol=0, atol=1e-6)
-    assert scorer.score_calls == len(np.unique(rows))      # one dense call per image, whatever the pair order
+    assert sum(n for n, _ in scorer.pair_calls) == 50 and len(scorer.pair_calls) > 1   # in pieces of <= 12 words,
+    assert all(words <= 12 or n == 1 for n, words in scorer.pair_calls)              # or one longer caption
+    assert pair_scores(scorer, images, captions, rows[:0], cols[:0]).shape == (0,)
 
 
 @pytest.mark.parametrize("dim", [0, 6])

@@ -106,10 +106,30 @@ def test_dense_chunked_scores_equal_one_pair_reference(head, levels):
             got = model.score(img, cap, chunk_mb=chunk_mb)
             assert got.shape == (5, len(LENGTHS))
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-        pairs_i = torch.tensor([0, 4, 2, 2, 1])
-        pairs_j = torch.tensor([6, 0, 3, 1, 1])
-        paired = torch.from_numpy(pair_scores(model, img, cap, pairs_i.numpy(), pairs_j.numpy(), chunk_mb=1e-6))
-        torch.testing.assert_close(paired.to(expected.dtype), expected[pairs_i, pairs_j], atol=1e-5, rtol=0)
+        g = torch.Generator().manual_seed(0)
+        pairs_i = torch.cat([torch.tensor([0, 4, 2, 2, 1, 1]), torch.randint(0, 5, (30,), generator=g)])
+        pairs_j = torch.cat([torch.tensor([6, 0, 3, 1, 1, 1]), torch.randint(0, len(LENGTHS), (30,), generator=g)])
+        for kernels in ("auto", "reference"):            # given pairs: packed words, in pieces of 1 pair ... all
+            model.set_kernels(kernels)
+            for chunk_mb in (1e-6, 0.002, 512):
+                paired = torch.from_numpy(pair_scores(model, img, cap, pairs_i.numpy(), pairs_j.numpy(),
+                                                      chunk_mb=chunk_mb))
+                torch.testing.assert_close(paired.to(expected.dtype), expected[pairs_i, pairs_j], atol=1e-5, rtol=0)
+
+
+def test_given_pairs_of_one_image_need_not_be_adjacent():
+    """SimilarityModule.score_pairs treats each run of one image's pairs as one product; runs split apart give the
+    same scores."""
+    model = random_model("saf", "higher")
+    img, cap = random_encodings(3, LENGTHS, 1)
+    images, captions = torch.tensor([2, 0, 2, 2, 1, 0]), torch.tensor([1, 3, 0, 6, 2, 5])
+    lengths = cap.mask.sum(1)[captions]
+    words = torch.cat([cap.words[j, 0, :n] for j, n in zip(captions.tolist(), lengths.tolist())])
+    with torch.no_grad():
+        got = model.similarity.score_pairs(img.regions[:, 0], img.glo[images, 0], words, lengths, images,
+                                           cap.glo[captions, 0])
+        expected = model.score(img, cap)[images, captions]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_score_of_a_pair_does_not_depend_on_the_other_captions():

@@ -263,29 +263,37 @@ def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: 
 
 def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
                 rows: np.ndarray, cols: np.ndarray, chunk_mb: int | None = None, amp: str = "off",
-                progress: bool = False, block_captions: int = 256) -> np.ndarray:
+                progress: bool = False) -> np.ndarray:
     """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32.
 
-    The pairs are grouped by image; each image is scored with the dense scorer ``model.score`` against its own
-    candidate captions, taken in order of length in pieces of ``block_captions`` (each piece padded only to its own
-    longest caption)."""
+    The pairs are taken image by image and handed to :meth:`HSCModel.score_pairs` in pieces of at most
+    ``model.words_per_call(chunk_mb)`` caption words, their captions' words gathered back to back (no padding)."""
     captions = _as_packed(captions)
     device, dtype = _model_device(model)
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    lengths = captions.lengths.cpu().numpy()
     out = np.empty(len(rows), dtype=np.float32)
-    order = np.lexsort((lengths[cols], rows))          # by image, then by caption length
-    bounds = np.flatnonzero(np.diff(rows[order])) + 1
+    if not len(rows):
+        return out
+    order = np.lexsort((cols, rows))                    # by image, then caption
+    lengths = captions.lengths.cpu().numpy()[cols[order]]
+    budget = model.words_per_call(chunk_mb, device)
+    ends = np.cumsum(lengths)
+    img = img_enc.to(device, dtype)
     with (eval_mode(model), autocast(device, amp, cpu_bf16=True),
           _bar(len(out), "scoring pairs", "pair", progress) as bar):
-        for group in np.split(order, bounds) if len(order) else []:
-            i = int(rows[group[0]])
-            img = img_enc[i:i + 1].to(device, dtype)
-            for p0 in range(0, len(group), block_captions):
-                piece = group[p0:p0 + block_captions]
-                cap = captions[torch.from_numpy(cols[piece])].unpack().to(device, dtype)
-                out[piece] = model.score(img, cap, chunk_mb=chunk_mb)[0].float().cpu().numpy()
-                bar.update(len(piece))
+        p0 = 0
+        while p0 < len(order):
+            p1 = max(p0 + 1, int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + budget, side="right")))
+            piece = order[p0:p1]
+            c = torch.from_numpy(cols[piece]).to(captions.starts.device)
+            n = captions.lengths[c]
+            first = torch.repeat_interleave(captions.starts[c] - (n.cumsum(0) - n), n)
+            words = captions.words.index_select(0, first + torch.arange(int(n.sum()), device=first.device))
+            images = torch.from_numpy(rows[piece]).to(device)
+            out[piece] = model.score_pairs(img, words.to(device, dtype), n.to(device), images,
+                                           captions.glo[c].to(device, dtype)).float().cpu().numpy()
+            bar.update(len(piece))
+            p0 = p1
     return out
 
 

@@ -12,6 +12,9 @@ for *every image against every caption* of a block in layouts that suit matrix p
 * :meth:`Kernels.alignment_nodes`: the attended context, the local alignment and the similarity-graph nodes. Without
   autograd, one image (CPU) or the whole block (elsewhere) at a time in buffers owned by the call, in place; with
   autograd, :class:`LocalAlignment`, which recomputes the context in the backward pass instead of keeping it.
+* :meth:`Kernels.packed_alignment_nodes`: the same nodes for a list of given pairs (re-ranking, re-scoring), the
+  words of their captions back to back without padding: one product per image for the attention, one for the
+  projection of all words.
 * :meth:`Kernels.sgr_logits`: SGR's edge logits with the two projections folded into one.
 
 A :class:`Kernels` object is the switch: ``Kernels("auto")`` uses these, ``Kernels("reference")`` makes the similarity
@@ -178,6 +181,45 @@ class Kernels:
             local = self.linear(x, proj.weight, proj.bias).view(a1 - a0, n_cap, -1, nodes.size(-1))
             torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=nodes[a0:a1, :, 1:])
         return nodes
+
+    def packed_alignment_nodes(self, regions: Tensor, words: Tensor, images: Tensor, lengths: Tensor,
+                               sim_glo: Tensor, proj: nn.Linear, lambda_softmax: float) -> tuple[Tensor, Tensor]:
+        """The similarity-graph nodes of P given pairs, without padding: ``regions [N, R, d]`` (all images),
+        ``words [T, d]`` the words of the pairs' captions back to back (pair p has ``lengths[p]`` of them),
+        ``images [P]`` each pair's image (pairs of one image should be adjacent: each run of them is one matrix
+        product), ``sim_glo [P, m]`` -> ``nodes [P, L+1, m]`` (L the longest caption; node 0 the global alignment) and
+        their mask ``[P, L+1]``. No autograd.
+
+        Per run of one image's pairs: the word-region products of all its words in one product ``[R, d] @ [d, t]``,
+        each word's l2norm over its own caption's words (a segment sum), the softmax over the regions, the context
+        ``attn^T @ regions`` and ``(words - l2norm(context))^2`` into one buffer; then the local alignment's
+        projection of every word of every pair as one product, and the nodes scattered into the padded layout."""
+        n_pairs, n_words = lengths.numel(), words.size(0)
+        pair_of_word = torch.repeat_interleave(torch.arange(n_pairs, device=words.device), lengths)
+        ends = lengths.cumsum(0)
+        starts = ends - lengths
+        new_run = torch.ones(n_pairs, dtype=torch.bool, device=images.device)
+        new_run[1:] = images[1:] != images[:-1]
+        bounds = new_run.nonzero().flatten().tolist() + [n_pairs]
+        word_start, word_end, image_of = starts.tolist(), ends.tolist(), images.tolist()
+        x = self._buffer("packed", (n_words, words.size(1)), words)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            t0, t1 = word_start[a], word_end[b - 1]
+            reg, w, caption = regions[image_of[a]], words[t0:t1], pair_of_word[t0:t1] - a
+            s = F.leaky_relu(self.linear(reg, w), 0.1)                                  # [R, t]
+            norm = torch.zeros(reg.size(0), b - a, dtype=s.dtype, device=s.device).index_add_(1, caption, s * s)
+            s = s / norm.sqrt_().add_(EPS).index_select(1, caption)                      # over each caption's words
+            attn = torch.softmax(lambda_softmax * s, dim=0).to(reg.dtype)                # over the regions
+            context = torch.mm(attn.t(), reg, out=x[t0:t1])
+            inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
+            torch.addcmul(w, context, inv, value=-1, out=context).square_()               # (l2norm(ctx) - w)^2
+        local = _l2norm(self.linear(x, proj.weight, proj.bias))
+        longest = int(lengths.max()) if n_pairs else 0
+        nodes = local.new_zeros(n_pairs, longest + 1, local.size(-1))
+        nodes[:, 0] = sim_glo
+        nodes[pair_of_word, torch.arange(n_words, device=words.device) - starts[pair_of_word] + 1] = local
+        node_mask = torch.arange(longest + 1, device=lengths.device)[None] <= lengths[:, None]
+        return nodes, node_mask
 
     # ------------------------------------------------------------------ SGR
     def sgr_logits(self, x: Tensor, query: nn.Linear, key: nn.Linear) -> Tensor:

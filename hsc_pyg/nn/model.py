@@ -150,10 +150,12 @@ class HSCModel(nn.Module):
         self.similarity.set_kernels(mode)
 
     #: Captions per eval block (captions are taken in order of length, so a block carries little padding); on the CPU
-    #: a block has at most CPU_BLOCK_CAPTIONS captions and about CPU_BLOCK_BYTES of context (see benchmarks/NOTES.md).
+    #: a block has at most CPU_BLOCK_CAPTIONS captions and about CPU_BLOCK_BYTES of context (see benchmarks/NOTES.md);
+    #: given pairs (score_pairs) go in pieces of about CPU_PAIR_WORD_BYTES of caption words.
     SCORE_BLOCK_CAPTIONS = 256
     CPU_BLOCK_CAPTIONS = 64
     CPU_BLOCK_BYTES = 24 * 2**20
+    CPU_PAIR_WORD_BYTES = 8 * 2**20
 
     def score(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None = None) -> Tensor:
         """Exact scores of every image against every caption, ``[N_img, N_cap]`` (the level average of
@@ -200,6 +202,31 @@ class HSCModel(nn.Module):
                 norm.next_captions(v, columns)
             total = total + self.similarity(img.regions[:, v], img.glo[:, v], cap.words[:, v], cap.mask, cap.glo[:, v])
         return total / len(self.levels)
+
+    def score_pairs(self, img: ImageEncoding, words: Tensor, lengths: Tensor, images: Tensor, cap_glo: Tensor) -> Tensor:
+        """Exact scores of P given pairs (eval mode), the level average of :meth:`SimilarityModule.score_pairs`:
+        ``img`` all images, ``words [T, V, d]`` the words of each pair's caption back to back, ``lengths [P]``,
+        ``images [P]`` (each pair's image; keep one image's pairs adjacent), ``cap_glo [P, V, d]`` -> ``[P]``.
+        The same numbers as :meth:`score` at those pairs; how many pairs to hand over at once:
+        :meth:`words_per_call`."""
+        dtype = compute_dtype(img.regions)
+        total = 0
+        for v in range(len(self.levels)):
+            total = total + self.similarity.score_pairs(img.regions[:, v].to(dtype), img.glo[images, v],
+                                                        words[:, v].to(dtype).contiguous(), lengths, images,
+                                                        cap_glo[:, v])
+        return total / len(self.levels)
+
+    def words_per_call(self, chunk_mb: int | None = None, device: torch.device | str = "cpu") -> int:
+        """Caption words per :meth:`score_pairs` call within ``chunk_mb`` MiB (default ``score_chunk_mb``) of working
+        memory (the ``[T, d]`` buffers dominate); on the CPU at most CPU_PAIR_WORD_BYTES of them (measured: 4-8 MiB
+        gave 7.0-7.8k pairs per CPU-second, 24 MiB 5.7-7.0k, 48 MiB 5.2k; full-size SGRAF-SAF, one thread)."""
+        d, m, r = self.config.embed_size, self.config.sim_dim, self.config.num_regions
+        per_word = (3 * d + 3 * m + 2 * r) * 4
+        words = int((chunk_mb or self.score_chunk_mb) * 2**20 // per_word)
+        if torch.device(device).type == "cpu":
+            words = min(words, self.CPU_PAIR_WORD_BYTES // (d * 4))
+        return max(1, words)
 
     def _pairs_per_chunk(self, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: int | None) -> int:
         d, regions, length = img.regions.size(-1), img.regions.size(-2), cap.words.size(-2)

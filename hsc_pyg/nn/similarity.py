@@ -287,6 +287,27 @@ class SimilarityModule(nn.Module):
         vec = self.head(nodes, node_mask, self.kernels)                                         # [A, C, m]
         return self.final_score(vec)
 
+    def score_pairs(self, regions: Tensor, img_glo: Tensor, words: Tensor, lengths: Tensor, images: Tensor,
+                    cap_glo: Tensor) -> Tensor:
+        """Scores of P given pairs (eval mode, no autograd), the same numbers as :meth:`forward` at those pairs:
+        ``regions [N, R, d]`` (all images), ``img_glo [P, d]`` (each pair's image), ``words [T, d]`` (each pair's
+        caption's words, back to back), ``lengths [P]``, ``images [P]`` (each pair's image index into ``regions``;
+        keep one image's pairs adjacent), ``cap_glo [P, d]`` -> ``[P]``."""
+        sim_glo = global_alignment(img_glo, cap_glo, self.glo_proj)                              # [P, m]
+        if self.kernels.fused:
+            nodes, node_mask = self.kernels.packed_alignment_nodes(regions, words, images, lengths, sim_glo,
+                                                                   self.loc_proj, self.lambda_softmax)
+        else:                                    # the pairs padded, each with its own image: MODEL.md's formulas
+            longest = int(lengths.max()) if lengths.numel() else 0
+            mask = torch.arange(longest, device=lengths.device)[None] < lengths[:, None]         # [P, L]
+            padded = words.new_zeros(*mask.shape, words.size(-1))
+            padded[mask] = words
+            attn = cross_attention(regions[images], padded, mask, self.lambda_softmax)
+            nodes = similarity_nodes(sim_glo, local_alignment(attended_context(attn, regions[images]), padded,
+                                                              self.loc_proj))
+            node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)
+        return self.final_score(self.head(nodes, node_mask, self.kernels))
+
     def final_score(self, vec: Tensor) -> Tensor:
         """Step 6: ``sigmoid(Linear(m -> 1)(vec))``, ``[..., m] -> [...]``, in float32 even under autocast: bf16 has ~3
         significant digits near 0.5, so reduced-precision scores would tie, and ties count against the query."""
