@@ -116,7 +116,7 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
             "evaluate": {"rerank_k": [3]}}
     write(tmp_path / "grid.json", grid)
     args = ["--grid", "grid.json", "--out", "runs", "--results", "study/ablation.json"]
-    assert main(args) == 1                       # the broken configuration fails, the others finish
+    assert main(args + ["--jobs", "2"]) == 1     # the broken configuration fails, the others finish
     out, err = capsys.readouterr()
     assert "1 run(s) failed" in err and "broken seed 0: training failed" in err and "missing.json" in err
     study = json.loads(Path("study/ablation.json").read_text())
@@ -136,6 +136,8 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert "1 finished, 0 to do here" in capsys.readouterr().out
     assert main(args + ["--dry_run", "--only", "nope"]) == 2
     assert "--only: nope not in the grid (hsc, broken)" in capsys.readouterr().err
+    assert main(args + ["--jobs", "0"]) == 2
+    assert "--jobs 0: give at least 1" in capsys.readouterr().err
     assert main(args) == 0
     assert Path("runs/hsc/seed0/run.json").stat().st_mtime_ns == finished
     assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2

@@ -31,6 +31,8 @@ import argparse
 import json
 import signal
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train only these configurations of the grid (the study still reports every finished run); "
                         "names that hold commas are matched whole")
     p.add_argument("--seeds", default="", metavar="S,S", help="train only these seeds of the grid")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs trained at the same time, each in its own processes (default: %(default)s); give each "
+                        "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
     p.epilog = ("Several runners may share one grid and --out on disjoint --only / --seeds (one per core, say): each "
@@ -111,11 +116,50 @@ def _finished(runs: list, recorded: list) -> dict:
     return done
 
 
+def _train(grid, runs: list, todo: list, recorded: list, results: Path, jobs: int) -> list[str]:
+    """Train and evaluate ``todo``, ``jobs`` runs at a time (a thread each waits on its run's processes); the study is
+    rewritten after every finished run. Returns the failures; Ctrl-C (which reaches every child) starts nothing new
+    and is raised again once the running ones have stopped."""
+    failures, lock, stop = [], threading.Lock(), threading.Event()
+
+    def one(n: int, run) -> None:
+        if stop.is_set():
+            return
+        print(f"[{n}/{len(todo)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
+        try:
+            result = train_and_evaluate(grid, run, sys.executable)
+        except RunFailed as e:
+            with lock:
+                failures.append(str(e))
+            print(f"  failed: {e}", file=sys.stderr, flush=True)
+            return
+        except KeyboardInterrupt:
+            stop.set()
+            raise
+        with lock:
+            print(f"  {run.name} seed {run.seed}: test rsum {result['test_rsum']:.1f} "
+                  f"({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
+            finished = _finished(runs, recorded)
+            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(one, n, run) for n, run in enumerate(todo, 1)]
+        try:
+            for future in as_completed(futures):
+                future.result()
+        except BaseException:
+            stop.set()
+            raise
+    return failures
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     results = Path(args.results) if args.results else out / "ablation.json"
     try:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give at least 1")
         grid = load_grid(args.grid)
         if not (ROOT / "train.py").is_file() and not args.report:
             raise ConfigError(f"train.py is not beside the package ({ROOT}); run the ablation from a source checkout")
@@ -138,18 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for run in todo:
                 print(f"  {run.folder}  {json.dumps(run.options)}")
             return 0
-        failures = []
-        for n, run in enumerate([] if args.report else todo, 1):
-            print(f"[{n}/{len(todo)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
-            try:
-                result = train_and_evaluate(grid, run, sys.executable)
-            except RunFailed as e:
-                failures.append(str(e))
-                print(f"  failed: {e}", file=sys.stderr, flush=True)
-                continue
-            print(f"  test rsum {result['test_rsum']:.1f} ({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
-            finished = _finished(runs, recorded)
-            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+        failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
         finished = _finished(runs, recorded)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
