@@ -146,6 +146,7 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert main(fresh + ["--dry_run"]) == 0                                    # study file, no run folders
     assert "2 finished, 0 to do here" in capsys.readouterr().out
     assert main(fresh + ["--report"]) == 0
+    assert "| hsc | (recipe) | 1 |" in capsys.readouterr().out                       # the table, printed
     assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2
     assert main(fresh[:-1] + ["other.json", "--dry_run"]) == 0               # another study file starts afresh
     assert "0 finished, 2 to do here" in capsys.readouterr().out

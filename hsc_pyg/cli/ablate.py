@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="runs trained at the same time, each in its own processes (default: %(default)s); give each "
                         "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores")
-    p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far")
+    p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far "
+                                                          "and print its table")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
     p.epilog = ("Several runners may share one grid and --out on disjoint --only / --seeds (one per core, say): each "
                 "writes the study of every run finished by any of them.")
@@ -188,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
             print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
                   f"{results.with_suffix('.png')}")
+            if args.report:
+                print("\n" + results.with_suffix(".md").read_text(), end="")
     except KeyboardInterrupt:
         print("interrupted: finished runs are kept and an interrupted training resumes; run the same command again",
               file=sys.stderr)
