@@ -278,7 +278,6 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
     lengths = captions.lengths.cpu().numpy()[cols[order]]
     budget = model.words_per_call(chunk_mb, device)
     ends = np.cumsum(lengths)
-    img = img_enc.to(device, dtype)
     with (eval_mode(model), autocast(device, amp, cpu_bf16=True),
           _bar(len(out), "scoring pairs", "pair", progress) as bar):
         p0 = 0
@@ -289,7 +288,10 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
             n = captions.lengths[c]
             first = torch.repeat_interleave(captions.starts[c] - (n.cumsum(0) - n), n)
             words = captions.words.index_select(0, first + torch.arange(int(n.sum()), device=first.device))
-            images = torch.from_numpy(rows[piece]).to(device)
+            # only this piece's images go to the device and the compute dtype (a float16 gallery stays as it is)
+            used, images = np.unique(rows[piece], return_inverse=True)
+            img = img_enc[torch.from_numpy(used)].to(device, dtype)
+            images = torch.from_numpy(images).to(device)
             out[piece] = model.score_pairs(img, words.to(device, dtype), n.to(device), images,
                                            captions.glo[c].to(device, dtype)).float().cpu().numpy()
             bar.update(len(piece))

@@ -45,8 +45,8 @@ class ImageTextContrastive(nn.Module):
     inverse temperature ``scale``; ``hinge``: :class:`ContrastiveLoss` on the cosine matrix itself (the scale unused);
     ``distill``: the first stage learns the exact scorer's ranking of the batch, ``(KL(p_rows || q_rows) +
     KL(p_cols || q_cols)) / 2`` averaged over rows (columns), with ``q = softmax(scale * cosine)`` and the teacher
-    ``p = softmax(scale * scores)`` of the exact ``[B, B]`` scores at the same temperature, both detached (the exact
-    scorer is trained by its own hinge loss only).
+    ``p = softmax(scale * scores)`` of the exact ``[B, B]`` scores at the same temperature; the teacher (scores and
+    scale) is detached, so the exact scorer is trained by its own hinge loss only.
     """
 
     def __init__(self, kind: str = "infonce", margin: float = 0.2, max_violation: bool = True):
