@@ -420,37 +420,34 @@ def _dense_attention(logits: Tensor, adj: Tensor) -> Tensor:
     return logits.masked_fill(adj.unsqueeze(1) == 0, float("-inf")).softmax(dim=-1)
 
 
-def _dense_heads(out: Tensor, concat: bool) -> Tensor:
-    """``[B, H, N, C]`` -> ``[B, N, H * C]`` (heads concatenated) or ``[B, N, C]`` (averaged)."""
-    return out.transpose(1, 2).flatten(2) if concat else out.mean(1)
+def _dense_heads(out: Tensor) -> Tensor:
+    """``[B, H, N, C]`` -> ``[B, N, H * C]``: the heads concatenated."""
+    return out.transpose(1, 2).flatten(2)
 
 
 class DenseGATv2:
     r"""``GATv2Conv`` on dense adjacencies, run on a ``GATv2Conv``'s own parameters (``DenseGATv2.forward(conv, x,
-    adj, mask)``, the call of PyG's dense layers; PyG has none for GATv2):
-    :math:`\alpha_{ij} = \mathrm{softmax}_j\, a^\top \mathrm{LeakyReLU}(W_r x_i + W_l x_j)` over the ``j`` with
-    ``adj[b, i, j] != 0``, :math:`x'_i = \sum_j \alpha_{ij} W_l x_j + b` per head. No edge features."""
+    adj, mask)``, the call of PyG's dense layers; PyG has none for GATv2), as ``gatv2`` builds it (heads
+    concatenated, no residual): :math:`\alpha_{ij} = \mathrm{softmax}_j\, a^\top \mathrm{LeakyReLU}(W_r x_i + W_l
+    x_j)` over the ``j`` with ``adj[b, i, j] != 0``, :math:`x'_i = \sum_j \alpha_{ij} W_l x_j + b` per head. No edge
+    features."""
 
     def forward(self: GATv2Conv, x: Tensor, adj: Tensor, mask: Tensor | None = None) -> Tensor:
         (B, N, _), H, C = x.shape, self.heads, self.out_channels
         x_l = self.lin_l(x).view(B, N, H, C).transpose(1, 2)                          # [B, H, N, C]
-        x_r = x_l if self.share_weights else self.lin_r(x).view(B, N, H, C).transpose(1, 2)
+        x_r = self.lin_r(x).view(B, N, H, C).transpose(1, 2)                          # (lin_l itself if shared)
         pair = nn.functional.leaky_relu(x_r.unsqueeze(3) + x_l.unsqueeze(2), self.negative_slope)  # [B, H, i, j, C]
         logits = (pair @ self.att.view(1, H, 1, C, 1)).squeeze(-1)                    # [B, H, i, j]
         alpha = nn.functional.dropout(_dense_attention(logits, adj), p=self.dropout, training=self.training)
-        out = _dense_heads(alpha @ x_l, self.concat)
-        if getattr(self, "res", None) is not None:                                     # PyG >= 2.6: residual=True
-            out = out + self.res(x)
-        if self.bias is not None:
-            out = out + self.bias
+        out = _dense_heads(alpha @ x_l) + self.bias
         return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
 
 
 class DenseTransformer:
     r"""``TransformerConv`` on dense adjacencies, run on a ``TransformerConv``'s own parameters (as
-    :class:`DenseGATv2`; PyG has no dense version): :math:`\alpha_{ij} = \mathrm{softmax}_j\, (W_q x_i)^\top
-    (W_k x_j) / \sqrt{C}` over the ``j`` with ``adj[b, i, j] != 0``, :math:`x'_i = W_s x_i + \sum_j \alpha_{ij}
-    W_v x_j` per head (with ``beta``, PyG's gated mix of the two). No edge features."""
+    :class:`DenseGATv2`; PyG has no dense version), as ``transformer`` builds it (heads concatenated, root weight,
+    no ``beta``): :math:`\alpha_{ij} = \mathrm{softmax}_j\, (W_q x_i)^\top (W_k x_j) / \sqrt{C}` over the ``j``
+    with ``adj[b, i, j] != 0``, :math:`x'_i = W_s x_i + \sum_j \alpha_{ij} W_v x_j` per head. No edge features."""
 
     def forward(self: TransformerConv, x: Tensor, adj: Tensor, mask: Tensor | None = None) -> Tensor:
         (B, N, _), H, C = x.shape, self.heads, self.out_channels
@@ -460,14 +457,7 @@ class DenseTransformer:
 
         logits = heads(self.lin_query) @ heads(self.lin_key).transpose(2, 3) / math.sqrt(C)
         alpha = nn.functional.dropout(_dense_attention(logits, adj), p=self.dropout, training=self.training)
-        out = _dense_heads(alpha @ heads(self.lin_value), self.concat)
-        if self.root_weight:
-            x_r = self.lin_skip(x)
-            if self.lin_beta is not None:
-                beta = self.lin_beta(torch.cat([out, x_r, out - x_r], dim=-1)).sigmoid()
-                out = beta * x_r + (1 - beta) * out
-            else:
-                out = out + x_r
+        out = _dense_heads(alpha @ heads(self.lin_value)) + self.lin_skip(x)
         return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
 
 
