@@ -59,7 +59,7 @@ def test_layers_section_trains_every_layer_on_the_path_it_names():
                         ({"img_gnn": "gat", "img_edges": "spatial", "img_edge_features": True}, True),
                         ({"img_gnn": "gine", "img_edges": "spatial", "img_edge_features": True}, True),
                         ({"img_gnn": "hsc"}, False), ({"img_gnn": "hsc"}, True),
-                        ({"img_gnn": "transformer"}, True),
+                        ({"img_gnn": "transformer"}, False), ({"img_gnn": "transformer"}, True),
                         ({"img_gnn": "transformer", "img_edges": "spatial", "img_edge_features": True}, True)]
     paths = []
     for options, sparse in variants[:3]:
