@@ -25,7 +25,8 @@ batched matrix product, which never materialises the ``[E, d]`` message tensor. 
 in ``DenseGCNConv`` / ``DenseGATConv``, and adds the ``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv``
 adds too); ``gatv2`` and ``transformer``, which PyG has no dense version of, run :class:`DenseGATv2` and
 :class:`DenseTransformer`, written here the same way. ``gine`` has no dense path; edge features always take the
-sparse path (no dense PyG layer takes them). ``tests/test_layers.py`` checks that every dense path equals the plain message passing.
+sparse path (no dense PyG layer takes them). ``tests/test_layers.py`` checks that every dense path gives the plain
+message passing's states and gradients.
 """
 from __future__ import annotations
 
