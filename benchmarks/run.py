@@ -10,8 +10,9 @@ ratios), ``baseline`` (the original-style per-caption loop re-implemented in ``o
 the HSC training step, each asserted equal to ours first, then timed interleaved with ours on the same machine),
 ``encoding`` (images/s, captions/s), ``training`` (steps/s and peak memory at batch 32 and 128), ``layers`` (training
 steps/s at batch 32 of HSC with every registered layer type on the region graph, the word graph kept ``hsc_text``: on
-the ``full`` graph by the dense path and by sparse message passing where the layer has both, and with the ``spatial``
-builder's edge features for the layers that take them; ``--layers`` picks some), ``rerank`` (retrieve-then-rerank with
+the ``full`` graph, and on the graphs of ``--layer_edges``, by the dense path and by sparse message passing where the
+layer has both, and with the ``spatial`` builder's edge features for the layers that take them; ``--layers`` picks
+some), ``rerank`` (retrieve-then-rerank with
 K = 20 on 1,000 x 5,000: exact pair scores needed and time).
 
     python benchmarks/run.py --only layers --threads 2 --out benchmarks/results/layers_train_cpu.json
@@ -256,9 +257,9 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=False)
     images, pairs, tokens, lengths = _train_inputs(batch, quick, device, img_edges=config.img_edges)
     if spec.get("sparse"):
-        pairs.images.complete = False            # the same complete graphs, by sparse message passing
+        pairs.images.complete = pairs.images.looped = False   # the same graphs, by sparse message passing
     stack = model.image_encoder.stack
-    dense = bool(pairs.images.complete and stack.dense_capable and not stack.uses_edge_attr)
+    dense = bool(pairs.images.looped and stack.dense_capable and not stack.uses_edge_attr)
     dev = torch.device(device)
     out: dict[str, Any] = {"preset": spec["preset"], "batch_size": batch, "amp": amp, "model": options,
                            "region_path": "dense" if dense else "sparse",
@@ -587,7 +588,7 @@ def plan(args) -> list[tuple[str, dict[str, Any]]]:
                 todo.append(("training", dict(base, kind="train", preset=preset, batch_size=batch,
                                               steps=args.train_steps if batch <= 32 else max(1, args.train_steps - 1))))
     if "layers" in sections:
-        for options, sparse in layer_variants(args.layers):
+        for options, sparse in layer_variants(args.layers, args.layer_edges):
             todo.append(("layers", dict(base, kind="train", preset="hsc", batch_size=8 if args.quick else 32,
                                         steps=args.train_steps, model=options, sparse=sparse)))
     if "bf16" in sections:
@@ -601,15 +602,18 @@ def plan(args) -> list[tuple[str, dict[str, Any]]]:
     return todo
 
 
-def layer_variants(names: list[str]) -> list[tuple[dict[str, Any], bool]]:
-    """(model options, force the sparse path) of the ``layers`` section: each layer on the ``full`` graph (dense path
-    where it has one, and sparse), and on ``spatial`` edges with their features where it takes them."""
+def layer_variants(names: list[str], edges: tuple[str, ...] = ("full",)) -> list[tuple[dict[str, Any], bool]]:
+    """(model options, force the sparse path) of the ``layers`` section: each layer on the graphs of each edge spec in
+    ``edges`` (dense path where it has one, and sparse), and on ``spatial`` edges with their features where it takes
+    them."""
     variants = []
     for name in names:
         if not LAYERS.capability(name, "needs_edge_attr"):
-            if LAYERS.capability(name, "supports_dense"):
-                variants.append(({"img_gnn": name}, False))
-            variants.append(({"img_gnn": name}, True))
+            for spec in edges:
+                options = {"img_gnn": name} if spec == "full" else {"img_gnn": name, "img_edges": spec}
+                if LAYERS.capability(name, "supports_dense"):
+                    variants.append((options, False))
+                variants.append((options, True))
         if LAYERS.capability(name, "supports_edge_attr"):
             variants.append(({"img_gnn": name, "img_edges": "spatial", "img_edge_features": True}, True))
     return variants
@@ -714,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerank_presets", default="hsc")
     parser.add_argument("--layers", default="", help="comma-separated region-graph layer types of the layers section "
                                                      "(default: every registered one)")
+    parser.add_argument("--layer_edges", default="full",
+                        help="comma-separated region edge builders of the layers section, each trained by the dense "
+                             "and the sparse path (default: %(default)s; e.g. full,knn:8,spatial)")
     parser.add_argument("--bf16_sizes", default="100x500,200x1000",
                         help="images x captions of the bf16 section, comma-separated (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
@@ -742,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     args.presets = [p for p in args.presets.split(",") if p]
     args.rerank_presets = [p for p in args.rerank_presets.split(",") if p]
     args.layers = [name for name in args.layers.split(",") if name] or LAYERS.names()
+    args.layer_edges = tuple(spec for spec in args.layer_edges.split(",") if spec)
     args.bf16_sizes = [tuple(int(n) for n in size.split("x")) for size in args.bf16_sizes.split(",") if size]
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -9,8 +9,8 @@ from torch_geometric.data import Batch
 
 from hsc_pyg.data import graphs
 from hsc_pyg.data.graphs import (
-    EDGE_BUILDERS, PairBatch, caption_graph, collate_graphs, collate_pairs, complete_edges, image_graph, is_complete,
-    make_edges, parse_edge_spec, register_edge_builder,
+    EDGE_BUILDERS, PairBatch, caption_graph, collate_graphs, collate_pairs, complete_edges, dense_adjacency, edge_values,
+    image_graph, is_complete, is_looped, make_edges, parse_edge_spec, register_edge_builder,
 )
 from hsc_pyg.errors import ConfigError, DataError
 
@@ -102,6 +102,7 @@ def test_no_edges():
     assert edge_index.shape == (2, 0) and edge_index.dtype == torch.long and attr is None
     batch = collate_graphs([caption_graph([1, 4, 2], "none"), caption_graph([1, 2], "none")])
     assert batch.edge_index.shape == (2, 0) and batch.num_nodes == 5 and batch.complete is False
+    assert batch.looped is False   # no self-loops: the dense layers would add them
 
 
 def test_caption_batch_has_no_padding():
@@ -162,6 +163,37 @@ def test_collate_reads_completeness_from_the_edges():
     assert collate_graphs([caption_graph([1, 2]), caption_graph([1, 5, 2], "window:1")]).complete is False
     full = complete_edges(3)
     assert is_complete(full.clone(), 3) and not is_complete(full.flip(1), 3) and not is_complete(full, 4)
+    # the builders with self-loops take the dense path over their own adjacency; "none" does not
+    assert pb.images.looped is True and pb.captions.looped is True and g.looped is True
+    assert collate_graphs([caption_graph([1, 2]), caption_graph([1, 5, 2], "none")]).looped is False
+
+
+def test_is_looped_needs_one_self_loop_per_node_and_no_repeated_edge():
+    loops = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    assert is_looped(loops, 3) and is_looped(torch.cat([loops, torch.tensor([[0], [2]])], 1), 3)
+    assert not is_looped(loops[:, :2], 3)                                   # node 2 has no self-loop
+    assert not is_looped(torch.cat([loops, torch.tensor([[1], [1]])], 1), 3)  # two self-loops on node 1
+    assert not is_looped(torch.cat([loops, torch.tensor([[0, 0], [2, 2]])], 1), 3)  # the edge 0 -> 2 twice
+
+
+def test_dense_adjacency_and_edge_values_are_target_major_and_inverse():
+    # knn edges are directed: i receives from its nearest j, not always the other way round
+    g = torch.Generator().manual_seed(0)
+    batch = collate_graphs([image_graph(torch.randn(n, 4, generator=g), edges="knn:1") for n in (4, 3)])
+    adj = dense_adjacency(batch)
+    assert adj.shape == (2, 4, 4) and adj.dtype == torch.float32
+    source, target = batch.edge_index
+    for b, (lo, hi) in enumerate(zip(batch.ptr[:-1].tolist(), batch.ptr[1:].tolist())):
+        inside = (target >= lo) & (target < hi)
+        expected = torch.zeros(4, 4)
+        expected[target[inside] - lo, source[inside] - lo] = 1
+        torch.testing.assert_close(adj[b], expected)
+    assert not torch.equal(adj, adj.transpose(1, 2))   # the direction matters here
+    values = torch.arange(batch.edge_index.size(1), dtype=torch.float32) + 1
+    dense = torch.zeros(2, 4, 4)
+    graph = batch.batch[target]
+    dense[graph, target - batch.ptr[graph], source - batch.ptr[graph]] = values
+    assert torch.equal(edge_values(dense, batch), values)
 
 
 def test_register_a_new_edge_builder():

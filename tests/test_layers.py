@@ -1,4 +1,4 @@
-"""Relational layers: the dense complete-graph path equals plain message passing, every registered type trains, layer
+"""Relational layers: the dense path equals plain message passing (complete graphs and any graph with self-loops), every registered type trains, layer
 arguments are explicit, edge features reach the layers that declare them, completeness comes from the edges."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch_geometric.utils import to_dense_batch
 
 from hsc_pyg.config import Config, ModelConfig
-from hsc_pyg.data.graphs import PairBatch, caption_graph, collate_graphs, image_graph
+from hsc_pyg.data.graphs import PairBatch, caption_graph, collate_graphs, dense_adjacency, edge_values, image_graph
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn.encoders import RelationalStack
 from hsc_pyg.nn.layers import LAYERS, RelationalLayer, build_layer, register_layer
@@ -27,10 +27,20 @@ def grid_boxes(count: int, side: int = 3) -> torch.Tensor:
 
 
 DENSE = sorted(n for n in LAYERS if LAYERS.capability(n, "supports_dense") and n != "none")
+#: region edge builders with self-loops: the complete graph (implicit adjacency) and two that are not complete
+LOOPED_EDGES = ["full", "knn:2", "spatial"]
 
 
+def dense_inputs(batch, x):
+    """``(dense x, mask, adjacency or None for complete graphs)`` as the stack builds them."""
+    dense_x, mask = to_dense_batch(x, batch.batch)
+    adj = None if batch.complete else dense_adjacency(batch).to(x.dtype)
+    return dense_x, mask, adj
+
+
+@pytest.mark.parametrize("edges", LOOPED_EDGES)
 @pytest.mark.parametrize("name", DENSE)
-def test_dense_path_equals_message_passing(name):
+def test_dense_path_equals_message_passing(name, edges):
     torch.manual_seed(0)
     layer = build_layer(name, 12).double()
     if name.startswith("hsc"):  # the zero-initialised BatchNorm (and geometry map) would hide the aggregation
@@ -41,43 +51,46 @@ def test_dense_path_equals_message_passing(name):
         torch.nn.init.normal_(layer.geometry[2].weight)
     layer.eval()
     g = torch.Generator().manual_seed(0)
-    batch = collate_graphs([image_graph(torch.randn(n, 12, generator=g), grid_boxes(n)) for n in (5, 3, 7)])
+    batch = collate_graphs([image_graph(torch.randn(n, 12, generator=g), grid_boxes(n), edges) for n in (5, 3, 7)])
+    assert batch.looped and batch.complete == (edges == "full")
     x = batch.x.double()
     boxes = {"pos": batch.pos.double()} if layer.needs_pos else {}
     sparse, w_sparse = layer(x, batch.edge_index, batch.batch, return_weights=True, **boxes)
-    dense_x, mask = to_dense_batch(x, batch.batch)
+    dense_x, mask, adj = dense_inputs(batch, x)
     boxes = {"pos": to_dense_batch(batch.pos.double(), batch.batch)[0]} if layer.needs_pos else {}
-    dense, w_dense = layer.forward_dense(dense_x, mask, return_weights=True, **boxes)
+    dense, w_dense = layer.forward_dense(dense_x, mask, return_weights=True, adj=adj, **boxes)
     torch.testing.assert_close(dense[mask], sparse, atol=1e-12, rtol=0)
     assert (sparse - x).abs().max() > 0.1   # the layer did something
     if layer.has_edge_weights and layer.dense_weights:
-        pair = mask.unsqueeze(2) & mask.unsqueeze(1)
-        torch.testing.assert_close(w_dense[pair], w_sparse, atol=1e-12, rtol=0)
-        assert w_sparse.shape == (5 * 5 + 3 * 3 + 7 * 7,)
+        torch.testing.assert_close(edge_values(w_dense, batch), w_sparse, atol=1e-12, rtol=0)
+        assert w_sparse.shape == (batch.edge_index.size(1),)
+        # no weight where there is no edge, padding included
+        assert int((w_dense != 0).sum()) == int((w_sparse != 0).sum())
     else:
         assert w_dense is None
 
 
+@pytest.mark.parametrize("edges", ["full", "knn:2"])
 @pytest.mark.parametrize("name", DENSE)
-def test_dense_path_trains_as_message_passing(name):
-    """Training takes the dense path on complete graphs: in training mode, with graphs of different sizes (padding),
-    its gradients equal the sparse path's, for the parameters and the input, and none is NaN."""
+def test_dense_path_trains_as_message_passing(name, edges):
+    """Training takes the dense path on graphs with self-loops: in training mode, with graphs of different sizes
+    (padding), its gradients equal the sparse path's, for the parameters and the input, and none is NaN."""
     torch.manual_seed(0)
     layer = build_layer(name, 12).double().train()
     for p in layer.parameters():  # the zero-initialised ones (BatchNorm, geometry map) would hide a path
         if not p.detach().any():
             torch.nn.init.uniform_(p, -0.5, 0.5)
     g = torch.Generator().manual_seed(1)
-    batch = collate_graphs([image_graph(torch.randn(n, 12, generator=g), grid_boxes(n)) for n in (5, 3, 7)])
+    batch = collate_graphs([image_graph(torch.randn(n, 12, generator=g), grid_boxes(n), edges) for n in (5, 3, 7)])
     target = torch.randn(batch.num_nodes, 12, generator=g).double()
 
     def gradients(dense: bool):
         layer.zero_grad()
         x = batch.x.double().requires_grad_()
         if dense:
-            dense_x, mask = to_dense_batch(x, batch.batch)
+            dense_x, mask, adj = dense_inputs(batch, x)
             boxes = {"pos": to_dense_batch(batch.pos.double(), batch.batch)[0]} if layer.needs_pos else {}
-            out = layer.forward_dense(dense_x, mask, **boxes)[0][mask]
+            out = layer.forward_dense(dense_x, mask, adj=adj, **boxes)[0][mask]
         else:
             out = layer(x, batch.edge_index, batch.batch, **({"pos": batch.pos.double()} if layer.needs_pos else {}))[0]
         (out * target).sum().backward()
@@ -217,21 +230,24 @@ def test_edge_features_reach_the_layers_that_declare_them():
         LAYERS.unregister("edge_attr_probe")
 
 
-def test_knn_graphs_take_the_sparse_path_whatever_the_caller_calls_them():
-    # bug of the spec-based flag: knn graphs collated as "full" took the dense complete-graph path (states off by 0.23)
+def test_knn_graphs_take_the_dense_path_over_their_own_edges_whatever_the_caller_calls_them():
+    # bug of the spec-based flag: knn graphs collated as "full" took the complete graph's adjacency (states off by 0.23)
     torch.manual_seed(0)
     stack = RelationalStack("hsc", 8, 2).double().eval()
     for layer in stack.layers:   # non-zero BatchNorm so that the layers change the states
         torch.nn.init.ones_(layer.norm.weight)
     graphs = [image_graph(torch.randn(n, 8), edges="knn:2") for n in (5, 4)]
     batch = collate_graphs(graphs)
-    assert batch.complete is False
-    states, mask, _ = stack(batch.x.double(), batch)
-    x = batch.x.double()
+    assert batch.complete is False and batch.looped is True
+    states, mask, weights = stack(batch.x.double(), batch, return_weights=True)
+    x, reference_weights = batch.x.double(), []
     for layer in stack.layers:   # the plain message passing over the knn edges
-        x, _ = layer(x, batch.edge_index, batch.batch)
+        x, w = layer(x, batch.edge_index, batch.batch, return_weights=True)
+        reference_weights.append(w)
     dense_reference, _ = to_dense_batch(x, batch.batch)
-    torch.testing.assert_close(states[-1], dense_reference)
+    torch.testing.assert_close(states[-1], dense_reference, atol=1e-12, rtol=0)
+    for w, reference in zip(weights, reference_weights):   # per edge, in the batch's edge order
+        torch.testing.assert_close(w, reference, atol=1e-12, rtol=0)
     complete = collate_graphs([image_graph(g.x, edges="full") for g in graphs])
     assert complete.complete is True
     assert (stack(complete.x.double(), complete)[0][-1] - states[-1]).abs().max() > 1e-3

@@ -26,8 +26,10 @@ passes to the layer's constructor as ``edge_dim``. Word graphs get their relatio
 the builder: :func:`word_relations` (``[E, 2]``: ``(j - i) / L`` and ``clip(j - i, -4, 4) / 4`` for the edge from
 word j to word i of a caption of L words), computed by the word-graph encoder from the batch (no data to carry).
 
-Whether a graph is complete (which lets the layers use their dense path) is read from its edges by
-:func:`collate_graphs`, never from the spec.
+Whether the layers may take their dense path is read from the edges by :func:`collate_graphs`, never from the spec:
+on complete graphs the adjacency is implicit; on other graphs whose every node has one self-loop and no edge repeats
+(``knn``, ``spatial``, ``window``) it is :func:`dense_adjacency`, and :func:`edge_values` reads per-edge weights back
+from the dense ``[B, N, N]`` layout.
 
 Edge tensors of ``full``, ``window:K`` and ``none`` depend only on the node count: they are built once per count and
 cached, so many ``Data`` objects share one tensor. Do not modify an ``edge_index`` in place.
@@ -42,6 +44,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 from torch_geometric.data import Batch, Data
+from torch_geometric.utils import to_dense_adj
 
 from ..errors import ConfigError, DataError
 from ..registry import Registry
@@ -280,17 +283,46 @@ def is_complete(edge_index: Tensor, num_nodes: int) -> bool:
     return edge_index is full or torch.equal(edge_index.cpu(), full)
 
 
+def is_looped(edge_index: Tensor, num_nodes: int) -> bool:
+    """Whether every node has exactly one self-loop and no edge repeats: the graphs on which a layer's dense path
+    over :func:`dense_adjacency` equals its message passing (PyG's dense layers add the self-loop these already
+    have, and a repeated edge would count once in the dense adjacency's softmax but twice in the sparse one's)."""
+    source, target = edge_index
+    if int((source == target).sum()) != num_nodes:
+        return False
+    key = target * num_nodes + source
+    return key.unique().numel() == key.numel()
+
+
+def dense_adjacency(batch: Batch) -> Tensor:
+    """``[B, N, N]`` float32 adjacency of a collated batch, target-major: ``adj[b, i, j] = 1`` for the edge ``j -> i``
+    of graph b (``N = batch.max_nodes``; padding rows and columns zero)."""
+    return to_dense_adj(batch.edge_index.flip(0), batch.batch, max_num_nodes=batch.max_nodes,
+                        batch_size=batch.num_graphs)
+
+
+def edge_values(dense: Tensor, batch: Batch) -> Tensor:
+    """Per-edge values ``[E]`` (in ``batch.edge_index``'s order) from a target-major ``[B, N, N]`` layout."""
+    source, target = batch.edge_index
+    graph = batch.batch[target]
+    offset = batch.ptr[graph]
+    return dense[graph, target - offset, source - offset]
+
+
 def collate_graphs(data_list: Sequence[Data]) -> Batch:
-    """``Batch.from_data_list`` plus two plain attributes for the dense paths of the layers.
+    """``Batch.from_data_list`` plus three plain attributes for the dense paths of the layers.
 
     ``batch.max_nodes`` (int): nodes of the largest graph, the ``max_num_nodes`` of ``to_dense_batch``;
     ``batch.complete`` (bool): every graph's edges are the complete graph with self-loops (read from the edges, see
-    :func:`is_complete`), so layers may use batched matmul. Edge features (``edge_attr``, e.g. of ``spatial``) are
-    batched with the edges. Both attributes survive ``batch.to(device)``, ``clone()`` and pickling (DataLoader workers).
+    :func:`is_complete`), so layers may use batched matmul with an implicit all-ones adjacency;
+    ``batch.looped`` (bool): complete, or every node has one self-loop and no edge repeats (:func:`is_looped`), so
+    layers may use batched matmul over :func:`dense_adjacency`. Edge features (``edge_attr``, e.g. of ``spatial``) are
+    batched with the edges. The attributes survive ``batch.to(device)``, ``clone()`` and pickling (DataLoader workers).
     """
     batch = Batch.from_data_list(list(data_list))
     batch.max_nodes = max((int(d.num_nodes) for d in data_list), default=0)
     batch.complete = all(is_complete(d.edge_index, int(d.num_nodes)) for d in data_list)
+    batch.looped = batch.complete or is_looped(batch.edge_index, int(batch.num_nodes))
     return batch
 
 

@@ -3,9 +3,9 @@
 Both take a PyG ``Batch`` (from :func:`hsc_pyg.data.graphs.collate_graphs`) and return dense padded node states
 ``[num_graphs, max_nodes, d]`` with a mask, for the per-pair similarity part. They keep the states of the three levels
 of the paper: ``object`` (the input of the relational stack), ``relational`` (after its first layer) and ``higher``
-(after its last layer). On complete graphs (``batch.complete``, read from the edges by ``collate_graphs``) layers with
-a dense path run as batched matrix products; otherwise, or with edge features, as sparse message passing over
-``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
+(after its last layer). Layers with a dense path run as batched matrix products on graphs whose every node has a
+self-loop (``batch.looped``, read from the edges by ``collate_graphs``: complete graphs, ``knn``, ``spatial``,
+``window``); otherwise, or with edge features, as sparse message passing over ``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
 (from the edge builder), the word graphs' :func:`~hsc_pyg.data.graphs.word_relations`; region boxes (``batch.pos``)
 go to the layers that declare ``needs_pos``.
 """
@@ -21,7 +21,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.utils import to_dense_batch
 
 from ..config import LEVELS
-from ..data.graphs import word_relations
+from ..data.graphs import dense_adjacency, edge_values, word_relations
 from ..errors import DataError
 from .functional import l2norm
 from .layers import build_layer, xavier_linear
@@ -47,7 +47,7 @@ def level_index(level: str, num_layers: int) -> int:
 
 
 class RelationalStack(nn.Module):
-    """``num_layers`` layers of one registered type, run densely on complete graphs and sparsely otherwise.
+    """``num_layers`` layers of one registered type, run densely on graphs with self-loops and sparsely otherwise.
 
     ``layer_args``: keyword arguments of every layer (ConfigError for one the layer cannot take).
     """
@@ -90,15 +90,15 @@ class RelationalStack(nn.Module):
         # edge weights asked of a layer whose dense path computes none: the sparse path gives them
         weights_need_sparse = return_weights and any(layer.has_edge_weights and not layer.dense_weights
                                                      for layer in self.layers)
-        if getattr(batch, "complete", False) and self.dense_capable and not extra and not weights_need_sparse:
-            pair_mask = mask.unsqueeze(2) & mask.unsqueeze(1)
+        if getattr(batch, "looped", False) and self.dense_capable and not extra and not weights_need_sparse:
+            # complete graphs: the layers build the all-ones adjacency from the mask
+            adj = None if batch.complete else dense_adjacency(batch).to(x.dtype)
             if pos is not None:
                 pos = to_dense_batch(pos, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0]
             for layer in self.layers:
-                dense, w = layer.forward_dense(dense, mask, return_weights, **_boxes(layer, pos))
+                dense, w = layer.forward_dense(dense, mask, return_weights, adj=adj, **_boxes(layer, pos))
                 states.append(dense)
-                # (b, i, j) row-major order = the `full` builder's edge order (target-major)
-                weights.append(w[pair_mask] if w is not None else None)
+                weights.append(edge_values(w, batch) if w is not None else None)
         else:
             for layer in self.layers:
                 features = extra if layer.edge_dim is not None else {}

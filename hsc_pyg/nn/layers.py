@@ -6,8 +6,8 @@ return the learned weight of each edge (affinity or attention) for visualisation
 ``img_layer_*`` / ``txt_layer_*`` give its keyword arguments, which must be ones its constructor takes.
 
 Each class declares what it can do, as PyG's convolutions do: ``has_edge_weights`` (returns learned per-edge weights),
-``supports_dense`` (a batched-matmul path for complete graphs, with the same weights as the sparse path: a model trained
-on one is evaluated with the other), ``dense_weights`` (that path also returns the edge weights),
+``supports_dense`` (a batched-matmul path for graphs whose every node has a self-loop, with the same weights as the
+sparse path: a model trained on one is evaluated with the other), ``dense_weights`` (that path also returns the edge weights),
 ``supports_edge_attr`` (its constructor takes ``edge_dim`` and its ``forward`` then takes ``edge_attr [E, edge_dim]``,
 e.g. the ``spatial`` builder's relative geometry; the config passes ``edge_dim`` from the edge builder when
 ``img_edge_features`` / ``txt_edge_features`` is set, and the encoders pass ``edge_attr`` only to layers built with
@@ -17,13 +17,15 @@ boxes ``pos [num_nodes, 4]``; region graphs with boxes only).
 Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the source ``j``, ``edge_index[1]`` the target
 ``i``; a message travels ``j -> i``.
 
-*Dense* paths: on complete graphs (the ``full`` edge builder, self-loops included) the sum over all sources is a
-batched matrix product, which never materialises the ``[E, d]`` message tensor. HSC's own layers (MODEL.md §3) and
+*Dense* paths: on graphs of at most a few dozen nodes the sum over the sources is a batched matrix product over the
+``[B, N, N]`` adjacency (target-major, ``adj[b, i, j] = 1`` for the edge ``j -> i``), which never materialises the
+``[E, d]`` message tensor. The stack takes it on complete graphs (the ``full`` builder; the adjacency is then the
+all-ones block of each graph) and on any other graph whose every node has one self-loop and no edge repeats
+(``knn``, ``spatial``, ``window``; :func:`~hsc_pyg.data.graphs.dense_adjacency`). HSC's own layers (MODEL.md §3) and
 ``hsc_geo`` compute it themselves; ``gcn``, ``gat``, ``sage``, ``graphconv`` and ``gin`` run PyG's dense convolutions
-(``torch_geometric.nn.dense``) on their sparse convolution's own parameters, with the all-ones adjacency of each graph
-(its self-loops are the ``full`` graph's, so the dense layers' ``add_loop`` changes nothing: it sets the diagonal to 1
-in ``DenseGCNConv`` / ``DenseGATConv``, and adds the ``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv``
-adds too); ``gatv2`` and ``transformer``, which PyG has no dense version of, run :class:`DenseGATv2` and
+(``torch_geometric.nn.dense``) on their sparse convolution's own parameters (the graphs' own self-loops make the dense
+layers' ``add_loop`` change nothing: it sets the diagonal to 1 in ``DenseGCNConv`` / ``DenseGATConv``, and adds the
+``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv`` adds too); ``gatv2`` and ``transformer``, which PyG has no dense version of, run :class:`DenseGATv2` and
 :class:`DenseTransformer`, written here the same way. ``gine`` has no dense path; edge features always take the
 sparse path (no dense PyG layer takes them). ``tests/test_layers.py`` checks that every dense path gives the plain
 message passing's states and gradients.
@@ -81,11 +83,16 @@ def _head_split(channels: int, heads: int, name: str) -> int:
     return channels // heads
 
 
+def adjacency(mask: Tensor, adj: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``adj`` in ``dtype``, or for None the complete graphs' ``[B, N, N]`` adjacency: every real node pair."""
+    return (mask.unsqueeze(2) & mask.unsqueeze(1)).to(dtype) if adj is None else adj.to(dtype)
+
+
 class RelationalLayer(MessagePassing):
     """Base class: a residual relational layer on node states of a fixed width.
 
     Subclasses declare ``has_edge_weights`` (whether :meth:`forward` can return learned per-edge weights),
-    ``supports_dense`` (whether :meth:`forward_dense` exists for complete graphs) and ``supports_edge_attr`` (whether
+    ``supports_dense`` (whether :meth:`forward_dense` exists) and ``supports_edge_attr`` (whether
     :meth:`forward` takes ``edge_attr``). Constructors take ``channels`` and explicit keyword arguments only.
     """
 
@@ -105,11 +112,13 @@ class RelationalLayer(MessagePassing):
         also take ``edge_attr [E, edge_dim]``, layers that declare ``needs_pos`` take ``pos [num_nodes, 4]``."""
         raise NotImplementedError
 
-    def forward_dense(self, x: Tensor, mask: Tensor, return_weights: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Complete-graph form: ``x [B, N, C]``, ``mask [B, N]`` -> ``(x' [B, N, C], weights [B, N, N] or None)``;
-        layers that declare ``needs_pos`` also take ``pos [B, N, 4]``.
+    def forward_dense(self, x: Tensor, mask: Tensor, return_weights: bool = False,
+                      adj: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Dense form: ``x [B, N, C]``, ``mask [B, N]``, ``adj [B, N, N]`` (``adj[b, i, j] = 1`` for the edge ``j ->
+        i``; None: each graph complete) -> ``(x' [B, N, C], weights [B, N, N] or None)``; layers that declare
+        ``needs_pos`` also take ``pos [B, N, 4]``.
 
-        ``weights[b, i, j]`` is the weight of the edge ``j -> i``; padded rows and columns are zero.
+        ``weights[b, i, j]`` is the weight of the edge ``j -> i``, zero where there is no edge.
         """
         raise NotImplementedError(f"layer {self.registry_name!r} has no dense path")
 
@@ -127,7 +136,7 @@ class IdentityLayer(RelationalLayer):
     def forward(self, x, edge_index, batch=None, return_weights=False):
         return x, None
 
-    def forward_dense(self, x, mask, return_weights=False):
+    def forward_dense(self, x, mask, return_weights=False, adj=None):
         return x, None
 
 
@@ -193,15 +202,15 @@ class HSCRegionBlock(RelationalLayer):
         out = x + self.norm(self.update_proj(y))
         return out, (weight if return_weights else None)
 
-    def forward_dense(self, x, mask, return_weights=False):
+    def forward_dense(self, x, mask, return_weights=False, adj=None):
         a, p, g = self._heads(x)
-        return self._aggregate_dense(x, mask, a @ p.transpose(1, 2), g, return_weights)
+        return self._aggregate_dense(x, mask, adj, a @ p.transpose(1, 2), g, return_weights)
 
-    def _aggregate_dense(self, x: Tensor, mask: Tensor, affinity: Tensor, g: Tensor,
+    def _aggregate_dense(self, x: Tensor, mask: Tensor, adj: Tensor | None, affinity: Tensor, g: Tensor,
                          return_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """:meth:`_aggregate` on a complete graph from the unscaled affinity ``[B, N(target), N(source)]``."""
+        """:meth:`_aggregate` from the unscaled affinity ``[B, N(target), N(source)]``."""
         size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)          # [B, 1, 1]
-        weight = affinity / size * mask.unsqueeze(1)                         # [B, N(target), N(source)]
+        weight = affinity / size * adjacency(mask, adj, x.dtype)             # [B, N(target), N(source)]
         y = weight @ g
         if bool(mask.all()):     # no padding (images): the BatchNorm's rows are all the nodes, no gather / scatter
             upd = self.norm(self.update_proj(y.flatten(0, 1))).view_as(x)
@@ -223,8 +232,8 @@ class HSCGeometryBlock(HSCRegionBlock):
     with everything as in ``hsc`` and :math:`\gamma_{ij}` the log-ratio geometry of box j relative to box i
     (:func:`~hsc_pyg.data.graphs.box_geometry`: ``log(|dx| / w_i)``, ``log(|dy| / h_i)``, ``log(w_j / w_i)``,
     ``log(h_j / h_i)``). ``w_2`` and ``b_2`` start at zero, so the block starts as ``hsc`` (and, with its zero
-    BatchNorm, as the identity). Needs the region boxes (``{split}_boxes.npy``); any edge builder; dense path on
-    complete graphs.
+    BatchNorm, as the identity). Needs the region boxes (``{split}_boxes.npy``); any edge builder; dense path as
+    ``hsc``.
 
     Args:
         channels (int): node state size ``d``.
@@ -266,11 +275,11 @@ class HSCGeometryBlock(HSCRegionBlock):
     def edge_update(self, a_i: Tensor, p_j: Tensor, box_i: Tensor, box_j: Tensor, count_i: Tensor) -> Tensor:
         return ((a_i * p_j).sum(-1) + self.geometry_bias(box_i, box_j)) / count_i.squeeze(-1)
 
-    def forward_dense(self, x, mask, return_weights=False, pos=None):
+    def forward_dense(self, x, mask, return_weights=False, adj=None, pos=None):
         a, p, g = self._heads(x)
         box = self._boxes(pos, x)
         affinity = a @ p.transpose(1, 2) + self.geometry_bias(box.unsqueeze(2), box.unsqueeze(1))
-        return self._aggregate_dense(x, mask, affinity, g, return_weights)
+        return self._aggregate_dense(x, mask, adj, affinity, g, return_weights)
 
 
 def check_boxes(layer: str, has_boxes: bool) -> None:
@@ -327,10 +336,10 @@ class HSCWordBlock(RelationalLayer):
     def message(self, v_j: Tensor, weight: Tensor) -> Tensor:
         return weight.unsqueeze(-1) * v_j
 
-    def forward_dense(self, x, mask, return_weights=False):
+    def forward_dense(self, x, mask, return_weights=False, adj=None):
         q, k, v = (self._project(lin, x) for lin in (self.query, self.key, self.value))
         size = mask.sum(-1, keepdim=True).unsqueeze(-1).to(x.dtype)
-        weight = (q @ k.transpose(1, 2)) / size * mask.unsqueeze(1)
+        weight = (q @ k.transpose(1, 2)) / size * adjacency(mask, adj, x.dtype)
         out = x + (weight @ v) * mask.unsqueeze(-1)
         return out, (weight if return_weights else None)
 
@@ -341,7 +350,7 @@ class PyGConvLayer(RelationalLayer):
     Subclasses only build their convolution in ``__init__`` (with their own explicit arguments) and say whether it
     returns attention weights, the way PyG's ``BasicGNN`` subclasses only override ``init_conv``. A subclass with a
     PyG dense version names it in ``dense_class``: its ``forward`` runs on this layer's convolution (the same
-    parameters, read under the same attribute names) with the all-ones adjacency of each complete graph.
+    parameters, read under the same attribute names) with the graphs' dense adjacency.
     """
 
     has_edge_weights = False
@@ -368,9 +377,8 @@ class PyGConvLayer(RelationalLayer):
         """The object ``dense_class.forward`` runs on: the convolution itself (same attribute names)."""
         return self.conv
 
-    def forward_dense(self, x, mask, return_weights=False):
-        adj = (mask.unsqueeze(2) & mask.unsqueeze(1)).to(x.dtype)   # each graph complete, self-loops included
-        return x + self.dense_class.forward(self.dense_conv(), x, adj, mask), None
+    def forward_dense(self, x, mask, return_weights=False, adj=None):
+        return x + self.dense_class.forward(self.dense_conv(), x, adjacency(mask, adj, x.dtype), mask), None
 
 
 @register_layer("gcn")
