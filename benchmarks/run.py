@@ -259,7 +259,7 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("sparse"):
         pairs.images.complete = pairs.images.looped = False   # the same graphs, by sparse message passing
     stack = model.image_encoder.stack
-    dense = bool(pairs.images.looped and stack.dense_capable and not stack.uses_edge_attr)
+    dense = stack.takes_dense_path(pairs.images)
     dev = torch.device(device)
     out: dict[str, Any] = {"preset": spec["preset"], "batch_size": batch, "amp": amp, "model": options,
                            "region_path": "dense" if dense else "sparse",

@@ -258,3 +258,24 @@ def test_similarity_matrix_takes_the_boxes_of_models_that_read_them():
     assert scores.shape == (2, 2) and torch.isfinite(scores).all()
     with pytest.raises(DataError, match=r"^img_gnn='hsc_geo' needs region boxes"):
         model.similarity_matrix(images, [[1, 5, 2]])
+
+
+def test_gatv2_takes_the_dense_path_only_where_the_padded_layout_has_no_more_pairs_than_edges():
+    # its dense path builds [B, heads, N, N, C]: slower than the edges' messages on knn / spatial / padded graphs
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    images = collate_graphs([image_graph(torch.randn(4, 8, generator=g)) for _ in range(3)])    # complete, one size
+    knn = collate_graphs([image_graph(torch.randn(4, 8, generator=g), edges="knn:1") for _ in range(3)])
+    words = collate_graphs([caption_graph([1, 5, 2]), caption_graph([1, 5, 6, 7, 2])])            # complete, padded
+    stack = RelationalStack("gatv2", 8, 2).double().eval()
+    assert [stack.takes_dense_path(b) for b in (images, knn, words)] == [True, False, False]
+    gat = RelationalStack("gat", 8, 2)
+    assert [gat.takes_dense_path(b) for b in (images, knn, words)] == [True, True, True]
+    assert not gat.takes_dense_path(images, return_weights=True)   # its dense path returns no attention
+    for batch in (images, knn, words):
+        x = torch.randn(batch.num_nodes, 8, generator=g, dtype=torch.float64)
+        states, mask, _ = stack(x, batch)
+        expected = x
+        for layer in stack.layers:
+            expected, _ = layer(expected, batch.edge_index, batch.batch)
+        torch.testing.assert_close(states[-1][mask], expected, atol=1e-12, rtol=0)

@@ -5,7 +5,9 @@ Both take a PyG ``Batch`` (from :func:`hsc_pyg.data.graphs.collate_graphs`) and 
 of the paper: ``object`` (the input of the relational stack), ``relational`` (after its first layer) and ``higher``
 (after its last layer). Layers with a dense path run as batched matrix products on graphs whose every node has a
 self-loop (``batch.looped``, read from the edges by ``collate_graphs``: complete graphs, ``knn``, ``spatial``,
-``window``); otherwise, or with edge features, as sparse message passing over ``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
+``window``), except that a layer whose dense path builds a vector per node pair (``dense_pair_vectors``: ``gatv2``)
+takes it only where the padded ``[B, N, N]`` layout has no more pairs than the batch has edges (complete graphs of
+one size, as images are); otherwise, or with edge features, as sparse message passing over ``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
 (from the edge builder), the word graphs' :func:`~hsc_pyg.data.graphs.word_relations`; region boxes (``batch.pos``)
 go to the layers that declare ``needs_pos``.
 """
@@ -64,6 +66,17 @@ class RelationalStack(nn.Module):
     def uses_edge_attr(self) -> bool:
         return any(layer.edge_dim is not None for layer in self.layers)
 
+    def takes_dense_path(self, batch, return_weights: bool = False) -> bool:
+        """Whether :meth:`forward` runs the layers' dense paths on ``batch`` (see the module docstring)."""
+        if not (getattr(batch, "looped", False) and self.dense_capable and not self.uses_edge_attr):
+            return False
+        # edge weights asked of a layer whose dense path computes none: the sparse path gives them
+        if return_weights and any(layer.has_edge_weights and not layer.dense_weights for layer in self.layers):
+            return False
+        if any(layer.dense_pair_vectors for layer in self.layers):
+            return batch.num_graphs * batch.max_nodes ** 2 <= batch.edge_index.size(1)
+        return True
+
     def forward(self, x: Tensor, batch, return_weights: bool = False,
                 edge_attr: Tensor | None = None) -> tuple[list[Tensor], Tensor, list]:
         """``x [num_nodes, C]`` -> (dense states of every depth ``[B, N, C]``, mask ``[B, N]``, weights per layer).
@@ -87,10 +100,7 @@ class RelationalStack(nn.Module):
                                 "edge builder that has features (img_edges=spatial) or set img_edge_features=false")
             extra["edge_attr"] = edge_attr.to(x.dtype)
         pos = getattr(batch, "pos", None) if any(layer.needs_pos for layer in self.layers) else None
-        # edge weights asked of a layer whose dense path computes none: the sparse path gives them
-        weights_need_sparse = return_weights and any(layer.has_edge_weights and not layer.dense_weights
-                                                     for layer in self.layers)
-        if getattr(batch, "looped", False) and self.dense_capable and not extra and not weights_need_sparse:
+        if self.takes_dense_path(batch, return_weights):
             # complete graphs: the layers build the all-ones adjacency from the mask
             adj = None if batch.complete else dense_adjacency(batch).to(x.dtype)
             if pos is not None:

@@ -7,9 +7,11 @@ return the learned weight of each edge (affinity or attention) for visualisation
 
 Each class declares what it can do, as PyG's convolutions do: ``has_edge_weights`` (returns learned per-edge weights),
 ``supports_dense`` (a batched-matmul path for graphs whose every node has a self-loop, with the same weights as the
-sparse path: a model trained on one is evaluated with the other), ``dense_weights`` (that path also returns the edge weights),
-``supports_edge_attr`` (its constructor takes ``edge_dim`` and its ``forward`` then takes ``edge_attr [E, edge_dim]``,
-e.g. the ``spatial`` builder's relative geometry; the config passes ``edge_dim`` from the edge builder when
+sparse path: a model trained on one is evaluated with the other), ``dense_weights`` (that path also returns the edge
+weights), ``dense_pair_vectors`` (that path builds a vector per node pair, so it pays only where the padded layout has
+no more pairs than the graphs have edges), ``supports_edge_attr`` (its constructor takes ``edge_dim`` and its
+``forward`` then takes ``edge_attr [E, edge_dim]``, e.g. the ``spatial`` builder's relative geometry; the config
+passes ``edge_dim`` from the edge builder when
 ``img_edge_features`` / ``txt_edge_features`` is set, and the encoders pass ``edge_attr`` only to layers built with
 it), ``needs_edge_attr`` (it cannot run without edge features) and ``needs_pos`` (its ``forward`` takes the region
 boxes ``pos [num_nodes, 4]``; region graphs with boxes only).
@@ -25,10 +27,12 @@ all-ones block of each graph) and on any other graph whose every node has one se
 ``hsc_geo`` compute it themselves; ``gcn``, ``gat``, ``sage``, ``graphconv`` and ``gin`` run PyG's dense convolutions
 (``torch_geometric.nn.dense``) on their sparse convolution's own parameters (the graphs' own self-loops make the dense
 layers' ``add_loop`` change nothing: it sets the diagonal to 1 in ``DenseGCNConv`` / ``DenseGATConv``, and adds the
-``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv`` adds too); ``gatv2`` and ``transformer``, which PyG has no dense version of, run :class:`DenseGATv2` and
-:class:`DenseTransformer`, written here the same way. ``gine`` has no dense path; edge features always take the
-sparse path (no dense PyG layer takes them). ``tests/test_layers.py`` checks that every dense path gives the plain
-message passing's states and gradients.
+``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv`` adds too); ``gatv2`` and ``transformer``, which PyG
+has no dense version of, run :class:`DenseGATv2` and :class:`DenseTransformer`, written here the same way. ``gine``
+has no dense path, and edge features always take the sparse path: a dense path with them builds a vector for every
+node pair (``[B, N, N, C]``), which measured 2-6x slower than message passing over the edges on ``spatial`` region
+graphs and on padded word graphs (README, layer types). ``tests/test_layers.py`` checks that every dense path gives
+the plain message passing's states and gradients.
 """
 from __future__ import annotations
 
@@ -100,6 +104,7 @@ class RelationalLayer(MessagePassing):
     has_edge_weights = True
     supports_dense = False
     dense_weights = True
+    dense_pair_vectors = False
     supports_edge_attr = False
     needs_edge_attr = False
     needs_pos = False
@@ -473,12 +478,14 @@ class DenseTransformer:
 @register_layer("gatv2")
 class GATv2Layer(AttentionConvLayer):
     """``GATv2Conv`` (no added self-loops: the edge builders decide them); dense: :class:`DenseGATv2` (without edge
-    features; asking for the attention takes the sparse path)."""
+    features; asking for the attention takes the sparse path; on graphs that are not complete, or padded, the sparse path,
+which is faster there)."""
 
     conv_class = GATv2Conv
     conv_options = {"add_self_loops": False}
     supports_dense = True
     dense_weights = False
+    dense_pair_vectors = True     # its [B, heads, N, N, C] pre-activations
     dense_class = DenseGATv2
 
 
