@@ -123,6 +123,10 @@ def print_report(report: dict[str, Any]) -> None:
         print(format_table(rerank["metrics"], title=f"{title} -- re-ranked top {rerank['k']} of the first stage "
                                                     f"({rerank['exact_pairs']:,} pair scores, "
                                                     f"{100 * rerank['fraction']:.2f}% of exact)"))
+        if "shared_metrics" in rerank:
+            print()
+            print(format_table(rerank["shared_metrics"], title=f"{title} -- the same {rerank['exact_pairs']:,} pair "
+                                                               "scores, each used in both directions"))
     seconds = report.get("seconds")
     if seconds:
         rate = (f"; {len(report['models']) * exact_pairs / seconds['score']:,.0f} exact pairs/s"

@@ -192,6 +192,15 @@ def test_rerank_ranks_match_a_per_query_reference(k):
     want_t2i = [reference_rerank_rank(cosine[:, j], exact[:, j], k, [j // per]) for j in range(per * n)]
     assert i2t_ranks(result.i2t, per)[0].tolist() == want_i2t
     assert t2i_ranks(result.t2i, per).tolist() == want_t2i
+    # shared: every pair of the union at its exact score in both directions, the rest below in cosine order
+    shared = result.shared()
+    np.testing.assert_array_equal(shared[union], exact[union])
+    for i in range(n):
+        scored, rest = np.flatnonzero(union[i]), np.flatnonzero(~union[i])
+        assert scored.size >= k and shared[i, rest].max() < shared[i, scored].min()
+        assert np.all(np.diff(shared[i, rest[np.argsort(-cosine[i, rest])]]) <= 0)
+    assert union.sum(1).mean() > k   # the captions' shortlists add candidates to the images' rankings
+    assert result.shared_metrics(per) == recall_metrics(shared, per)
 
 
 def test_rerank_keeps_exact_scores_above_and_cosine_order_below():
@@ -215,7 +224,8 @@ def test_rerank_with_k_at_least_the_number_of_items_is_exact():
     assert result.num_exact_pairs == 180
     np.testing.assert_array_equal(result.i2t, exact)
     np.testing.assert_array_equal(result.t2i, exact)
-    assert result.metrics() == recall_metrics(exact)
+    np.testing.assert_array_equal(result.shared(), exact)
+    assert result.metrics() == recall_metrics(exact) == result.shared_metrics()
 
 
 def test_rerank_needs_a_positive_k():

@@ -228,7 +228,8 @@ def _run_record(run: Run, config: Config, report: dict[str, Any], timing: dict[s
     }
     if "first_stage_metrics" in report:
         record["first_stage_rsum"] = report["first_stage_metrics"]["rsum"]
-        record["rerank"] = [{"k": r["k"], "rsum": r["metrics"]["rsum"], "fraction": r["fraction"]}
+        record["rerank"] = [{"k": r["k"], "rsum": r["metrics"]["rsum"], "fraction": r["fraction"],
+                             **({"shared_rsum": r["shared_metrics"]["rsum"]} if "shared_metrics" in r else {})}
                             for r in report["rerank"]]
     return record
 

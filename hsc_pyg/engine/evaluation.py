@@ -322,7 +322,11 @@ class Reranked:
     In ``i2t`` each image's top ``k`` captions by first-stage score hold their exact score; in ``t2i`` each caption's
     top ``k`` images do. Every other entry is its first-stage score shifted below the lowest exact score, so the rest of
     a ranking (below the shortlist) follows the first stage's order. ``num_exact_pairs``: the distinct pairs scored
-    exactly (the union of both directions' top K); ``first_stage``: the first-stage matrix itself.
+    exactly (the union of both directions' top K); ``first_stage``: the first-stage matrix itself; ``pairs``: those
+    pairs' rows, columns and exact scores, and ``shift``: what the entries without an exact score are lowered by.
+
+    :meth:`shared` is the same pairs used in both directions: an image's ranking then also holds the exact scores of
+    the captions that have the image in their own top ``k`` (and the other way round), at no extra exact score.
     """
 
     i2t: np.ndarray
@@ -330,9 +334,23 @@ class Reranked:
     num_exact_pairs: int
     k: int
     first_stage: np.ndarray
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]
+    shift: np.float32
 
     def metrics(self, per_image: int = 5) -> dict[str, float]:
         return recall_metrics(self.i2t, per_image, sims_t2i=self.t2i)
+
+    def shared(self) -> np.ndarray:
+        """``[N, M]``: every exactly scored pair (either direction's shortlist) at its exact score, in both
+        directions; the other entries as in :attr:`i2t` / :attr:`t2i`."""
+        rows, cols, values = self.pairs
+        out = np.subtract(self.first_stage, self.shift, dtype=np.float32)
+        out[rows, cols] = values
+        return out
+
+    def shared_metrics(self, per_image: int = 5) -> dict[str, float]:
+        """The recalls of :meth:`shared`: the same exact scores, each ranked in both directions."""
+        return recall_metrics(self.shared(), per_image)
 
     def first_stage_metrics(self, per_image: int = 5) -> dict[str, float]:
         """The recalls of the first stage alone (no exact score)."""
@@ -370,7 +388,7 @@ def rerank_scores(cosine: np.ndarray, k: int, exact: Callable[[np.ndarray, np.nd
     t2i = i2t.copy()
     i2t[rows[in_i2t], cols[in_i2t]] = values[in_i2t]
     t2i[rows[in_t2i], cols[in_t2i]] = values[in_t2i]
-    return Reranked(i2t, t2i, int(len(rows)), k, cosine)
+    return Reranked(i2t, t2i, int(len(rows)), k, cosine, (rows, cols, values), shift)
 
 
 # --------------------------------------------------------------------------- reduced precision, float32 ranking

@@ -247,8 +247,10 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
         for i, k in enumerate(p.rerank_k):
             reranked = [block[i] for block in by_block]
             per_block = [r.metrics(per_image) for r in reranked]
+            shared = [r.shared_metrics(per_image) for r in reranked]
             rerank_pairs = sum(r.num_exact_pairs for r in reranked)
             report["rerank"].append({"k": k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
+                                     "shared_metrics": average_metrics(shared) if p.fold5 else shared[0],
                                      "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs})
         first = [block[0].first_stage_metrics(per_image) for block in by_block]
         report["first_stage_metrics"] = average_metrics(first) if p.fold5 else first[0]
