@@ -123,8 +123,13 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert [(r["name"], r["seed"]) for r in study["runs"]] == [("hsc", 0)]
     run = study["runs"][0]
     assert run["config"] == {} and run["parameters"] > 0 and len(run["rerank"]) == 1
-    assert run["test_rsum"] == json.loads(Path("runs/hsc/seed0/eval.json").read_text())["metrics"]["rsum"]
-    assert Path("study/ablation.md").read_text().startswith("| configuration |")
+    evaluation = json.loads(Path("runs/hsc/seed0/eval.json").read_text())
+    assert run["test_rsum"] == evaluation["metrics"]["rsum"]
+    assert run["rerank"][0]["shared_rsum"] == evaluation["rerank"][0]["shared_metrics"]["rsum"]
+    table = Path("study/ablation.md").read_text()
+    assert table.startswith("| configuration |") and "| K = 3 (own / shared) |" in table
+    own, shared = run["rerank"][0]["rsum"], run["rerank"][0]["shared_rsum"]
+    assert f"| {own:.1f} / {shared:.1f} |" in table
     assert Path("study/ablation.png").read_bytes()[:4] == b"\x89PNG"
     finished = Path("runs/hsc/seed0/run.json").stat().st_mtime_ns
 

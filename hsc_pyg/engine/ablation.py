@@ -311,6 +311,9 @@ def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["first_stage_rsum_mean"] = _mean_std([r["first_stage_rsum"] for r in done])[0]
             for i, entry in enumerate(done[0]["rerank"]):
                 row[f"rerank_k{entry['k']}_rsum_mean"] = _mean_std([r["rerank"][i]["rsum"] for r in done])[0]
+                if all("shared_rsum" in r["rerank"][i] for r in done):
+                    row[f"rerank_k{entry['k']}_shared_rsum_mean"] = _mean_std(
+                        [r["rerank"][i]["shared_rsum"] for r in done])[0]
         rows.append(row)
     return rows
 
@@ -318,7 +321,7 @@ def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
     ks = grid.evaluate["rerank_k"]
     head = ["configuration", "options", "seeds", "test rsum (mean ± std)", f"vs {grid.baseline}", "p (Welch)"]
-    head += ["first stage"] + [f"K = {k}" for k in ks] if ks else []
+    head += ["first stage"] + [f"K = {k} (own / shared)" for k in ks] if ks else []
     head += ["parameters", "s / epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -330,7 +333,7 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
                  else f"{row['test_rsum_mean']:.1f} (one seed: no spread yet)", diff, p]
         if ks:
             cells.append(f"{row.get('first_stage_rsum_mean', float('nan')):.1f}")
-            cells += [f"{row.get(f'rerank_k{k}_rsum_mean', float('nan')):.1f}" for k in ks]
+            cells += [_rerank_cell(row, k) for k in ks]
         cells += [f"{row['parameters']:,}", f"{row['seconds_per_epoch']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -338,7 +341,19 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
                  f"standard deviation over seeds; p: Welch's two-sided t-test against {grid.baseline} (with 3 seeds a "
                  "side only large, consistent differences reach p < 0.05); s / epoch: wall seconds of the training "
                  "process (start-up and validation included) per epoch.")
+    if ks:
+        lines.append("")
+        lines.append("K = k: rsum after re-ranking each query's top k of the first stage exactly; own: each query ranks "
+                     "only its own top k by exact score; shared: every pair scored for either direction's top k ranks "
+                     "by its exact score in both directions (the same exact scores); shared is missing for runs "
+                     "evaluated before it was reported.")
     return "\n".join(lines) + "\n"
+
+
+def _rerank_cell(row: dict[str, Any], k: int) -> str:
+    own = f"{row.get(f'rerank_k{k}_rsum_mean', float('nan')):.1f}"
+    shared = row.get(f"rerank_k{k}_shared_rsum_mean")
+    return own if shared is None else f"{own} / {shared:.1f}"
 
 
 def plot(grid: Grid, rows: list[dict[str, Any]]) -> bytes:
