@@ -18,6 +18,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
+from hsc_pyg.cli.common import exit_with
 from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
 from hsc_pyg.errors import HSCError
 
@@ -162,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -17,6 +17,7 @@ import signal
 import sys
 from typing import Sequence
 
+from hsc_pyg.cli.common import exit_with
 from hsc_pyg.config import PART_OF, add_config_arguments, config_from_args
 from hsc_pyg.errors import ConfigError, HSCError
 
@@ -115,4 +116,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -496,3 +496,20 @@ def test_a_stop_signal_saves_a_resumable_checkpoint_and_exits_128_plus_its_numbe
     assert saved["iteration"] == int(match.group(1))
     assert {"optimizer", "scheduler", "rng", "sampler"} <= set(saved)
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    # `python -m hsc_pyg.ablate ... --dry_run | head` printed a BrokenPipeError traceback
+    script = ("from hsc_pyg.cli.common import exit_with\n"
+              "def main():\n"
+              "    for i in range(200000):\n"
+              "        print('line', i)\n"
+              "    return 0\n"
+              "exit_with(main)\n")
+    reader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=Path(__file__).resolve().parents[1])
+    assert reader.stdout.readline() == b"line 0\n"
+    reader.stdout.close()                    # the reader stops, as head does
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert err == ""

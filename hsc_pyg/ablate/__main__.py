@@ -1,7 +1,6 @@
 """``python -m hsc_pyg.ablate``: the command line lives in :mod:`hsc_pyg.cli.ablate`."""
-import sys
-
 from ..cli.ablate import main
+from ..cli.common import exit_with
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..data.vocab import Vocabulary
 from ..engine.checkpoint import model_from_checkpoint, read_checkpoint, run_config_of, save_checkpoint
 from ..errors import CheckpointError, HSCError
+from .common import exit_with
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

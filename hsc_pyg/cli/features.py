@@ -15,6 +15,7 @@ from typing import Sequence
 from ..engine.device import resolve_device
 from ..errors import HSCError
 from ..features import backbone_names, extract_features
+from .common import exit_with
 
 DESCRIPTION = """\
 Extract grid region features of every photo in --images (or of the photos --list names, in its order) into --out:
@@ -95,4 +96,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

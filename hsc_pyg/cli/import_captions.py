@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ..data.importers import FEWER, FORMATS, import_captions
 from ..errors import HSCError
+from .common import exit_with
 
 DESCRIPTION = """\
 Write {split}_caps.txt (PER_IMAGE captions per photo, caption k belongs to photo k // PER_IMAGE) into --out, in the
@@ -64,4 +65,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -19,7 +19,7 @@ from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
 from ..errors import ConfigError, HSCError
 from ..io import write_json
-from .common import add_model_and_split_arguments
+from .common import add_model_and_split_arguments, exit_with
 
 DESCRIPTION = """\
 Search a split's images with a sentence (--query), or its captions with one of its images (--image). The gallery is
@@ -117,4 +117,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

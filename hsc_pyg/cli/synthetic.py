@@ -8,6 +8,7 @@ from typing import Sequence
 
 from ..data.synthetic import CAPTIONS_PER_IMAGE, DEFAULTS, make_synthetic
 from ..errors import HSCError
+from .common import exit_with
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,4 +46,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -17,7 +17,7 @@ from ..engine.checkpoint import load_checkpoint
 from ..errors import HSCError
 from ..viz.pictures import DEFAULT_TOP_K, make_pictures
 from ..viz.relations import LEVEL_CHOICES, RANKINGS, weighted_layer_types
-from .common import add_model_and_split_arguments
+from .common import add_model_and_split_arguments, exit_with
 
 DESCRIPTION = f"""\
 Draw what a trained HSC model learned about one test item, as PNG + GraphML + JSON (named by data, split, item, kind
@@ -78,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

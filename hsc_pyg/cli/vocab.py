@@ -9,6 +9,7 @@ from typing import Sequence
 from ..data.precomp import caption_file, read_lines
 from ..data.vocab import SPECIALS, build_vocab
 from ..errors import ConfigError, HSCError
+from .common import exit_with
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,4 +45,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

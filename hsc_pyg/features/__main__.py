@@ -1,6 +1,5 @@
 """``python -m hsc_pyg.features``: see :mod:`hsc_pyg.cli.features`."""
-import sys
-
+from ..cli.common import exit_with
 from ..cli.features import main
 
-sys.exit(main())
+exit_with(main)

@@ -1,5 +1,4 @@
-import sys
-
+from hsc_pyg.cli.common import exit_with
 from hsc_pyg.cli.search import main
 
-sys.exit(main())
+exit_with(main)
