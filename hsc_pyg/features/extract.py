@@ -214,9 +214,9 @@ def _check_range(values: np.ndarray, dtype: str, names: list[str]) -> None:
     if not finite.all():
         raise DataError(f"the backbone gave NaN or inf features for photo {names[int(np.argmin(finite))]}; check the "
                         "backbone's weights")
-    largest = float(np.abs(values).max(initial=0.0))
-    if largest > np.finfo(dtype).max:
-        raise ConfigError(f"features reach {largest:.4g}, beyond {dtype}'s range ({np.finfo(dtype).max:.0f}); run "
+    largest, limit = float(np.abs(values).max(initial=0.0)), float(np.finfo(dtype).max)
+    if largest > limit:
+        raise ConfigError(f"features reach {largest:.4g}, beyond {dtype}'s range ({limit:.0f}); run "
                           "again with --dtype float32 --overwrite")
 
 
