@@ -70,7 +70,8 @@ def test_layers_section_trains_every_layer_on_the_path_it_names():
     assert paths[2][0] == "sparse" and paths[2][1] < 36 * 36   # spatial: the 8-neighbourhood of the grid cells
     # other edge builders with self-loops: the dense path over their own adjacency, and the sparse one
     knn = run.layer_variants(["hsc", "gine"], ("full", "knn:8"))
-    assert knn[2:4] == [({"img_gnn": "hsc", "img_edges": "knn:8"}, False), ({"img_gnn": "hsc", "img_edges": "knn:8"}, True)]
+    on_knn = {"img_gnn": "hsc", "img_edges": "knn:8"}
+    assert knn[2:4] == [(on_knn, False), (on_knn, True)]
     paths = [run.worker_train(_spec(kind="train", preset="hsc", batch_size=6, steps=1, model=options, sparse=sparse))
              ["region_path"] for options, sparse in knn[2:4]]
     assert paths == ["dense", "sparse"]

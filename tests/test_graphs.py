@@ -9,8 +9,8 @@ from torch_geometric.data import Batch
 
 from hsc_pyg.data import graphs
 from hsc_pyg.data.graphs import (
-    EDGE_BUILDERS, PairBatch, caption_graph, collate_graphs, collate_pairs, complete_edges, dense_adjacency, edge_values,
-    image_graph, is_complete, is_looped, make_edges, parse_edge_spec, register_edge_builder,
+    EDGE_BUILDERS, PairBatch, caption_graph, collate_graphs, collate_pairs, complete_edges, dense_adjacency,
+    edge_values, image_graph, is_complete, is_looped, make_edges, parse_edge_spec, register_edge_builder,
 )
 from hsc_pyg.errors import ConfigError, DataError
 

@@ -1,5 +1,6 @@
-"""Relational layers: the dense path equals plain message passing (complete graphs and any graph with self-loops), every registered type trains, layer
-arguments are explicit, edge features reach the layers that declare them, completeness comes from the edges."""
+"""Relational layers: the dense path equals plain message passing (complete graphs and any graph with self-loops),
+every registered type trains, layer arguments are explicit, edge features reach the layers that declare them,
+completeness comes from the edges."""
 from __future__ import annotations
 
 import pytest

@@ -343,9 +343,9 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
                  "process (start-up and validation included) per epoch.")
     if ks:
         lines.append("")
-        lines.append("K = k: rsum after re-ranking each query's top k of the first stage exactly; own: each query ranks "
-                     "only its own top k by exact score; shared: every pair scored for either direction's top k ranks "
-                     "by its exact score in both directions (the same exact scores); shared is missing for runs "
+        lines.append("K = k: rsum after re-ranking each query's top k of the first stage exactly; own: each query "
+                     "ranks only its own top k by exact score; shared: every pair scored for either direction's top k "
+                     "ranks by its exact score in both directions (the same exact scores); shared is missing for runs "
                      "evaluated before it was reported.")
     return "\n".join(lines) + "\n"
 

@@ -7,9 +7,10 @@ of the paper: ``object`` (the input of the relational stack), ``relational`` (af
 self-loop (``batch.looped``, read from the edges by ``collate_graphs``: complete graphs, ``knn``, ``spatial``,
 ``window``), except that a layer whose dense path builds a vector per node pair (``dense_pair_vectors``: ``gatv2``)
 takes it only where the padded ``[B, N, N]`` layout has no more pairs than the batch has edges (complete graphs of
-one size, as images are); otherwise, or with edge features, as sparse message passing over ``batch.edge_index``. Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr``
-(from the edge builder), the word graphs' :func:`~hsc_pyg.data.graphs.word_relations`; region boxes (``batch.pos``)
-go to the layers that declare ``needs_pos``.
+one size, as images are); otherwise, or with edge features, as sparse message passing over ``batch.edge_index``.
+Edge features go to the layers built with ``edge_dim``: the region graphs' ``batch.edge_attr`` (from the edge
+builder), the word graphs' :func:`~hsc_pyg.data.graphs.word_relations`; region boxes (``batch.pos``) go to the layers
+that declare ``needs_pos``.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..config import LEVELS
 from ..data.graphs import dense_adjacency, edge_values, word_relations
 from ..errors import DataError
 from .functional import l2norm
-from .layers import build_layer, xavier_linear
+from .layers import adjacency, build_layer, xavier_linear
 
 
 @dataclass
@@ -101,8 +102,8 @@ class RelationalStack(nn.Module):
             extra["edge_attr"] = edge_attr.to(x.dtype)
         pos = getattr(batch, "pos", None) if any(layer.needs_pos for layer in self.layers) else None
         if self.takes_dense_path(batch, return_weights):
-            # complete graphs: the layers build the all-ones adjacency from the mask
-            adj = None if batch.complete else dense_adjacency(batch).to(x.dtype)
+            # built once for all the layers; complete graphs: every real node pair
+            adj = adjacency(mask, None, x.dtype) if batch.complete else dense_adjacency(batch).to(x.dtype)
             if pos is not None:
                 pos = to_dense_batch(pos, batch.batch, max_num_nodes=max_nodes, batch_size=batch.num_graphs)[0]
             for layer in self.layers:

@@ -478,8 +478,8 @@ class DenseTransformer:
 @register_layer("gatv2")
 class GATv2Layer(AttentionConvLayer):
     """``GATv2Conv`` (no added self-loops: the edge builders decide them); dense: :class:`DenseGATv2` (without edge
-    features; asking for the attention takes the sparse path; on graphs that are not complete, or padded, the sparse path,
-which is faster there)."""
+    features; asking for the attention takes the sparse path, and so do graphs that are not complete or are padded,
+    where the sparse path is faster)."""
 
     conv_class = GATv2Conv
     conv_options = {"add_self_loops": False}
