@@ -10,7 +10,7 @@ import pytest
 
 from hsc_pyg.cli.ablate import main
 from hsc_pyg.data.synthetic import make_synthetic
-from hsc_pyg.engine.ablation import load_grid, markdown, summarize, welch
+from hsc_pyg.engine.ablation import compare, load_grid, markdown, summarize, welch
 from hsc_pyg.errors import ConfigError
 
 RECIPE = {"embed_size": 16, "word_dim": 8, "sim_dim": 8, "img_layers": 2, "txt_layers": 2, "batch_size": 8,
@@ -95,6 +95,34 @@ def test_summary_means_stds_and_the_baseline_comparison(tmp_path, recipe):
     assert (b["t"], b["p"]) == welch([190.0, 191.0, 195.0], [200.0, 202.0, 204.0])
     table = markdown(grid, summarize(grid, runs[:4]))                # b has one seed so far: no "± 0.0"
     assert "| 202.0 ± 2.0 |" in table and "| 190.0 (one seed: no spread yet) |" in table
+
+
+def test_compare_any_two_configurations_from_the_command_line(tmp_path, recipe, capsys):
+    grid = write(tmp_path / "grid.json", {"recipe": str(recipe), "seeds": [0, 1, 2],
+                                          "configs": {"a": {}, "b,c": {"itc_weight": 1.0}, "d": {"itc_weight": 2.0}}})
+    values = {"a": [200.0, 202.0, 204.0], "b,c": [190.0, 191.0, 195.0], "d": [180.0]}
+    options = {"a": {}, "b,c": {"itc_weight": 1.0}, "d": {"itc_weight": 2.0}}
+    results = write(tmp_path / "study.json", {"runs": [
+        {"name": n, "config": options[n], "seed": s, "test_rsum": v} for n in values for s, v in enumerate(values[n])]})
+    runs = [{"name": n, "test_rsum": v} for n in values for v in values[n]]
+    c = compare(runs, "b,c", "a")
+    assert (c["a_mean"], c["b_mean"], c["b_std"], c["diff"]) == (192.0, 202.0, 2.0, -10.0)
+    assert (c["t"], c["p"]) == welch(values["b,c"], values["a"])
+    assert "p" not in compare(runs, "a", "d")                           # one seed on a side: no test
+    with pytest.raises(ConfigError, match="'e' has no finished run yet"):
+        compare(runs, "a", "e")
+
+    argv = ["--grid", str(grid), "--out", str(tmp_path / "out"), "--results", str(results)]
+    before = results.read_text()
+    assert main(argv + ["--compare", "b,c", "a", "--compare", "a", "d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"b,c vs a: 192.0 ± 2.6 (3 seeds) against 202.0 ± 2.0 (3 seeds), difference -10.0, "
+                     f"Welch p = {c['p']:.3f}",
+                     "a vs d: 202.0 ± 2.0 (3 seeds) against 180.0 ± 0.0 (1 seed), difference +22.0, "
+                     "no p-value (one seed on a side)"]
+    assert main(argv + ["--compare", "a", "b"]) == 2                      # "b" alone is not a configuration
+    assert "--compare: b not in the grid" in capsys.readouterr().err
+    assert results.read_text() == before and not (tmp_path / "out").exists()   # nothing trained or written
 
 
 def test_only_takes_configuration_names_that_hold_commas():

@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
-from ..engine.ablation import ROOT, RunFailed, load_grid, train_and_evaluate, write_study
+from ..engine.ablation import ROOT, RunFailed, compare, load_grid, train_and_evaluate, write_study
 from ..errors import ConfigError, HSCError
 
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far "
                                                           "and print its table")
+    p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="train and write nothing: print configuration A against B over their finished seeds (means, "
+                        "difference, Welch's p); repeat the flag for more pairs")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
     p.epilog = ("Several runners may share one grid and --out on disjoint --only / --seeds (one per core, say): each "
                 "writes the study of every run finished by any of them.")
@@ -86,6 +89,13 @@ def _subset(text: str, flag: str, allowed: list, kind=str) -> set:
     if unknown:
         raise ConfigError(f"{flag}: {', '.join(unknown)} not in the grid ({', '.join(map(str, allowed))})")
     return chosen
+
+
+def _comparison(c: dict) -> str:
+    seeds = {k: len(c[k + "_rsum"]) for k in ("a", "b")}
+    side = {k: f"{c[k + '_mean']:.1f} ± {c[k + '_std']:.1f} ({n} seed{'s' * (n != 1)})" for k, n in seeds.items()}
+    p = f"Welch p = {c['p']:.3f}" if "p" in c else "no p-value (one seed on a side)"
+    return f"{c['a']} vs {c['b']}: {side['a']} against {side['b']}, difference {c['diff']:+.1f}, {p}"
 
 
 def _recorded(results: Path) -> list:
@@ -174,6 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
                 raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
                                   f"now asks for {run.options}: choose another --out or remove that folder")
+        if args.compare:
+            unknown = [n for pair in args.compare for n in pair if n not in grid.configs]
+            if unknown:
+                raise ConfigError(f"--compare: {', '.join(unknown)} not in the grid ({', '.join(grid.configs)})")
+            done = [finished[id(r)] for r in runs if id(r) in finished]
+            print("\n".join([_comparison(compare(done, a, b)) for a, b in args.compare]))
+            return 0
         only = _subset(args.only, "--only", list(grid.configs)) if args.only else set(grid.configs)
         seeds = _subset(args.seeds, "--seeds", grid.seeds, int) if args.seeds else set(grid.seeds)
         todo = [r for r in runs if id(r) not in finished and r.name in only and r.seed in seeds]

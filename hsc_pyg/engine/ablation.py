@@ -318,6 +318,23 @@ def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def compare(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
+    """Configuration ``a`` against ``b`` over their finished seeds: each side's mean and sample standard deviation,
+    the difference of the means and Welch's t and two-sided p (absent with fewer than 2 seeds a side)."""
+    out: dict[str, Any] = {"a": a, "b": b}
+    for side, name in (("a", a), ("b", b)):
+        values = [r["test_rsum"] for r in runs if r["name"] == name]
+        if not values:
+            raise ConfigError(f"{name!r} has no finished run yet: train it first (or leave it out of the comparison)")
+        out[f"{side}_mean"], out[f"{side}_std"] = _mean_std(values)
+        out[f"{side}_rsum"] = values
+    out["diff"] = out["a_mean"] - out["b_mean"]
+    test = welch(out["a_rsum"], out["b_rsum"])
+    if test is not None:
+        out["t"], out["p"] = test
+    return out
+
+
 def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
     ks = grid.evaluate["rerank_k"]
     head = ["configuration", "options", "seeds", "test rsum (mean ± std)", f"vs {grid.baseline}", "p (Welch)"]
@@ -372,9 +389,8 @@ def plot(grid: Grid, rows: list[dict[str, Any]]) -> bytes:
     low = min(m - s for m, s in zip(means, stds))
     ax.set_xlim(left=max(0.0, low - 0.1 * (max(means) - low + 1.0) - 5.0))
     ax.set_xlabel(f"test rsum on {grid.data_name} (mean ± std over seeds)")
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")   # long configuration names would clip the x label
     return buffer.getvalue()
 
 
