@@ -284,40 +284,6 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration (grid order): seeds done, mean and sample standard deviation of the test rsum,
-    difference from the baseline with Welch's two-sided p-value, parameters, seconds per epoch."""
-    by_name: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        by_name.setdefault(r["name"], []).append(r)
-    base = [r["test_rsum"] for r in by_name.get(grid.baseline, [])]
-    rows = []
-    for name in grid.configs:
-        done = by_name.get(name, [])
-        if not done:
-            continue
-        values = [r["test_rsum"] for r in done]
-        mean, std = _mean_std(values)
-        row = {"name": name, "config": grid.configs[name], "seeds": sorted(r["seed"] for r in done),
-               "test_rsum_mean": mean, "test_rsum_std": std, "test_rsum": values,
-               "parameters": done[0]["parameters"],
-               "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in done])[0]}
-        if name != grid.baseline and base:
-            row["diff_vs_baseline"] = mean - sum(base) / len(base)
-            test = welch(values, base)
-            if test is not None:
-                row["t"], row["p"] = test
-        if "rerank" in done[0]:
-            row["first_stage_rsum_mean"] = _mean_std([r["first_stage_rsum"] for r in done])[0]
-            for i, entry in enumerate(done[0]["rerank"]):
-                row[f"rerank_k{entry['k']}_rsum_mean"] = _mean_std([r["rerank"][i]["rsum"] for r in done])[0]
-                if all("shared_rsum" in r["rerank"][i] for r in done):
-                    row[f"rerank_k{entry['k']}_shared_rsum_mean"] = _mean_std(
-                        [r["rerank"][i]["shared_rsum"] for r in done])[0]
-        rows.append(row)
-    return rows
-
-
 def compare(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     """Configuration ``a`` against ``b`` over their finished seeds: each side's mean and sample standard deviation,
     the difference of the means and Welch's t and two-sided p (absent with fewer than 2 seeds a side)."""
@@ -333,6 +299,38 @@ def compare(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
     if test is not None:
         out["t"], out["p"] = test
     return out
+
+
+def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per configuration (grid order): seeds done, mean and sample standard deviation of the test rsum,
+    difference from the baseline with Welch's two-sided p-value, parameters, seconds per epoch."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_name.setdefault(r["name"], []).append(r)
+    rows = []
+    for name in grid.configs:
+        done = by_name.get(name, [])
+        if not done:
+            continue
+        values = [r["test_rsum"] for r in done]
+        mean, std = _mean_std(values)
+        row = {"name": name, "config": grid.configs[name], "seeds": sorted(r["seed"] for r in done),
+               "test_rsum_mean": mean, "test_rsum_std": std, "test_rsum": values,
+               "parameters": done[0]["parameters"],
+               "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in done])[0]}
+        if name != grid.baseline and grid.baseline in by_name:
+            versus = compare(runs, name, grid.baseline)
+            row["diff_vs_baseline"] = versus["diff"]
+            row.update({k: versus[k] for k in ("t", "p") if k in versus})
+        if "rerank" in done[0]:
+            row["first_stage_rsum_mean"] = _mean_std([r["first_stage_rsum"] for r in done])[0]
+            for i, entry in enumerate(done[0]["rerank"]):
+                row[f"rerank_k{entry['k']}_rsum_mean"] = _mean_std([r["rerank"][i]["rsum"] for r in done])[0]
+                if all("shared_rsum" in r["rerank"][i] for r in done):
+                    row[f"rerank_k{entry['k']}_shared_rsum_mean"] = _mean_std(
+                        [r["rerank"][i]["shared_rsum"] for r in done])[0]
+        rows.append(row)
+    return rows
 
 
 def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
