@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hsc_pyg.config import Config
 from hsc_pyg.data.precomp import PrecompSplit
@@ -83,10 +84,9 @@ def test_rescored_entries_are_the_float32_scores_and_the_rest_stays_bf16(trained
     rows, cols, values = (np.concatenate(parts) for parts in zip(*calls))
     rescored = np.zeros(bf16.shape, dtype=bool)
     rescored[rows, cols] = True
-    # re-scored: each query's bf16 top K in both directions and every ground-truth pair (and the pairs near those)
-    top = np.zeros(bf16.shape, dtype=bool)
-    np.put_along_axis(top, np.argsort(-bf16, axis=1)[:, :k], True, axis=1)
-    np.put_along_axis(top, np.argsort(-bf16, axis=0)[:k], True, axis=0)
+    # re-scored: each query's bf16 top K in both directions with the ties at the K-th place, every ground-truth pair
+    # (and the pairs near those)
+    top = at_least_kth(bf16, k)
     top[np.arange(bf16.shape[1]) // 5, np.arange(bf16.shape[1])] = True
     assert rescored[top].all() and result.num_float32_pairs == rescored.sum() == len(rows)
     # their entries are float32 scores: bit for bit the float32 pair scorer's (called again on the same pairs), and
@@ -120,10 +120,76 @@ def test_rescoring_a_perturbed_matrix_gives_the_exact_recall_table_and_rescores_
     best = np.where(truth, exact, -np.inf).max(1, keepdims=True)                         # each image's best caption
     near = (np.abs(approx - best) <= result.margin) | (np.abs(approx - exact[captions // per_image, captions])
                                                         <= result.margin)
-    top = np.zeros(exact.shape, dtype=bool)
-    np.put_along_axis(top, np.argsort(-approx, axis=1, kind="stable")[:, :k], True, axis=1)
-    np.put_along_axis(top, np.argsort(-approx, axis=0, kind="stable")[:k], True, axis=0)
-    assert result.num_float32_pairs == (top | truth | near).sum()
+    assert result.num_float32_pairs == (at_least_kth(approx, k) | truth | near).sum()
+
+
+def at_least_kth(scores: np.ndarray, k: int) -> np.ndarray:
+    """The pairs whose score is at least the k-th largest of their row or of their column (every tie at the k-th
+    place: no sort decides which of them count)."""
+    row_kth = np.sort(scores, axis=1)[:, -k:][:, :1]
+    column_kth = np.sort(scores, axis=0)[-k:][:1]
+    return (scores >= row_kth) | (scores >= column_kth)
+
+
+def rescored_pairs(approx: np.ndarray, exact: np.ndarray, k: int, per_image: int):
+    """(the rescore result, a mask of the pairs it asked float32 scores for; each pair asked once)."""
+    asked = np.zeros(approx.shape, dtype=int)
+
+    def float32(rows, cols):
+        np.add.at(asked, (rows, cols), 1)
+        return exact[rows, cols]
+
+    result = rescore_ranking(approx, k, per_image, float32)
+    assert asked.max() == 1 and result.num_float32_pairs == asked.sum()
+    return result, asked.astype(bool)
+
+
+def row_tie_matrix() -> np.ndarray:
+    """8 images x 8 captions (one caption each, on the diagonal at -0.5) where image 0's best caption scores 3 and
+    four captions tie for its 2nd place at 1; every one of those four columns has two images scoring 5 or more, so no
+    column's top 2 holds them. Every other score is distinct and below -1."""
+    scores = -1 - np.arange(64, dtype=np.float32).reshape(8, 8) / 64
+    np.fill_diagonal(scores, -0.5)
+    scores[0, 7] = 3
+    scores[0, 1:5] = 1
+    scores[5:7, 1:5] = 5 + np.arange(8, dtype=np.float32).reshape(2, 4) / 8
+    return scores
+
+
+@pytest.mark.parametrize("direction", ["rows", "columns"])
+def test_every_pair_tied_at_the_kth_place_is_rescored(direction):
+    """Four pairs tie for one query's 2nd place (a row's, or a column's when the matrix is transposed): all four are
+    re-scored, whichever of them a sort puts first; the float32 scores replace them, and the ranking follows them."""
+    approx = row_tie_matrix() if direction == "rows" else row_tie_matrix().T.copy()
+    tied = np.zeros(approx.shape, dtype=bool)
+    tied[0, 1:5] = True
+    if direction == "columns":
+        tied = tied.T
+    exact = approx.copy()
+    exact[tied] = 1 + np.array([3, 1, 4, 2], dtype=np.float32) / 1024         # float32 breaks the tie
+    result, asked = rescored_pairs(approx, exact, 2, 1)
+    assert asked[tied].all()
+    assert np.array_equal(asked, at_least_kth(approx, 2) | np.eye(8, dtype=bool))
+    assert np.array_equal(result.scores[tied], exact[tied])
+    assert result.margin == pytest.approx(BAND_FACTOR * 4 / 1024)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_ties_on_the_bf16_grid_are_all_rescored_and_the_recall_table_is_float32s(seed):
+    """A dense matrix on the bf16 grid near 1 (six values 2^-8 apart, so dozens of pairs share each row's K-th score,
+    and several pairs most columns'): every pair at or above a K-th score is re-scored, and the recall table is the
+    exact one."""
+    rng = np.random.default_rng(seed)
+    n, per_image, k = 30, 5, 5
+    approx = (1 - rng.integers(0, 6, size=(n, n * per_image)) / 256).astype(np.float32)
+    assert np.array_equal(torch.from_numpy(approx).to(torch.bfloat16).float().numpy(), approx)  # on the bf16 grid
+    exact = approx + rng.uniform(-1 / 1024, 1 / 1024, approx.shape).astype(np.float32)   # within bf16's rounding
+    result, asked = rescored_pairs(approx, exact, k, per_image)
+    row_kth, column_kth = np.sort(approx, axis=1)[:, -k:][:, :1], np.sort(approx, axis=0)[-k:][:1]
+    assert ((approx >= row_kth).sum(1) > k).all() and ((approx >= column_kth).sum(0) > k).mean() > 0.5  # tied cuts
+    top = at_least_kth(approx, k)
+    assert asked[top].all()
+    assert result.metrics(per_image) == recall_metrics(exact, per_image)
 
 
 def test_bf16_is_refused_with_one_line_where_the_cpu_has_no_bf16_matrix_instructions(capsys, monkeypatch, tmp_path):

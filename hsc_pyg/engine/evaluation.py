@@ -419,8 +419,9 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
     """Give a reduced-precision score matrix ``[N, M]`` (caption c belongs to image c // per_image) float32's
     rankings: float32 scores (``float32(rows, cols) -> [P]``) replace
 
-    1. each query's top ``k`` in both directions (the top of every ranking in float32 order) and every ground-truth
-       pair (an image with each of its captions);
+    1. each query's top ``k`` in both directions (the top of every ranking in float32 order), with every pair tied
+       with its query's ``k``-th reduced-precision score (the coarse bf16 grid makes such ties common, and which of
+       them a sort would keep is arbitrary), and every ground-truth pair (an image with each of its captions);
     2. every pair whose score lies within ``margin`` of the float32 score of the best ground-truth pair of its query
        (the same row for image queries: an image's rank is that of its best caption; the same column for caption
        queries), where ``margin`` is BAND_FACTOR x the largest difference between the two precisions over the pairs
@@ -436,8 +437,8 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
     approx = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
     chosen = torch.zeros(n, m, dtype=torch.bool)
     if k:
-        chosen.scatter_(1, approx.topk(min(k, m), dim=1).indices, True)
-        chosen.scatter_(0, approx.topk(min(k, n), dim=0).indices, True)
+        chosen |= approx >= approx.topk(min(k, m), dim=1).values[:, -1:]    # at least each row's k-th score
+        chosen |= approx >= approx.topk(min(k, n), dim=0).values[-1:]       # at least each column's k-th score
     captions = torch.arange(m)
     chosen[captions // per_image, captions] = True
     out = approx.clone()
