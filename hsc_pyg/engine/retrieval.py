@@ -303,9 +303,9 @@ def _check_k(k: int, shortlist: int, size: int) -> tuple[int, int, bool]:
     return k, min(max(shortlist, k), size), clamped
 
 
-def encode_query(model: HSCModel, vocab: Vocabulary, text: str) -> tuple[CaptionEncoding, list[str]]:
-    """Encode a free-text query; returns the encoding and the words outside the vocabulary. ConfigError for an empty
-    query or one made only of unknown words."""
+def unknown_query_words(vocab: Vocabulary, text: str) -> list[str]:
+    """The words of a free-text query outside the vocabulary. ConfigError for an empty query or one made only of
+    unknown words."""
     words = tokenize(text)
     if not words:
         raise ConfigError("the query is empty; pass words to search for, e.g. --query \"a dog runs on the beach\"")
@@ -313,6 +313,13 @@ def encode_query(model: HSCModel, vocab: Vocabulary, text: str) -> tuple[Caption
     if len(unknown) == len(words):
         raise ConfigError(f"no word of the query is in the model's vocabulary ({', '.join(unknown)}); "
                           f"rephrase it with common words (the vocabulary has {len(vocab)} entries)")
+    return unknown
+
+
+def encode_query(model: HSCModel, vocab: Vocabulary, text: str) -> tuple[CaptionEncoding, list[str]]:
+    """Encode a free-text query; returns the encoding and the words outside the vocabulary (see
+    :func:`unknown_query_words`)."""
+    unknown = unknown_query_words(vocab, text)
     device, _ = _model_device(model)
     graph = caption_graph(vocab.encode(text), edges=model.config.txt_edges)
     with eval_mode(model), torch.no_grad():

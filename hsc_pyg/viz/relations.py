@@ -173,13 +173,18 @@ def encode_image_item(model: HSCModel, split: PrecompSplit, image: int) -> Image
 def encode_caption_item(model: HSCModel, split: PrecompSplit, caption: int, vocab: Vocabulary) -> CaptionItem:
     """Run the word-graph encoder on caption ``caption`` of ``split`` alone (see :func:`encode_image_item`)."""
     caption = _check_index("caption", caption, split.num_captions, split)
-    text = split.captions[caption]
+    return encode_text_item(model, split.captions[caption], vocab, caption)
+
+
+@torch.no_grad()
+def encode_text_item(model: HSCModel, text: str, vocab: Vocabulary, index: int = -1) -> CaptionItem:
+    """Run the word-graph encoder on any sentence ``text`` (``index``: its caption line, -1 for free text)."""
     token_ids = vocab.encode(text)
     graph = caption_graph(token_ids, model.config.txt_edges)
     batch = collate_graphs([graph])
     with eval_mode(model):
         states = model.text_encoder(batch, LEVELS, return_weights=True)
-    return CaptionItem(caption, text, token_ids, vocab.decode(token_ids), graph.edge_index, states.edge_weights, states)
+    return CaptionItem(index, text, token_ids, vocab.decode(token_ids), graph.edge_index, states.edge_weights, states)
 
 
 def attention_level(model: HSCModel, level: str | None) -> str:
@@ -265,6 +270,16 @@ def _item_attrs(split: PrecompSplit) -> dict:
     return dict(data_name=split.name, split=split.split)
 
 
+def item_region_graph(model: HSCModel, split: PrecompSplit, item: ImageItem, depth: Depth) -> nx.DiGraph:
+    """The region graph of an encoded image with the learned edge weights of the layer ``depth`` names."""
+    config = model.config
+    g = nx.DiGraph(kind="region", image=item.index, image_id=item.item_id, **_item_attrs(split))
+    _depth_attrs(g, depth, config.img_gnn, config.img_layers)
+    _region_nodes(g, item.boxes, split.num_regions)
+    _add_edges(g, item.edge_index, item.weights[depth.layer - 1] if depth.layer else None)
+    return g
+
+
 def region_graph(model: HSCModel, split: PrecompSplit, image: int, level: str | None = None, layer: int | None = None,
                  caption: int | None = None, word: str | int | None = None, vocab: Vocabulary | None = None,
                  ) -> nx.DiGraph:
@@ -280,10 +295,7 @@ def region_graph(model: HSCModel, split: PrecompSplit, image: int, level: str | 
     (depth,) = depths(level, layer, config.img_layers)
     check_edge_weights("image", config.img_gnn, config.img_layers, depth)
     item = encode_image_item(model, split, image)
-    g = nx.DiGraph(kind="region", image=item.index, image_id=item.item_id, **_item_attrs(split))
-    _depth_attrs(g, depth, config.img_gnn, config.img_layers)
-    _region_nodes(g, item.boxes, split.num_regions)
-    _add_edges(g, item.edge_index, item.weights[depth.layer - 1] if depth.layer else None)
+    g = item_region_graph(model, split, item, depth)
     if caption is not None:
         vocab = check_compatible(model, split, vocab)
         cap = encode_caption_item(model, split, caption, vocab)
