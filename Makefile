@@ -8,7 +8,7 @@ PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 DEMO_DATA := data
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test test-all test-scatter bench bench-coco5k clean-demo
+.PHONY: demo test test-all test-scatter bench bench-coco5k clean-demo flickr8k
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,25 @@ demo: $(STAMP)
 		--split test --image 2 --caption 10 --level all --out graphs/demo --overwrite
 	$(PY) -m hsc_pyg.search --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
 		--split test --query "a red cube left of a blue ball" --k 5 --cache $(DEMO_RUN)/gallery --rebuild
+
+# The whole Flickr8k benchmark from the shared photos (../shared/data/flickr8k) to data/flickr8k_precomp: captions with
+# the official 6,000 / 1,000 / 1,000 split lists (ids in list order), then features of each split in that order
+# (efficientnet_lite0 with its own (x - 127) / 128 scaling, 6 x 6 grid as the mini set, at the photos' own 224 px).
+# Each step is skipped when its output is newer than its inputs; an interrupted extraction resumes where it stopped.
+F8K_PHOTOS   ?= ../shared/data/flickr8k
+F8K          ?= data/flickr8k_precomp
+F8K_FEATURES ?= --backbone efficientnet_lite0 --size 224 --grid 6
+F8K_LISTS    := $(foreach s,train dev test,$(F8K_PHOTOS)/$(s)_images.txt)
+
+flickr8k: $(F8K)/train_ims.npy $(F8K)/dev_ims.npy $(F8K)/test_ims.npy
+
+$(F8K)/test_caps.txt: $(F8K_PHOTOS)/captions.csv $(F8K_LISTS) | $(STAMP)
+	$(PY) -m hsc_pyg.cli.import_captions --captions $(F8K_PHOTOS)/captions.csv --out $(F8K) \
+		--images $(F8K_PHOTOS)/images $(foreach s,train dev test,--split_list $(s)=$(F8K_PHOTOS)/$(s)_images.txt)
+
+$(F8K)/%_ims.npy: $(F8K)/test_caps.txt
+	$(PY) -m hsc_pyg.features --images $(F8K_PHOTOS)/images --out $(F8K) --split $* --list $(F8K)/$*_ids.txt \
+		$(F8K_FEATURES)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out benchmarks/results/latest.json

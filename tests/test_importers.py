@@ -162,3 +162,67 @@ def test_command_line_reports_what_it_wrote(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout == (f"{tmp_path / 'out'}/dev_caps.txt: 1 photos x 5 captions; 1 photos had more than 5 "
                              "(first 5 kept); wrote dev_ids.txt\n")
+
+
+# --------------------------------------------------------------------------- split lists (the official Flickr8k split)
+def _flickr_like(tmp_path: Path) -> dict[str, Path]:
+    """Captions of 6 photos (CSV with header, grouped by photo); lists: train d, a, f (not sorted), dev c, test b;
+    photo e in no list."""
+    photos = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "".join(f"{p},{t}\n" for p in photos
+                                                                     for t in caps(p, 5)))
+    lists = {"train": ["d.jpg", "a.jpg", "f.jpg"], "dev": ["c.jpg"], "test": ["b.jpg"]}
+    for name, names in lists.items():
+        (tmp_path / f"{name}_images.txt").write_text("".join(n + "\n" for n in names))
+    return {name: tmp_path / f"{name}_images.txt" for name in lists}
+
+
+def test_split_lists_give_each_split_its_photos_in_list_order_and_leave_out_the_unlisted(tmp_path):
+    lists = _flickr_like(tmp_path)
+    reports = import_captions(tmp_path / "captions.csv", tmp_path / "out", split_lists=lists)
+    assert [(r.split, r.photos, r.unlisted, r.wrote_ids) for r in reports] == [
+        ("train", 3, 1, True), ("dev", 1, 1, True), ("test", 1, 1, True)]
+    out = tmp_path / "out"
+    assert lines(out / "train_ids.txt") == ["d.jpg", "a.jpg", "f.jpg"]
+    assert lines(out / "train_caps.txt") == caps("d.jpg", 5) + caps("a.jpg", 5) + caps("f.jpg", 5)
+    assert lines(out / "dev_caps.txt") == caps("c.jpg", 5) and lines(out / "test_ids.txt") == ["b.jpg"]
+    assert not any("e.jpg" in (out / f).read_text() for f in ("train_caps.txt", "dev_caps.txt", "test_caps.txt"))
+    # features extracted first (another order): the captions follow test_ids.txt, the list only selects
+    (out / "train_ids.txt").write_text("a.jpg\nd.jpg\nf.jpg\n")
+    import_captions(tmp_path / "captions.csv", out, split_lists=lists, overwrite=True)
+    assert lines(out / "train_caps.txt") == caps("a.jpg", 5) + caps("d.jpg", 5) + caps("f.jpg", 5)
+
+
+def test_split_lists_errors_leave_nothing_written(tmp_path):
+    lists = _flickr_like(tmp_path)
+    out = tmp_path / "out"
+    (tmp_path / "test_images.txt").write_text("b.jpg\na.jpg\n")  # a.jpg is in train too
+    with pytest.raises(DataError, match=r"^photo 'a.jpg' is in the split lists of both train and test .*disjoint"):
+        import_captions(tmp_path / "captions.csv", out, split_lists=lists)
+    (tmp_path / "test_images.txt").write_text("b.jpg\nz.jpg\n")  # z.jpg has no caption
+    with pytest.raises(DataError, match=r"^1 photos of the split list .*test_images.txt have no caption: 'z.jpg'"):
+        import_captions(tmp_path / "captions.csv", out, split_lists=lists)
+    assert not out.exists()
+    (tmp_path / "test_images.txt").write_text("b.jpg\n")
+    with pytest.raises(ConfigError, match=r"^--split_list cannot go with --split"):
+        import_captions(tmp_path / "captions.csv", out, split="test", split_lists=lists)
+    with pytest.raises(ConfigError, match=r"^--split_list a/b=.*: 'a/b' is not a split name"):
+        import_captions(tmp_path / "captions.csv", out, split_lists={"a/b": lists["test"]})
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "b.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=r"^4 listed photos are not in .*photos: 'd.jpg', 'a.jpg', 'f.jpg' and 1 more"):
+        import_captions(tmp_path / "captions.csv", out, split_lists=lists, images=tmp_path / "photos")
+    assert not out.exists()
+
+
+def test_command_line_split_lists(tmp_path):
+    lists = _flickr_like(tmp_path)
+    command = [sys.executable, "-m", "hsc_pyg.cli.import_captions", "--captions", str(tmp_path / "captions.csv"),
+               "--out", str(tmp_path / "out")] + [a for name, path in lists.items()
+                                                   for a in ("--split_list", f"{name}={path}")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (f"{tmp_path / 'out'}/train_caps.txt: 3 photos x 5 captions; captions of "
+                                             "1 photos in no split list left out; wrote train_ids.txt")
+    bad = subprocess.run(command + ["--split_list", "dev"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "expected NAME=FILE" in bad.stderr

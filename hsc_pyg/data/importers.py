@@ -23,6 +23,10 @@ Policy:
   with none is always an error).
 - Captions of photos outside the split's photos (``{split}_ids.txt``, or the ``images`` folder when given): an error
   listing them, unless ``ignore_extra``, which leaves them out (counted in the report).
+- Split lists (``split_lists``, for the formats without splits of their own): one file of photo names per split (the
+  official Flickr8k ``train_images.txt`` ...). Each split holds the photos of its list, in the list's order (unless
+  ``{split}_ids.txt`` exists); the lists must be disjoint and every listed photo needs captions; captions of photos
+  in no list are left out and counted (``unlisted``; Flickr8k has 91 such photos).
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from ..errors import ConfigError, DataError, os_error_reason
 from ..io import atomic_files
@@ -191,7 +195,8 @@ def detect_format(path: Path) -> str:
 @dataclass
 class SplitReport:
     """One split written: ``photos`` rows, ``per_image`` captions each; ``trimmed`` photos had more (first kept),
-    ``repeated`` had fewer (cycled), ``extra`` photos' captions were left out (``ignore_extra``)."""
+    ``repeated`` had fewer (cycled), ``extra`` photos' captions were left out (``ignore_extra``); ``unlisted``: with
+    split lists, the captioned photos in none of them (left out; the same count in every split's report)."""
 
     split: str
     photos: int
@@ -200,6 +205,7 @@ class SplitReport:
     repeated: int
     extra: int
     wrote_ids: bool
+    unlisted: int = 0
 
 
 def _listing(items: list[str], limit: int = 3) -> str:
@@ -259,11 +265,30 @@ def read_photo_names(path: str | Path) -> list[str]:
     return ids
 
 
+def _read_split_lists(split_lists: Mapping[str, str | Path]) -> dict[str, list[str]]:
+    """Split name -> its photo names in list order; DataError for a photo in two lists."""
+    lists: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for name, path in split_lists.items():
+        if not name or any(c in name for c in "/\\\0=") or name.startswith("."):
+            raise ConfigError(f"--split_list {name}={path}: {name!r} is not a split name; use a plain name such as "
+                              "train, dev or test")
+        lists[name] = read_photo_names(path)
+        for photo in lists[name]:
+            if photo in owner:
+                raise DataError(f"photo {photo!r} is in the split lists of both {owner[photo]} and {name} ({path}); "
+                                "the lists must be disjoint: remove it from one")
+            owner[photo] = name
+    return lists
+
+
 def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto", split: str | None = None,
-                    images: str | Path | None = None, per_image: int = 5, fewer: str = "error",
-                    ignore_extra: bool = False, overwrite: bool = False) -> list[SplitReport]:
+                    split_lists: Mapping[str, str | Path] | None = None, images: str | Path | None = None,
+                    per_image: int = 5, fewer: str = "error", ignore_extra: bool = False,
+                    overwrite: bool = False) -> list[SplitReport]:
     """Write ``{split}_caps.txt`` (and ``{split}_ids.txt`` when absent) into ``out`` for each split the source holds
-    (Karpathy: train, dev, test / testall; only ``split`` when given) or for ``split`` (the other formats).
+    (Karpathy: train, dev, test / testall; only ``split`` when given), for ``split`` (the other formats), or for each
+    split of ``split_lists`` (split name -> file of photo names; the other formats).
 
     Every split is checked before anything is written. ConfigError for options and for an existing
     ``{split}_caps.txt`` with other content (unless ``overwrite``); DataError for the inputs.
@@ -283,8 +308,13 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
     fmt = detect_format(source) if fmt == "auto" else fmt
     if fmt == "txt" and images is None:
         images = source  # photos and their NAME.txt side by side
-    if fmt != "karpathy" and not split:
-        raise ConfigError(f"--split is needed for the {fmt} format (it holds no splits); for example --split train")
+    if split_lists and (fmt == "karpathy" or split):
+        raise ConfigError("--split_list cannot go with --split or Karpathy's JSON (which names its own splits); pass "
+                          "either the split lists or one --split")
+    lists = _read_split_lists(split_lists) if split_lists else None
+    if fmt != "karpathy" and not split and not lists:
+        raise ConfigError(f"--split is needed for the {fmt} format (it holds no splits); for example --split train, "
+                          "or --split_list train=FILE per split")
 
     if fmt == "karpathy":
         splits = read_karpathy(source)
@@ -296,17 +326,32 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
         splits = {split: read_coco(source)}
     elif fmt == "csv":
         splits = {split: read_csv(source)}
+    elif lists:
+        splits = {split: read_txt_folder(source, [p for names in lists.values() for p in names])}
     else:
         ids_file = out / f"{split}_ids.txt"
         photos = read_photo_names(ids_file) if ids_file.exists() else _photo_folder_names(images)
         splits = {split: read_txt_folder(source, photos)}
+    unlisted = 0
+    if lists:
+        (everything,) = splits.values()  # the one set of captions read
+        listed = {p for names in lists.values() for p in names}
+        unlisted = sum(p not in listed for p in everything)
+        splits = {name: {p: everything[p] for p in names if p in everything} for name, names in lists.items()}
+        if images is not None:
+            missing = [p for names in lists.values() for p in names if not (images / p).is_file()]
+            if missing:
+                raise DataError(f"{len(missing)} listed photos are not in {images}: {_listing(missing)}; fix the "
+                                "split lists or --images")
 
     written: list[tuple[Path, bytes]] = []
     reports = []
     for name, caps in splits.items():
         ids_file, caps_file = out / f"{name}_ids.txt", out / f"{name}_caps.txt"
         ids = read_photo_names(ids_file) if ids_file.exists() else None
-        if ids is None and images is not None and fmt != "karpathy":
+        if ids is None and lists:
+            ids, source_name = lists[name], f"the split list {split_lists[name]}"
+        elif ids is None and images is not None and fmt != "karpathy":
             ids, source_name = _photo_folder_names(images), f"photo folder {images}"
         else:
             source_name = str(ids_file) if ids is not None else f"the photos of split {name}"
@@ -317,7 +362,7 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
                               "choose another --out")
         if not ids_file.exists():
             written.append((ids_file, "".join(p + "\n" for p in order).encode("utf-8")))
-        report.wrote_ids = not ids_file.exists()
+        report.wrote_ids, report.unlisted = not ids_file.exists(), unlisted
         written.append((caps_file, caps_bytes))
         reports.append(report)
     try:

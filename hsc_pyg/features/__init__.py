@@ -6,9 +6,9 @@
 Backbones are chosen by name (:func:`build_backbone`, :func:`register_backbone`); the default
 ``efficientnet_lite0`` works offline. The command line is ``python -m hsc_pyg.features``.
 """
-from .backbones import Backbone, backbone_names, build_backbone, register_backbone
+from .backbones import NORMALIZATIONS, Backbone, Normalization, backbone_names, build_backbone, register_backbone
 from .extract import Extraction, cell_boxes, extract_features, grid_features, list_photos
 from .images import photo_tensor, to_rgb
 
-__all__ = ["Backbone", "Extraction", "backbone_names", "build_backbone", "cell_boxes", "extract_features",
+__all__ = ["NORMALIZATIONS", "Backbone", "Extraction", "Normalization", "backbone_names", "build_backbone", "cell_boxes", "extract_features",
            "grid_features", "list_photos", "photo_tensor", "register_backbone", "to_rgb"]

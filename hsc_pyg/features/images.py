@@ -2,15 +2,15 @@
 
 JPEG, PNG, WebP, GIF (first frame), BMP and TIFF; RGB, grayscale, palette, transparent (composited over white), CMYK
 and 16-bit; the EXIF orientation applied. The recipe of ``flickr8k_mini_precomp`` ("How the features were made"):
-converted to RGB, resized to S x S with Pillow's bilinear filter (aspect ratio not kept, no crop), scaled to [0, 1],
-normalised with the backbone's mean and std.
+converted to RGB, resized to S x S with Pillow's bilinear filter (aspect ratio not kept, no crop), then scaled as the
+:class:`~.backbones.Normalization` says (``imagenet``: /255, minus the ImageNet mean, over its std; ``tf_lite``:
+``(x - 127) / 128`` on the 0-255 values).
 """
 from __future__ import annotations
 
 import re
 import warnings
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..data.importers import PHOTO_SUFFIXES
 from ..errors import ConfigError, DataError
+from .backbones import Normalization
 
 __all__ = ["PHOTO_SUFFIXES", "open_photo", "photo_tensor", "to_rgb"]
 
@@ -74,8 +75,8 @@ def to_rgb(image) -> "PIL.Image.Image":  # noqa: F821
     return image.convert("RGB")
 
 
-def photo_tensor(path: str | Path, size: int, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """The photo at ``path`` as a normalised float32 tensor ``[3, size, size]``.
+def photo_tensor(path: str | Path, size: int, scaling: Normalization) -> Tensor:
+    """The photo at ``path`` as a float32 tensor ``[3, size, size]``: ``(pixels / scale - mean) / std``.
 
     DataError (naming the file) for anything that cannot be decoded, a truncated file included.
     """
@@ -86,5 +87,5 @@ def photo_tensor(path: str | Path, size: int, mean: Sequence[float], std: Sequen
             rgb = to_rgb(image).resize((size, size), Image.BILINEAR)
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data shows only when decoding
         raise DataError(f"photo {path} cannot be decoded ({e}); replace it or leave it out (--skip_bad)") from None
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (pixels - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / scaling.scale).permute(2, 0, 1)
+    return (pixels - torch.tensor(scaling.mean).view(3, 1, 1)) / torch.tensor(scaling.std).view(3, 1, 1)
