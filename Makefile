@@ -8,12 +8,12 @@ PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 DEMO_DATA := data
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test test-all test-scatter bench bench-coco5k clean-demo flickr8k
+.PHONY: demo test test-all test-scatter test-browser bench bench-coco5k clean-demo flickr8k
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e '.[dev,features]'
+	$(PIP_INSTALL) -e '.[dev,features,serve,faiss]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -27,6 +27,15 @@ test-all: $(STAMP)
 test-scatter: $(STAMP)
 	$(PIP_INSTALL) --no-build-isolation -e '.[dev,scatter]'
 	$(PY) -m pytest -q
+
+# The explorer's page in headless Chromium: Debian's chromium and chromium-driver (apt-get, as root), Selenium from
+# PyPI, then the browser test, which says why it skips where no browser could be installed.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } || \
+		echo "could not install chromium and chromium-driver; the browser test will skip"
+	$(PIP_INSTALL) -e '.[dev,features,serve,faiss,browser]'
+	$(PY) -m pytest -q -rs tests/test_browser.py
 
 demo: $(STAMP)
 	test -f $(DEMO_DATA)/synthetic_precomp/train_ims.npy || $(PY) -m hsc_pyg.cli.synthetic --out $(DEMO_DATA)/synthetic_precomp

@@ -5,6 +5,8 @@ weights, the sentence encoded alone, their word-to-region cross attention), pack
 (``python -m hsc_pyg.serve``). For one pair it gives:
 
 ``tokens``       the sentence as the model reads it (``<start>`` and ``<end>`` included, unknown words as ``<unk>``);
+                 ``default_token``: the position of the word the pictures shade by default
+                 (:func:`~hsc_pyg.viz.relations.choose_word`);
 ``regions``      the image's regions: box ``x1 y1 x2 y2`` and centre ``x y`` (``box_units``: ``normalised`` to the
                  photo's size, or ``pixels``), or a circular layout when the data has no boxes;
 ``attention``    per aligned level, ``[L][R]``: each token's attention over the regions (each row sums to 1), the
@@ -36,6 +38,7 @@ from .relations import (
     RANKINGS,
     NoEdgeWeightsError,
     check_edge_weights,
+    choose_word,
     cross_attention,
     depths,
     encode_image_item,
@@ -86,6 +89,7 @@ def explain_pair(model: HSCModel, split: PrecompSplit, image: int, text: str, vo
                                     for u, v in strongest_edges(g, top_k, ranking=ranking)]})
     return {
         "image": img.index, "image_id": img.item_id, "query": text, "tokens": cap.words, "unknown_words": unknown,
+        "default_token": choose_word(cap.words, None, attention[model.levels[-1]]),
         "score": sum(a["score"] for a in alignment.values()) / len(alignment),
         "aligned_levels": list(model.levels), "attention_level": model.levels[-1],
         "node_positions": layout.graph["node_positions"], "box_units": layout.graph.get("box_units"),
