@@ -17,6 +17,7 @@ from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
+from ..engine.vector_index import INDEX_KINDS
 from ..errors import ConfigError, HSCError
 from ..io import write_json
 from .common import add_model_and_split_arguments, exit_with
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="encode the gallery again, replacing the --cache folder")
     p.add_argument("--store_dtype", choices=("float16", "float32"), default="float16",
                    help="precision of the cached encodings (default: %(default)s)")
+    p.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                   help="first stage over the images: brute force, or a FAISS index kept in the cache (flat, ivf, "
+                        "hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there (default: %(default)s)")
     p.add_argument("--image_root", metavar="DIR",
                    help="folder of the photos named in {split}_ids.txt: write a contact sheet (--sheet)")
     p.add_argument("--sheet", default="search.png", metavar="FILE.png",
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
     split = PrecompSplit.open(args.data_path, args.data_name, args.split)
     gallery, built = open_gallery(model, split, vocab, cache=args.cache, rebuild=args.rebuild,
                                   store_dtype=args.store_dtype, batch_size=args.batch_size,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, index=args.index)
     print(f"{'built' if built else 'read'} the gallery cache {gallery.folder} ({len(gallery)} images)", file=sys.stderr)
     if args.query is not None:
         result = search_text(model, gallery, args.query, k=args.k, shortlist=args.shortlist, vocab=vocab)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..engine.vector_index import INDEX_KINDS, import_faiss
 from ..errors import ConfigError, HSCError
 from .common import add_model_and_split_arguments, exit_with
 
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rebuild", action="store_true", help="encode the gallery again, replacing the --cache folder")
     p.add_argument("--store_dtype", choices=("float16", "float32"), default="float16",
                    help="precision of the cached encodings (default: %(default)s)")
+    p.add_argument("--index", choices=INDEX_KINDS, default="auto",
+                   help="first stage over the images: brute force, or a FAISS index kept in the cache (flat, ivf, "
+                        "hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=128, help="items per encoder call when building the cache")
     p.add_argument("--access_log", action="store_true", help="print a line per request")
@@ -73,6 +77,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     for flag in ("shortlist", "parallel", "batch_size"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, found {getattr(args, flag)}")
+    if args.index not in ("auto", "brute"):
+        import_faiss()
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
@@ -115,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split = PrecompSplit.open(args.data_path, args.data_name, args.split)
         gallery, built = open_gallery(model, split, vocab, cache=args.cache, rebuild=args.rebuild,
                                       store_dtype=args.store_dtype, batch_size=args.batch_size,
-                                      progress=not args.no_progress)
+                                      progress=not args.no_progress, index=args.index)
         print(f"{'built' if built else 'read'} the gallery cache {gallery.folder} ({len(gallery)} images)",
               file=sys.stderr)
         explorer = Explorer(model, vocab, split, gallery, args.image_root, args.shortlist, parallel=args.parallel)

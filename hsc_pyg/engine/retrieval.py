@@ -9,7 +9,9 @@ features simply get a new cache.
 
 Queries (:func:`search_text`, :func:`search_image`): the query is encoded, compared by cosine with the gallery's
 first-stage vectors (:class:`hsc_pyg.nn.first_stage.FirstStage`), the ``shortlist`` best are scored exactly, and the
-top ``k`` of those are returned in exact-score order. Items outside the shortlist are never returned.
+top ``k`` of those are returned in exact-score order. Items outside the shortlist are never returned. For a text
+query the shortlist over the images comes from the gallery's :class:`~hsc_pyg.engine.vector_index.Shortlister`: brute
+force, or a FAISS index kept in the cache folder (``index-<kind>.faiss``, :mod:`hsc_pyg.engine.vector_index`).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from ..data.graphs import caption_graph, collate_graphs
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary, tokenize
 from ..errors import ConfigError, HSCError
-from ..io import atomic_folder
+from ..io import atomic_files, atomic_folder
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from .device import eval_mode
 from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
+from .vector_index import IndexSettings, Shortlister, build_faiss_index, configure, import_faiss, resolve_kind, top_n
 
 CACHE_VERSION = 1
 META = "gallery.json"
@@ -88,6 +91,7 @@ class Gallery:
     caption_vectors: torch.Tensor | None = None
     caption_texts: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    shortlister: Shortlister | None = None     # the first stage over the images (None: brute force)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -135,16 +139,21 @@ def _differences(found: dict[str, Any], want: dict[str, Any]) -> list[str]:
 
 def open_gallery(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = None,
                  cache: str | Path | None = None, rebuild: bool = False, store_dtype: str = "float16",
-                 batch_size: int = 128, progress: bool = False) -> tuple[Gallery, bool]:
+                 batch_size: int = 128, progress: bool = False, index: str = "auto",
+                 index_settings: IndexSettings = IndexSettings()) -> tuple[Gallery, bool]:
     """The gallery of ``split`` encoded by ``model``: read from its cache folder when the cache was made from this
     model and these files, else encoded and cached. Returns ``(gallery, built)``.
 
     ``cache``: the cache folder (default :func:`default_cache_folder`). A folder that holds the cache of another
     model or of other files, a damaged cache, or a folder that is not a cache is a :class:`CacheError` unless
     ``rebuild`` (then it is replaced, atomically: a failure leaves the old folder whole).
+    ``index``: the first stage over the images (:mod:`hsc_pyg.engine.vector_index`: brute, flat, ivf, hnsw or auto);
+    a FAISS index is kept in the cache folder beside the vectors, built on first use and whenever the vectors or the
+    build settings change.
     """
     if store_dtype not in ("float16", "float32"):
         raise ConfigError(f"store_dtype must be float16 or float32, found {store_dtype!r}")
+    resolve_kind(index, 0)     # an unknown kind fails before any work
     vocab = check_compatible(model, split, vocab) if split.num_captions else vocab
     want = _fingerprint(model, split, store_dtype)
     folder = Path(cache) if cache else default_cache_folder(split, want)
@@ -158,9 +167,46 @@ def open_gallery(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
         if differences:
             raise CacheError(f"the gallery cache {folder} was made from {' and '.join(differences)}; pass --rebuild "
                              "to replace it, or choose another --cache folder")
-        return _load(folder, meta), False
-    _build(model, split, vocab, folder, want, store_dtype, batch_size, progress)
-    return _load(folder, _read_meta(folder / META)), True
+        built = False
+    else:
+        _build(model, split, vocab, folder, want, store_dtype, batch_size, progress)
+        meta, built = _read_meta(folder / META), True
+    gallery = _load(folder, meta)
+    gallery.shortlister = _first_stage(gallery, resolve_kind(index, len(gallery)), index_settings)
+    return gallery, built
+
+
+def _first_stage(gallery: Gallery, kind: str, settings: IndexSettings) -> Shortlister:
+    """Brute force, or the cache folder's FAISS index of ``kind``: read when it was built from these vectors with
+    these build settings, else built and written beside them (index and description as one unit)."""
+    vectors = gallery.image_vectors.numpy()
+    if kind == "brute":
+        return Shortlister(vectors)
+    faiss = import_faiss()
+    build = {k: v for k, v in settings.as_dict().items() if k not in ("nprobe", "ef_search")}
+    want = {"kind": kind, "rows": len(gallery), "vectors_sample_sha256":
+            gallery.meta["arrays"]["img_vectors"]["sample_sha256"], "build": build, "faiss": faiss.__version__}
+    path, description = gallery.folder / f"index-{kind}.faiss", gallery.folder / f"index-{kind}.json"
+    try:
+        current = json.loads(description.read_text(encoding="utf-8")) == want and path.is_file()
+    except (OSError, ValueError):
+        current = False
+    if current:
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise CacheError(f"the FAISS index {path} is unreadable ({' '.join(str(e).split())[:120]}); delete it "
+                             "or pass --rebuild") from None
+    else:
+        index = build_faiss_index(vectors, kind, settings)
+        data = faiss.serialize_index(index)
+        atomic_files({path: lambda f: f.write(data.tobytes()),
+                      description: lambda f: f.write((json.dumps(want) + "\n").encode("utf-8"))})
+    if index.ntotal != len(gallery):
+        raise CacheError(f"the FAISS index {path} holds {index.ntotal} vectors for {len(gallery)} images; delete it "
+                         "or pass --rebuild")
+    configure(index, settings)
+    return Shortlister(vectors, index, kind)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
@@ -339,13 +385,14 @@ def search_text(model: HSCModel, gallery: Gallery, text: str, k: int = 5, shortl
     enc, unknown = encode_query(model, vocab, text)
     with torch.no_grad():
         query = model.first_stage.caption_vectors(enc.glo).cpu()
-    first = (gallery.image_vectors.float() @ query[0]).numpy()
-    top = np.argsort(-first, kind="stable")[:shortlist]
+    shortlister = gallery.shortlister or Shortlister(gallery.image_vectors.numpy())
+    top = shortlister.search(query[0].numpy(), shortlist)
+    first = (gallery.image_vectors[torch.from_numpy(top)].float() @ query[0]).numpy()
     exact = score_matrix(model, gallery.images[torch.from_numpy(top)], PackedCaptions.pack(enc.to("cpu")),
                          progress=False)[:, 0]
     order = np.argsort(-exact, kind="stable")[:k]
-    hits = [Hit(int(top[o]), gallery.ids[top[o]], float(exact[o]), float(first[top[o]])) for o in order]
-    return SearchResult(text, "text", hits, shortlist, len(gallery), time.perf_counter() - start, unknown, clamped,
+    hits = [Hit(int(top[o]), gallery.ids[top[o]], float(exact[o]), float(first[o])) for o in order]
+    return SearchResult(text, "text", hits, len(top), len(gallery), time.perf_counter() - start, unknown, clamped,
                         bool(model.first_stage.trained))
 
 
@@ -358,7 +405,7 @@ def search_image(model: HSCModel, gallery: Gallery, image: int | str, k: int = 5
     row = gallery.index_of(image)
     k, shortlist, clamped = _check_k(k, shortlist, len(gallery.captions))
     first = (gallery.caption_vectors.float() @ gallery.image_vectors[row].float()).numpy()
-    top = np.argsort(-first, kind="stable")[:shortlist]
+    top = top_n(first, shortlist)
     exact = score_matrix(model, gallery.images[row:row + 1], gallery.captions[torch.from_numpy(top)],
                          progress=False)[0]
     order = np.argsort(-exact, kind="stable")[:k]
