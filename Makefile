@@ -13,7 +13,7 @@ DEMO_RUN  := runs/demo
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e '.[dev,features,serve,faiss]'
+	$(PIP_INSTALL) -e '.[dev,features,serve,faiss,vectors]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -133,6 +133,7 @@ def test_one_registry_error_path_and_declared_capabilities():
 
 
 def test_parts_are_dataclasses_of_their_own():
-    assert {f for f in DataConfig.__dataclass_fields__} == {"data_path", "data_name", "vocab_path", "vocab_threshold"}
+    assert {f for f in DataConfig.__dataclass_fields__} == {"data_path", "data_name", "vocab_path", "vocab_threshold",
+                                                            "word_vectors"}
     assert "score_chunk_mb" in TrainConfig.__dataclass_fields__ and "img_edges" in ModelConfig.__dataclass_fields__
     assert set(PRESETS) == {"hsc", "sgraf_saf", "sgraf_sgr"}

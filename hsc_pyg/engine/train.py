@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from ..config import Config, model_differences
 from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
+from ..data.word_vectors import init_word_embedding, load_word_vectors
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
 from ..io import remove_stale_temps
 from ..nn.layers import check_boxes
@@ -531,6 +532,10 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
     # ---- model, optimizer, schedule
     model = build_model(config).to(device)
     model.vocab = vocab
+    if checkpoint is None and config.word_vectors:  # a resumed run's embedding comes from its checkpoint
+        found = init_word_embedding(model.text_encoder.embed.weight, vocab, load_word_vectors(config.word_vectors))
+        log(f"word vectors {config.word_vectors}: {found} of the {len(vocab)} vocabulary words start from their "
+            "vector, the others from random values")
     criterion = ContrastiveLoss(config.margin, config.max_violation)
     itc = ImageTextContrastive(config.itc_loss, config.margin, config.max_violation)
     # the first stage learns only with its loss on; otherwise its parameters stay as built (no gradient, no update)
