@@ -284,6 +284,8 @@ class TrainConfig:
     max_violation_after: int = option(0, "warm-up: sum of violations for this many epochs, then the hardest negative",
                                       low=0)
     val_step: int = option(1000, "validate every this many iterations (and at each epoch end)", low=1)
+    val_images: int = option(1000, "dev images a validation scores (the first N with their captions, as the original "
+                                   "1,000); the cost grows with N squared", low=1)
     log_step: int = option(10, "log to TensorBoard every this many iterations", low=1)
     workers: int = option(0, "data loader worker processes", low=0)
     logger_name: str = option("runs/run/log", "TensorBoard folder")

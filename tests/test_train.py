@@ -229,3 +229,21 @@ def test_help_explains_every_option(capsys):
                  "--logger_name", "--model_name", "--lr_update", "--img_gnn", "--amp", "--nan_policy"):
         assert flag in out
     assert "hardest negative (VSE++)" in out and "(default: 128)" in out
+
+
+def test_validation_scores_the_first_val_images_dev_images(tiny_data, tmp_path, monkeypatch):
+    """--val_images N: each validation encodes and scores the first N dev images (and their 5 N captions)."""
+    import hsc_pyg.engine.train as train_module
+    seen = []
+    real = train_module.evaluate
+
+    def recording(model, split, vocab, max_images=None, **kwargs):
+        seen.append(max_images)
+        return real(model, split, vocab, max_images=max_images, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    train(tiny_config(tiny_data, tmp_path / "run", val_images=4, num_epochs=1))
+    assert seen == [4]
+    assert Config(val_images=1000).val_images == 1000 and Config().val_images == 1000
+    with pytest.raises(ConfigError, match=r"val_images"):
+        Config(val_images=0)

@@ -36,8 +36,6 @@ from .device import autocast, eval_mode, resolve_device
 from .metrics import FOLD_SIZE, average_metrics, fold_slices, recall_metrics
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-#: Images of the validation subset (the first 1,000 images / 5,000 captions of dev, as the original).
-VALIDATION_IMAGES = 1000
 
 
 def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -512,7 +510,7 @@ def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = No
              fold5: bool = False, batch_size: int = 128, device: str | torch.device | None = None, amp: str = "off",
              chunk_mb: int | None = None, progress: bool = False, fold_size: int = FOLD_SIZE) -> dict[str, Any]:
     """Recall metrics of ``model`` on ``split`` (all of it, or its first ``max_images`` images and their captions;
-    training's validation passes ``VALIDATION_IMAGES``); ``fold5``: COCO 1K protocol, which scores only the diagonal
+    training's validation passes ``--val_images``); ``fold5``: COCO 1K protocol, which scores only the diagonal
     blocks of ``fold_size`` images x their captions (a fifth of the pairs of the whole matrix on COCO testall) and
     averages their metrics. The model's mode is kept.
 

@@ -68,7 +68,7 @@ from ..nn.similarity import HEADS
 from . import distributed
 from .checkpoint import read_checkpoint, run_config_of, save_checkpoint
 from .device import autocast, resolve_device
-from .evaluation import VALIDATION_IMAGES, evaluate
+from .evaluation import evaluate
 from .metrics import RECALL_KEYS
 
 CHECKPOINT = "checkpoint.pth"
@@ -601,7 +601,7 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
         distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one saved
         training_rng = rng_state()
         try:
-            metrics = evaluate(model, dev_split, vocab, max_images=VALIDATION_IMAGES, batch_size=config.batch_size,
+            metrics = evaluate(model, dev_split, vocab, max_images=config.val_images, batch_size=config.batch_size,
                                amp=config.amp, chunk_mb=config.score_chunk_mb)
         finally:
             set_rng_state(training_rng)
