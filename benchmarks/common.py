@@ -265,3 +265,13 @@ def amp_context(device: str, dtype: str) -> Iterator[None]:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=False, default=float)
+
+
+def publish(report: Any, out: str | Path | None) -> None:
+    """Print ``report`` as JSON and, with ``out``, write it there too (atomically)."""
+    from hsc_pyg.io import write_text
+
+    text = dump(report)
+    if out:
+        write_text(out, text + "\n")
+    print(text)

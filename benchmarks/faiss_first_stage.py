@@ -16,7 +16,6 @@ recall@``--shortlist`` against brute force (the fraction of brute force's top 50
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -68,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vectors", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--clusters", type=int, default=10_000)
-    parser.add_argument("--spread", type=float, default=1.5)
+    parser.add_argument("--spread", type=float, default=1.0)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--shortlist", type=int, default=50)
     parser.add_argument("--build_threads", type=int, default=2)
     parser.add_argument("--query_threads", type=int, default=1)
-    parser.add_argument("--nprobe", default="8,16,32,64")
-    parser.add_argument("--ef_search", default="64,128,256")
+    parser.add_argument("--nprobe", default="4,8,16,32")
+    parser.add_argument("--ef_search", default="32,64,128")
     parser.add_argument("--kinds", default="brute,flat,ivf,hnsw")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
@@ -84,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     from hsc_pyg.engine.vector_index import IndexSettings, Shortlister, build_faiss_index, configure
     from hsc_pyg.io import write_text
 
-    def save(report: dict) -> None:
+    def save(report: dict) -> None:          # after every kind: a long run keeps what it measured
         if args.out:
-            write_text(args.out, json.dumps(report, indent=2, default=float) + "\n")
+            write_text(args.out, cm.dump(report) + "\n")
 
     t = time.perf_counter()
     vectors = synthetic_vectors(args.vectors, args.dim, args.clusters, args.spread, seed=1)
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             print(name, report["kinds"][name], file=sys.stderr)
             save(report)
         del index
-    print(json.dumps(report, indent=2, default=float))
+    print(cm.dump(report))
     return 0
 
 

@@ -14,7 +14,6 @@ the sort), with the CPU, threads and versions.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -66,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from hsc_pyg import load_checkpoint
     from hsc_pyg.data.precomp import PrecompSplit
-    from hsc_pyg.io import write_text
     from hsc_pyg.search import open_gallery, search_text
 
     model = load_checkpoint(args.model, map_location="cpu").eval()
@@ -98,10 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "query_s": {"median": times[len(times) // 2], "p90": times[int(0.9 * (len(times) - 1))], "max": times[-1],
                     "mean": sum(times) / len(times)},
     }
-    text = json.dumps(report, indent=2, default=float)
-    if args.out:
-        write_text(args.out, text + "\n")
-    print(text)
+    cm.publish(report, args.out)
     return 0
 
 

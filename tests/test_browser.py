@@ -103,6 +103,15 @@ def test_search_then_explanation_drawn_over_the_photo(browser, url):
     width, height, shade, edge = browser.execute_script(PAINTED)
     assert shade > 0 and edge == 0
 
+    # each region's strongest source instead of the strongest edges overall (python -m hsc_pyg.viz --rank per_node)
+    browser.find_element(By.CSS_SELECTOR, "#levels .chip[data-relation='0']").click()
+    browser.find_element(By.ID, "per-node").click()
+    wait.until(lambda d: overlay.get_attribute("data-ranking") == "per_node")
+    per_node = api(url, f"/api/explain?q={urllib.parse.quote_plus(QUERY)}&image={want[1]['id']}&rank=per_node")
+    targets = [e["target"] for e in per_node["relations"][0]["edges"]]
+    assert len(set(targets)) == len(targets) == int(overlay.get_attribute("data-edges"))
+    assert overlay.get_attribute("data-level") == first["level"]          # the chosen layer is kept
+
     # another word: its own attention
     word = explanation["tokens"].index("cube")
     browser.find_element(By.CSS_SELECTOR, f"#tokens .chip[data-position='{word}']").click()

@@ -115,6 +115,7 @@ def test_page_script_and_photo_are_served(url, data):
     ("/api/captions?image=nope.png", 404, "no image with id"),
     ("/api/explain?q=a+cube", 400, "image is missing"),
     ("/api/explain?q=a+cube&image=1&top_k=51", 400, "top_k=51"),
+    ("/api/explain?q=a+cube&image=1&rank=best", 400, "rank='best' is unknown"),
     ("/photos/..%2Foutside.png", 404, "not a route"),
     ("/photos/%2E%2E", 404, "no image with id"),
     ("/photos/../outside.png", 404, "not a route"),

@@ -7,8 +7,9 @@ Routes (all ``GET``; JSON unless said otherwise):
 ``/api/search?q=TEXT&k=K``               text -> photos: first stage over the gallery, the ``shortlist`` best scored
                                          exactly, the top ``k`` (as ``python -m hsc_pyg.search --query``)
 ``/api/captions?image=ID&k=K``           photo -> captions of the gallery (as ``--image``)
-``/api/explain?q=TEXT&image=ID&top_k=T`` why photo ``ID`` matched ``TEXT`` (:func:`hsc_pyg.viz.explain.explain_pair`)
-                                         and the photo's best-matching captions
+``/api/explain?q=TEXT&image=ID&top_k=T&rank=R``  why photo ``ID`` matched ``TEXT``
+                                         (:func:`hsc_pyg.viz.explain.explain_pair`; ``rank``: global or per_node, as
+                                         ``python -m hsc_pyg.viz --rank``) and the photo's best-matching captions
 ``/photos/ID``                           the photo of gallery image ``ID`` (its id or row), read from the photo folder;
                                          no path ever comes from the request
 
@@ -41,6 +42,7 @@ from ..engine.retrieval import Gallery, search_image, search_text
 from ..errors import ConfigError, HSCError
 from ..nn.model import HSCModel
 from ..viz.explain import explain_pair
+from ..viz.relations import RANKINGS
 
 STATIC = Path(__file__).parent / "static"
 PHOTO_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
@@ -156,9 +158,12 @@ class Explorer:
         text = self._text(params)
         row = self._image(params)
         top_k = self._int(params, "top_k", 12, 0, self.limits.max_top_k)
+        ranking = params.get("rank", "global")
+        if ranking not in RANKINGS:
+            raise RequestError(f"rank={ranking[:20]!r} is unknown; pass one of {', '.join(RANKINGS)}")
 
         def work() -> dict[str, Any]:
-            out = explain_pair(self.model, self.split, row, text, self.vocab, top_k=top_k)
+            out = explain_pair(self.model, self.split, row, text, self.vocab, top_k=top_k, ranking=ranking)
             out["photo"] = f"/photos/{quote(self.gallery.ids[row], safe='')}"
             out["captions"] = (search_image(self.model, self.gallery, row, k=self.limits.captions_per_explanation,
                                             shortlist=self.shortlist).to_dict()["results"]
@@ -212,7 +217,7 @@ class LimitRequests:
 
 def build_app(explorer: Explorer) -> Starlette:
     """The Starlette application of ``explorer``'s API and page."""
-    allowed = {"/api/search": {"q", "k"}, "/api/captions": {"image", "k"}, "/api/explain": {"q", "image", "top_k"}}
+    allowed = {"/api/search": {"q", "k"}, "/api/captions": {"image", "k"}, "/api/explain": {"q", "image", "top_k", "rank"}}
 
     def api(answer: Callable[[dict[str, str]], dict[str, Any]]):
         def endpoint(request: Request) -> Response:

@@ -70,9 +70,14 @@ async function explain(q, image, item) {
   document.querySelectorAll("#results li").forEach((li) => li.classList.toggle("chosen", li === item));
   $("explanation").hidden = false;
   $("explanation-title").textContent = `explaining ${image} ...`;
+  $("explanation-title").className = "";
+  const rank = $("per-node").checked ? "per_node" : "global";
   try {
-    const e = await getJSON(`/api/explain?q=${encodeURIComponent(q)}&image=${encodeURIComponent(image)}`);
-    current = {explanation: e, token: e.default_token, relation: e.relations.length ? 0 : -1};
+    const e = await getJSON(`/api/explain?q=${encodeURIComponent(q)}&image=${encodeURIComponent(image)}&rank=${rank}`);
+    const keep = current && current.explanation.image_id === e.image_id && current.explanation.query === e.query;
+    current = keep ? {...current, explanation: e}
+                   : {explanation: e, token: e.default_token, relation: e.relations.length ? 0 : -1};
+    current.item = item;
     $("explanation-title").textContent = `${e.image_id}: score ${e.score.toFixed(4)}`;
     showTokens();
     showLevels();
@@ -194,13 +199,18 @@ function draw() {
   canvas.dataset.level = current.relation >= 0 ? e.relations[current.relation].level : "none";
   canvas.dataset.shaded = shaded;
   canvas.dataset.edges = edges.length;
+  canvas.dataset.ranking = e.ranking;
   const relation = current.relation >= 0 ? e.relations[current.relation] : null;
   $("legend").textContent = `shade: attention of '${e.tokens[current.token]}' over the regions ` +
     `(${e.attention_level} level, relative to its strongest region); ` +
-    (relation ? `arrows: the ${edges.length} strongest learned relations of layer ${relation.layer} ` +
+    (relation ? `arrows: ${e.ranking === "per_node" ? `${edges.length} regions' strongest incoming` :
+                 `the ${edges.length} strongest`} learned relations of layer ${relation.layer} ` +
                 `(${relation.weight_meaning}; red positive, blue negative)` : "no relations drawn");
 }
 
 $("search-form").addEventListener("submit", search);
+$("per-node").addEventListener("change", () => {
+  if (current) explain(current.explanation.query, current.explanation.image_id, current.item);
+});
 window.addEventListener("resize", draw);
 loadInfo();
