@@ -32,10 +32,10 @@ def test_original_style_loop_gives_the_model_scores(preset):
 
 @pytest.mark.parametrize("preset", ["hsc", "sgraf_saf", "sgraf_sgr"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_training_step_equals_the_original_style_step(preset, dtype):
+def test_training_step_equals_the_original_style_step(preset, dtype, device):
     """Loss, every gradient and the SAF BatchNorm's running statistics (captions sorted by length inside the scorer,
     statistics still updated in caption order)."""
-    result = run.check_training_matches("cpu", preset, batch=7, dtype=dtype)
+    result = run.check_training_matches(device, preset, batch=7, dtype=dtype)
     assert result["loss_abs_diff"] < 1e-4
 
 

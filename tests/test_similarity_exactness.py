@@ -96,14 +96,15 @@ LENGTHS = [3, 7, 5, 12, 2, 9, 4]
 
 @pytest.mark.parametrize("head", ["saf", "sgr"])
 @pytest.mark.parametrize("levels", ["higher", "object,relational,higher"])
-def test_dense_chunked_scores_equal_one_pair_reference(head, levels):
+def test_dense_chunked_scores_equal_one_pair_reference(head, levels, device):
     model = random_model(head, levels)
     n_levels = len(levels.split(","))
     img, cap = random_encodings(5, LENGTHS, n_levels)
     with torch.no_grad():
-        expected = reference_matrix(model, img, cap)
+        expected = reference_matrix(model, img, cap)                # float64, on the CPU
+        model, img, cap = model.to(device), img.to(device=device), cap.to(device=device)
         for chunk_mb in (1e-6, 0.002, 0.02, 512):   # one pair per block ... everything in one block
-            got = model.score(img, cap, chunk_mb=chunk_mb)
+            got = model.score(img, cap, chunk_mb=chunk_mb).cpu()
             assert got.shape == (5, len(LENGTHS))
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         g = torch.Generator().manual_seed(0)
@@ -166,13 +167,13 @@ def test_training_mode_saf_norm_uses_per_caption_statistics():
     assert int(norm.num_batches_tracked) == 3
 
 
-def test_bf16_autocast_scores_stay_float32_and_close():
-    model = random_model("saf", "higher").float()
+def test_bf16_autocast_scores_stay_float32_and_close(device):
+    model = random_model("saf", "higher").float().to(device)
     img, cap = random_encodings(4, LENGTHS, 1)
-    img, cap = img.to(dtype=torch.float32), cap.to(dtype=torch.float32)
+    img, cap = img.to(device=device, dtype=torch.float32), cap.to(device=device, dtype=torch.float32)
     with torch.no_grad():
         exact = model.score(img, cap)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             low = model.score(img, cap)
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() < 2e-2
