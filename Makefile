@@ -46,7 +46,12 @@ demo: $(STAMP)
 	$(PY) -m hsc_pyg.viz --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
 		--split test --image 2 --caption 10 --level all --out graphs/demo --overwrite
 	$(PY) -m hsc_pyg.search --model $(DEMO_RUN)/checkpoint/model_best.pth --data_path $(DEMO_DATA) --data_name synthetic_precomp \
-		--split test --query "a red cube left of a blue ball" --k 5 --cache $(DEMO_RUN)/gallery --rebuild
+		--split test --query "a red cube left of a blue ball" --k 5 --cache $(DEMO_RUN)/gallery --rebuild \
+		--json $(DEMO_RUN)/search.json --overwrite
+	@echo
+	@echo "Made: a trained model in $(DEMO_RUN)/checkpoint/ (its test recalls in $(DEMO_RUN)/test_metrics.json)."
+	@echo "Open next: the relation pictures in graphs/demo/, the search results above (also $(DEMO_RUN)/search.json),"
+	@echo "and the training curves: tensorboard --logdir $(DEMO_RUN)/log"
 
 # The whole Flickr8k benchmark from the shared photos (../shared/data/flickr8k) to data/flickr8k_precomp: captions with
 # the official 6,000 / 1,000 / 1,000 split lists (ids in list order), then features of each split in that order
