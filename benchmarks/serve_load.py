@@ -8,7 +8,7 @@ clock starts), then ``--clients`` threads each send ``--queries`` requests ``/ap
 other (the test split's real captions, cycled; each search scores a shortlist of ``--shortlist`` exactly). Reported:
 the latency of every request as the client sees it (median, 90th, 99th percentile, maximum), requests per second,
 the failed requests (any status but 200, any connection error), and the server's resident memory sampled every 0.2 s
-(at the start, the largest, at the end). The server is then stopped with SIGTERM and must exit with 0.
+(at the start, the largest, at the end, and at each tenth of the run: flat once the worker threads are warm). The server is then stopped with SIGTERM and must exit with 0.
 """
 from __future__ import annotations
 
@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "failed": sum(1 for _, ok in results if not ok), "wall_s": wall, "requests_per_s": len(results) / wall,
         "latency_ms": {"median": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)),
                        "p99": float(np.percentile(times, 99)), "max": float(times.max())},
-        "server_rss_mb": {"start": memory[0], "max": max(memory), "end": memory[-1], "samples": len(memory)},
+        "server_rss_mb": {"start": memory[0], "max": max(memory), "end": memory[-1], "samples": len(memory),
+                          "at_each_tenth_of_the_run": [memory[round(i * (len(memory) - 1) / 10)] for i in range(11)]},
         "server_exit_code_after_sigterm": exit_code,
     }
     cm.publish(report, args.out)

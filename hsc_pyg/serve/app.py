@@ -14,8 +14,8 @@ Routes (all ``GET``; JSON unless said otherwise):
                                          no path ever comes from the request
 
 Bad input gets status 4xx and ``{"error": "one line: what is wrong and how to fix it", "status": N}``. The model is
-shared by the request threads; at most ``parallel`` requests compute at once (the others wait), which bounds memory and
-keeps a busy server's CPUs from being oversubscribed.
+shared by the request threads; at most ``parallel`` requests compute at once, on a pool of that many threads (the
+others wait), which bounds memory and keeps a busy server's CPUs from being oversubscribed.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import contextlib
 import logging
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -75,8 +76,9 @@ class RequestError(HSCError):
 
 class Explorer:
     """The model, its vocabulary, the split (for the explanations' region graphs), the gallery, the photo folder and
-    the answers of the API, as plain dicts. Thread-safe: the model is only read (eval mode), and a semaphore lets
-    ``parallel`` requests compute at once."""
+    the answers of the API, as plain dicts. Thread-safe: the model is only read (eval mode); the request threads hand
+    the work to a pool of ``parallel`` threads (the others wait), so the scorer's per-thread scratch memory is bounded
+    by ``parallel``, not by the number of request threads."""
 
     def __init__(self, model: HSCModel, vocab: Vocabulary, split: PrecompSplit, gallery: Gallery,
                  image_root: str | Path | None, shortlist: int, limits: Limits = Limits(), parallel: int = 2):
@@ -85,7 +87,8 @@ class Explorer:
         self.model, self.vocab, self.split, self.gallery = model.eval(), vocab, split, gallery
         self.image_root = Path(image_root).resolve() if image_root is not None else None
         self.shortlist, self.limits = shortlist, limits
-        self._slots = threading.BoundedSemaphore(parallel)
+        # the model runs on these threads only: the scorer's per-thread scratch buffers stay `parallel` sets
+        self._workers = ThreadPoolExecutor(parallel, thread_name_prefix="hsc-serve")
 
     # ---------------------------------------------------------------- checks of request values
     def _text(self, params: dict[str, str]) -> str:
@@ -130,8 +133,7 @@ class Explorer:
         return result
 
     def _compute(self, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        with self._slots:
-            return work()
+        return self._workers.submit(work).result()
 
     # ---------------------------------------------------------------- answers
     def info(self) -> dict[str, Any]:
