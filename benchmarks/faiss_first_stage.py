@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common as cm  # noqa: E402
+from hsc_pyg.engine.vector_index import IndexSettings, Shortlister, build_faiss_index, configure  # noqa: E402
 
 
 def synthetic_vectors(n: int, dim: int, clusters: int, spread: float, seed: int) -> np.ndarray:
@@ -72,15 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shortlist", type=int, default=50)
     parser.add_argument("--build_threads", type=int, default=2)
     parser.add_argument("--query_threads", type=int, default=1)
-    parser.add_argument("--nprobe", default="4,8,16,32")
-    parser.add_argument("--ef_search", default="32,64,128")
+    parser.add_argument("--nprobe", default="16,32,64,128,256")
+    parser.add_argument("--ef_search", default="64,128,256,512")
     parser.add_argument("--kinds", default="brute,flat,ivf,hnsw")
+    parser.add_argument("--nlist", type=int, default=0, help="IVF lists (default 0: the library's rule)")
+    parser.add_argument("--train_size", type=int, default=IndexSettings.train_size,
+                        help="vectors the IVF k-means is trained on")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
 
     import faiss
 
-    from hsc_pyg.engine.vector_index import IndexSettings, Shortlister, build_faiss_index, configure
     from hsc_pyg.io import write_text
 
     def save(report: dict) -> None:          # after every kind: a long run keeps what it measured
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for kind in [k for k in args.kinds.split(",") if k != "brute"]:
         faiss.omp_set_num_threads(args.build_threads)
-        settings = IndexSettings()
+        settings = IndexSettings(nlist=args.nlist, train_size=args.train_size)
         t = time.perf_counter()
         index = build_faiss_index(vectors, kind, settings)
         build_s = time.perf_counter() - t
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                  "hnsw": [int(v) for v in args.ef_search.split(",")]}[kind]
         for value in sweep:
             if kind == "ivf":
-                settings = IndexSettings(nprobe=value)
+                settings = IndexSettings(nlist=args.nlist, train_size=args.train_size, nprobe=value)
             elif kind == "hnsw":
                 settings = IndexSettings(ef_search=value)
             configure(index, settings)
