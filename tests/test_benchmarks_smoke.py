@@ -3,6 +3,8 @@ asserted), and the original-style baseline they compare against computes the sam
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -134,3 +136,67 @@ def test_epoch_ranking_reads_the_dev_curves_and_compares_each_cutoff_with_the_te
     assert report["cutoffs"]["dev_best_first_1"] == {"order": ["b", "a"], "kendall_tau_vs_test": 1.0}
     assert report["cutoffs"]["dev_best_first_3"] == {"order": ["a", "b"], "kendall_tau_vs_test": -1.0}
     assert report["cutoffs"]["dev_best"]["kendall_tau_vs_test"] == 1.0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: gpu_check.sh would run")
+def test_gpu_check_refuses_to_run_without_cuda_in_one_line(tmp_path):
+    env = dict(os.environ, GPU_CHECK_PYTHON=sys.executable, OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "no CUDA device here" in proc.stderr
+    assert "GPU_CHECK_DEVICE=cpu" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _bench(kind: str, rate: float) -> dict:
+    """A run.py report with one scoring measurement at 10x50 (and, for fp32, the original-style baseline there)."""
+    scoring = {"preset": "hsc", "n_img": 10, "n_cap": 50, "pairs": 500, "pairs_per_s": rate, "pairs_per_cpu_s": rate,
+               "peak_memory": {"above_start_mb": 3.0}}
+    report = {"environment": {"device": "cuda", "dtype": kind}, "scoring": [scoring]}
+    if kind == "fp32":
+        report["baseline_scoring"] = [{"preset": "hsc", "n_img": 10, "n_cap": 50, "ours": {"pairs_per_s": rate},
+                                       "original": {"pairs_per_s": 100.0}, "speedup_wall": rate / 100,
+                                       "speedup_cpu": rate / 100}]
+    return report
+
+
+def test_gpu_report_gathers_the_parts_into_one_json_named_after_the_card(tmp_path, capsys):
+    import gpu_report
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "parts.tsv").write_text("setup\tOK\t3\t0\nbench_fp32\tOK\t40\t150\ncoco5k\tTIMEOUT\t170\t170\n")
+    (out / "bench_fp32.json").write_text(json.dumps(_bench("fp32", 2000.0)))
+    (out / "bench_bf16.json").write_text(json.dumps(_bench("bf16", 7000.0)))
+    table = {"metrics": {"rsum": 500.0, "r1_i2t": 60.0}, "first_stage_metrics": {"rsum": 450.0},
+             "rerank": [{"k": 10, "metrics": {"rsum": 495.0}}]}
+    (out / "evaluate_off.json").write_text(json.dumps(table))
+    (out / "evaluate_bf16.json").write_text(json.dumps(table))
+    (out / "evaluate_ddp.json").write_text(json.dumps(dict(table, metrics={"rsum": 499.0, "r1_i2t": 60.0})))
+    (out / "cuda_check.json").write_text(json.dumps({"results": [{"check": "a", "ok": True},
+                                                                 {"check": "b", "ok": False}]}))
+    (out / "pytest_cuda.log").write_text("....\n======= 11 passed, 730 deselected in 30.1s =======\n")
+    assert gpu_report.main([str(out), "--card", "NVIDIA H100 80GB HBM3", "--results_dir", str(results)]) == 0
+    written = json.loads((results / "gpu_check_nvidia_h100_80gb_hbm3.json").read_text())
+    assert written == json.loads((out / "gpu_check_nvidia_h100_80gb_hbm3.json").read_text())
+    assert written["card"] == "NVIDIA H100 80GB HBM3"
+    assert written["exact_scoring"] == [{
+        "preset": "hsc", "size": "10x50", "original_fp32_pairs_per_s": 100.0, "fp32_pairs_per_s": 2000.0,
+        "fp32_vs_original": 20.0, "bf16_pairs_per_s": 7000.0, "bf16_vs_original": 70.0, "largest_size": "10x50",
+        "largest_fp32_pairs_per_s": 2000.0, "largest_fp32_peak_mb": 3.0}]
+    assert written["pipeline"]["bf16_recall_table_equals_float32"] is True
+    assert written["pipeline"]["ddp_recall_table_equals_single_process"] is False
+    assert written["missing_files"] == ["bench_layers", "search", "coco5k"]
+    assert written["cuda_check"] == {"passed": 1, "failed": ["b"], "skipped": []}
+    assert written["pytest_cuda"] == "11 passed, 730 deselected in 30.1s"
+    assert written["parts"][2] == {"part": "coco5k", "status": "TIMEOUT", "seconds": 170, "limit_s": 170}
+    printed = capsys.readouterr().out
+    assert "ours fp32 2,000 (x20.0), bf16 7,000 (x70.0)" in printed and "= one process: False" in printed
+
+
+def test_gpu_report_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    import gpu_report
+
+    assert gpu_report.main([str(tmp_path / "absent"), "--card", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a folder" in err

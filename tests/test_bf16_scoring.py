@@ -25,8 +25,8 @@ _spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
-needs_bf16 = pytest.mark.skipif(not device_module.cpu_bf16_instructions(),
-                                reason="this CPU has no native bf16 matrix instructions (bf16 scoring is refused)")
+NO_BF16 = "this CPU has no native bf16 matrix instructions (bf16 scoring is refused)"
+needs_bf16 = pytest.mark.skipif(not device_module.cpu_bf16_instructions(), reason=NO_BF16)
 N_TEST = 60
 
 
@@ -49,10 +49,12 @@ def evaluate(capsys, *argv):
     return status, out.out, out.err
 
 
-@needs_bf16
-def test_bf16_with_exact_ranking_gives_the_float32_recall_table_on_the_built_in_data(capsys, trained, tmp_path):
+def test_bf16_with_exact_ranking_gives_the_float32_recall_table_on_the_built_in_data(capsys, trained, tmp_path,
+                                                                                       device):
+    if device == "cpu" and not device_module.cpu_bf16_instructions():
+        pytest.skip(NO_BF16)
     data, checkpoint = trained
-    common = ["--model", checkpoint, "--data_path", data, "--data_name", "synthetic_precomp", "--device", "cpu"]
+    common = ["--model", checkpoint, "--data_path", data, "--data_name", "synthetic_precomp", "--device", device]
     tables = {}
     for name, flags in (("float32", ["--amp", "off"]), ("exact_ranking", ["--amp", "bf16"]),
                         ("bf16", ["--amp", "bf16", "--rescore_k", "0"])):
