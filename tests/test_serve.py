@@ -179,6 +179,7 @@ def _args(data, *extra):
     (["--image_root", "/no/such/folder"], "--image_root /no/such/folder is not a folder"),
     (["--shortlist", "0"], "--shortlist must be at least 1"),
     (["--parallel", "0"], "--parallel must be at least 1"),
+    (["--split", "val"], "--split val: "),
 ])
 def test_the_command_checks_its_arguments_before_loading(data, capsys, monkeypatch, extra, match):
     monkeypatch.setattr("hsc_pyg.load_checkpoint", lambda *a, **k: pytest.fail("loaded the model"))

@@ -63,6 +63,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     if not (Path(args.data_path) / args.data_name).is_dir():
         raise ConfigError(f"{Path(args.data_path) / args.data_name} is not a folder; --data_path and --data_name "
                           "must name a precomp dataset")
+    features = Path(args.data_path) / args.data_name / f"{args.split}_ims.npy"
+    if not features.is_file():
+        found = sorted(f.name[:-len("_ims.npy")] for f in features.parent.glob("*_ims.npy"))
+        raise ConfigError(f"--split {args.split}: {features} does not exist; the splits there are "
+                          f"{', '.join(found) or 'none'}")
     if args.vocab_path and not Path(args.vocab_path).is_file():
         raise ConfigError(f"--vocab_path {args.vocab_path} is not a file")
     if args.image_root is not None and not Path(args.image_root).is_dir():
