@@ -3,7 +3,9 @@
 Every expected failure (bad data, bad config, bad checkpoint) raises a subclass of :class:`HSCError` whose message is a
 single line: what is wrong, where, and how to fix it. The command lines print that line to stderr and exit with status 2.
 """
+import os
 from pathlib import Path
+from typing import NoReturn
 
 
 class HSCError(Exception):
@@ -54,3 +56,11 @@ def os_error_reason(error: OSError) -> str:
         if blocking is not None:
             return f"{blocking} is a file, not a folder"
     return f"{error.strerror}: {error.filename}" if error.filename else str(error.strerror or error)
+
+
+def refuse_as_command(module: str, command: str) -> NoReturn:
+    """``python -m`` on a library module that users once ran as a command: one line naming the command that does the
+    job, and status 2, instead of exiting 0 having done nothing."""
+    os.write(2, f"error: {module} is a library module, not a command; run `hsc-pyg {command}` (or `python -m "
+                f"hsc_pyg {command}`; --help lists its flags)\n".encode())
+    raise SystemExit(2)

@@ -179,7 +179,7 @@ def json_file(name: str, obj):
 CASES = [
     # ---- data folder and split
     Case("missing data folder", EVALUATE + ["--data_path", "{tree}/no_data"],
-         r"data folder {tree}/no_data does not exist .*python -m hsc_pyg.cli.synthetic --out"),
+         r"data folder {tree}/no_data does not exist .*hsc-pyg synthetic --out"),
     Case("missing split", EVALUATE + ["--split", "val"],
          r"{data}/synthetic_precomp/val_ims.npy is missing \(.* has splits: dev, test, train\); every split needs"),
     # ---- region features

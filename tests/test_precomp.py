@@ -179,7 +179,7 @@ def test_missing_data_folder(tmp_path):
     with pytest.raises(DataError, match=rf"^data folder {tmp_path / 'nope'} does not exist \(looked for "
                                         rf"{tmp_path / 'nope' / 'f30k_precomp'}\); get the SCAN precomp features "
                                         r"\(kuanghueilee/scan-features on Kaggle\) or make the built-in data with "
-                                        rf"`python -m hsc_pyg\.cli\.synthetic --out {tmp_path / 'nope'}/synthetic_precomp`$"):
+                                        rf"`hsc-pyg synthetic --out {tmp_path / 'nope'}/synthetic_precomp`$"):
         PrecompSplit.open(tmp_path / "nope", "f30k_precomp", "train")
 
 

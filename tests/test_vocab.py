@@ -158,7 +158,7 @@ def test_load_errors_are_one_line(tmp_path, content, message):
 
 def test_load_missing_file_message(tmp_path):
     with pytest.raises(VocabError, match=r"^vocabulary file \S+nope\.json does not exist; build one with "
-                                         r"`python -m hsc_pyg\.data\.vocab --data_path DIR --data_name NAME "):
+                                         r"`hsc-pyg vocab --data_path DIR --data_name NAME "):
         Vocabulary.load(tmp_path / "nope.json")
 
 

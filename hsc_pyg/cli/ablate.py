@@ -1,13 +1,13 @@
-"""``python -m hsc_pyg.ablate``: train a grid of configurations x seeds, evaluate each best-dev model on the test split,
+"""``hsc-pyg ablate`` (also ``python -m hsc_pyg.ablate``): train a grid of configurations x seeds, evaluate each best-dev model on the test split,
 and write the study as JSON, a Markdown table and a bar plot.
 
-    python -m hsc_pyg.ablate --grid configs/studies/layers_f8k.json --out runs/layers \\
+    hsc-pyg ablate --grid configs/studies/layers_f8k.json --out runs/layers \\
         --results benchmarks/results/ablation.json
 
 The grid file (JSON)::
 
     {
-      "recipe": "configs/flickr8k_mini.json",          # the train.py --config every run starts from
+      "recipe": "configs/flickr8k_mini.json",          # the training --config every run starts from
       "data_path": "../shared/data", "data_name": "flickr8k_mini_precomp",
       "seeds": [0, 1, 2],
       "baseline": "hsc",                                # the row the others are compared with (default: the first)
@@ -17,7 +17,7 @@ The grid file (JSON)::
       "evaluate": {"split": "test", "rerank_k": [10, 20]}                   # optional
     }
 
-Options are train.py's (``python train.py --help``), with JSON types. Every run trains in its own ``train.py``
+Options are training's (``hsc-pyg train --help``), with JSON types. Every run trains in its own ``hsc-pyg train``
 process (a crash loses only that run, which is recorded and retried by the next invocation) in
 ``OUT/<configuration>/seed<k>/``; a run is finished when its ``run.json`` exists, and finished runs are never redone,
 so the same command resumes a half-finished grid (an interrupted training continues from its checkpoint exactly).
@@ -29,21 +29,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
-from ..engine.ablation import ROOT, RunFailed, compare, load_grid, train_and_evaluate, write_study
-from ..errors import ConfigError, HSCError
+from ..engine.ablation import RunFailed, compare, load_grid, train_and_evaluate, write_study
+from ..errors import ConfigError
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 
 # --------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.ablate", description=__doc__.replace("``", ""),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("ablate", __doc__.replace("``", ""),
+                       epilog="Several runners may share one grid and --out on disjoint --only / --seeds (one per core, "
+                              "say): each writes the study of every run finished by any of them.")
     p.add_argument("--grid", required=True, metavar="GRID.json", help="configurations, seeds, recipe and data")
     p.add_argument("--out", default="runs/ablation", metavar="DIR",
                    help="run folders, one per configuration and seed (default: %(default)s)")
@@ -63,8 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train and write nothing: print configuration A against B over their finished seeds (means, "
                         "difference, Welch's p); repeat the flag for more pairs")
     p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
-    p.epilog = ("Several runners may share one grid and --out on disjoint --only / --seeds (one per core, say): each "
-                "writes the study of every run finished by any of them.")
     return p
 
 
@@ -164,60 +163,59 @@ def _train(grid, runs: list, todo: list, recorded: list, results: Path, jobs: in
     return failures
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def ablate_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = Path(args.results) if args.results else out / "ablation.json"
-    try:
-        if args.jobs < 1:
-            raise ConfigError(f"--jobs {args.jobs}: give at least 1")
-        grid = load_grid(args.grid)
-        if not (ROOT / "train.py").is_file() and not args.report:
-            raise ConfigError(f"train.py is not beside the package ({ROOT}); run the ablation from a source checkout")
-        if results.suffix != ".json":
-            raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")
-        runs = grid.runs(out)
-        recorded = _recorded(results)
-        finished = _finished(runs, recorded)
-        for run in runs:
-            done = finished.get(id(run))
-            if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
-                raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
-                                  f"now asks for {run.options}: choose another --out or remove that folder")
-        if args.compare:
-            unknown = [n for pair in args.compare for n in pair if n not in grid.configs]
-            if unknown:
-                raise ConfigError(f"--compare: {', '.join(unknown)} not in the grid ({', '.join(grid.configs)})")
-            done = [finished[id(r)] for r in runs if id(r) in finished]
-            print("\n".join([_comparison(compare(done, a, b)) for a, b in args.compare]))
-            return 0
-        only = _subset(args.only, "--only", list(grid.configs)) if args.only else set(grid.configs)
-        seeds = _subset(args.seeds, "--seeds", grid.seeds, int) if args.seeds else set(grid.seeds)
-        todo = [r for r in runs if id(r) not in finished and r.name in only and r.seed in seeds]
-        print(f"{len(runs)} runs ({len(grid.configs)} configurations x {len(grid.seeds)} seeds): "
-              f"{len(finished)} finished, {len(todo)} to do here", flush=True)
-        if args.dry_run:
-            for run in todo:
-                print(f"  {run.folder}  {json.dumps(run.options)}")
-            return 0
-        failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
-        finished = _finished(runs, recorded)
-        if finished:
-            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
-            print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
-                  f"{results.with_suffix('.png')}")
-            if args.report:
-                print("\n" + results.with_suffix(".md").read_text(), end="")
-    except KeyboardInterrupt:
-        print("interrupted: finished runs are kept and an interrupted training resumes; run the same command again",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
-    except HSCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs}: give at least 1")
+    grid = load_grid(args.grid)
+    if results.suffix != ".json":
+        raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")
+    runs = grid.runs(out)
+    recorded = _recorded(results)
+    finished = _finished(runs, recorded)
+    for run in runs:
+        done = finished.get(id(run))
+        if done is not None and (done.get("config") != run.options or done.get("seed") != run.seed):
+            raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
+                              f"now asks for {run.options}: choose another --out or remove that folder")
+    if args.compare:
+        unknown = [n for pair in args.compare for n in pair if n not in grid.configs]
+        if unknown:
+            raise ConfigError(f"--compare: {', '.join(unknown)} not in the grid ({', '.join(grid.configs)})")
+        done = [finished[id(r)] for r in runs if id(r) in finished]
+        print("\n".join([_comparison(compare(done, a, b)) for a, b in args.compare]))
+        return 0
+    only = _subset(args.only, "--only", list(grid.configs)) if args.only else set(grid.configs)
+    seeds = _subset(args.seeds, "--seeds", grid.seeds, int) if args.seeds else set(grid.seeds)
+    todo = [r for r in runs if id(r) not in finished and r.name in only and r.seed in seeds]
+    print(f"{len(runs)} runs ({len(grid.configs)} configurations x {len(grid.seeds)} seeds): "
+          f"{len(finished)} finished, {len(todo)} to do here", flush=True)
+    if args.dry_run:
+        for run in todo:
+            print(f"  {run.folder}  {json.dumps(run.options)}")
+        return 0
+    failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
+    finished = _finished(runs, recorded)
+    if finished:
+        write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+        print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
+              f"{results.with_suffix('.png')}")
+        if args.report:
+            print("\n" + results.with_suffix(".md").read_text(), end="")
     if failures:
         print(f"{len(failures)} run(s) failed (run the same command again to retry them):", file=sys.stderr)
         for line in failures:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), ablate_command, argv,
+                       interrupted="interrupted: finished runs are kept and an interrupted training resumes; run the "
+                                   "same command again")
+
+
+if __name__ == "__main__":
+    exit_with(main)

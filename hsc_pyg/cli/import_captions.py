@@ -1,9 +1,9 @@
-"""``python -m hsc_pyg.cli.import_captions``: captions from Karpathy / COCO JSON, CSV or per-photo text files ->
+"""``hsc-pyg import-captions``: captions from Karpathy / COCO JSON, CSV or per-photo text files ->
 ``{split}_caps.txt`` aligned with ``{split}_ids.txt``.
 
-    python -m hsc_pyg.cli.import_captions --captions dataset_flickr30k.json --out data/f30k_grid
-    python -m hsc_pyg.cli.import_captions --captions captions.txt --split test --out data/my_precomp
-    python -m hsc_pyg.cli.import_captions --captions captions.csv --out data/flickr8k_precomp \
+    hsc-pyg import-captions --captions dataset_flickr30k.json --out data/f30k_grid
+    hsc-pyg import-captions --captions captions.txt --split test --out data/my_precomp
+    hsc-pyg import-captions --captions captions.csv --out data/flickr8k_precomp \
         --split_list train=train_images.txt --split_list dev=dev_images.txt --split_list test=test_images.txt
 
 Expected failures print one line to stderr and exit with status 2.
@@ -11,12 +11,10 @@ Expected failures print one line to stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from ..data.importers import FEWER, FORMATS, import_captions
-from ..errors import HSCError
-from .common import exit_with
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
 Write {split}_caps.txt (PER_IMAGE captions per photo, caption k belongs to photo k // PER_IMAGE) into --out, in the
@@ -36,9 +34,8 @@ def _split_list(text: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.cli.import_captions", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("import-captions", DESCRIPTION)
     p.add_argument("--captions", required=True, metavar="PATH",
                    help="dataset_*.json, captions_*.json, an image,caption CSV, or a folder of NAME.txt files")
     p.add_argument("--out", required=True, metavar="DIR", help="dataset folder (<data_path>/<data_name>)")
@@ -58,16 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        reports = import_captions(args.captions, args.out, fmt=args.fmt, split=args.split,
-                                  split_lists=dict(args.split_list) if args.split_list else None, images=args.images,
-                                  per_image=args.per_image, fewer=args.fewer, ignore_extra=args.ignore_extra,
-                                  overwrite=args.overwrite)
-    except HSCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+def import_captions_command(args: argparse.Namespace) -> int:
+    reports = import_captions(args.captions, args.out, fmt=args.fmt, split=args.split,
+                              split_lists=dict(args.split_list) if args.split_list else None, images=args.images,
+                              per_image=args.per_image, fewer=args.fewer, ignore_extra=args.ignore_extra,
+                              overwrite=args.overwrite)
     for r in reports:
         notes = [f"{r.trimmed} photos had more than {r.per_image} (first {r.per_image} kept)" if r.trimmed else "",
                  f"{r.repeated} photos had fewer (repeated)" if r.repeated else "",
@@ -77,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.out}/{r.split}_caps.txt: {r.photos} photos x {r.per_image} captions; "
               + "; ".join(n for n in notes if n))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), import_captions_command, argv, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

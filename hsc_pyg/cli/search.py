@@ -1,6 +1,6 @@
-"""``python -m hsc_pyg.search``: find the images that match a sentence, or the captions that match an image.
+"""``hsc-pyg search`` (also ``python -m hsc_pyg.search``): find the images that match a sentence, or the captions that match an image.
 
-    python -m hsc_pyg.search --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
+    hsc-pyg search --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
         --data_name flickr8k_mini_precomp --split test --query "a dog runs on the beach" --k 5
 
 Expected failures print one line to stderr and exit with status 2 (``--debug`` shows the traceback instead).
@@ -18,9 +18,9 @@ from ..data.vocab import Vocabulary
 from ..engine.device import resolve_device
 from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
 from ..engine.vector_index import INDEX_KINDS
-from ..errors import ConfigError, HSCError
+from ..errors import ConfigError
 from ..io import write_json
-from .common import add_model_and_split_arguments, exit_with
+from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
 Search a split's images with a sentence (--query), or its captions with one of its images (--image). The gallery is
@@ -30,9 +30,8 @@ files). Each query is compared with every gallery item by the cosine of the mode
 (--itc_weight 0, official checkpoints) shortlists by the untrained cosine of its global vectors, which misses more."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.search", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("search", DESCRIPTION)
     add_model_and_split_arguments(p, split_help="split whose images (and captions) are searched (default: test)")
     query = p.add_mutually_exclusive_group(required=True)
     query.add_argument("--query", metavar="TEXT", help="a sentence: find the images that match it")
@@ -58,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=128, help="items per encoder call when building the cache")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -71,7 +69,7 @@ def _output(path: str | None, flag: str, overwrite: bool) -> Path | None:
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def search_command(args: argparse.Namespace) -> int:
     json_out = _output(args.json, "--json", args.overwrite)
     sheet = _output(args.sheet, "--sheet", args.overwrite) if args.image_root else None
     if args.image_root and not Path(args.image_root).is_dir():
@@ -105,19 +103,11 @@ def run(args: argparse.Namespace) -> dict:
         print(f"wrote {sheet}", file=sys.stderr)
     if json_out is not None:
         write_json(json_out, result.to_dict(), indent=2)
-    return result.to_dict()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except HSCError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_command(build_parser(), search_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""``python -m hsc_pyg.serve``: the local explorer, a web page and an HTTP API over a model and a gallery.
+"""``hsc-pyg serve`` (also ``python -m hsc_pyg.serve``): the local explorer, a web page and an HTTP API over a model and a gallery.
 
-    python -m hsc_pyg.serve --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
+    hsc-pyg serve --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
         --data_name flickr8k_mini_precomp --split test --image_root ../shared/data/flickr8k_mini_precomp/images
 
 Expected failures print one line to stderr and exit with status 2 (``--debug`` shows the traceback instead).
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..engine.vector_index import INDEX_KINDS, import_faiss
-from ..errors import ConfigError, HSCError
-from .common import add_model_and_split_arguments, exit_with
+from ..errors import ConfigError
+from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
 Serve a page and a JSON API over a trained model and one split's gallery: type a sentence, see the photos the model
@@ -27,9 +27,8 @@ search command's (--cache, --rebuild). Binds 127.0.0.1 (this machine only) unles
 SIGTERM stops it after the requests in flight. Needs the serve extra: pip install -e '.[serve]'."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.serve", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("serve", DESCRIPTION)
     add_model_and_split_arguments(p, split_help="split whose images (and captions) are served (default: test)")
     p.add_argument("--image_root", metavar="DIR",
                    help="folder of the photos named in {split}_ids.txt (without it the page shows no photos)")
@@ -51,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=128, help="items per encoder call when building the cache")
     p.add_argument("--access_log", action="store_true", help="print a line per request")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
@@ -107,34 +105,27 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        check_arguments(args)
-        sock = bind(args.host, args.port)
-        from .. import load_checkpoint
-        from ..data.precomp import PrecompSplit
-        from ..data.vocab import Vocabulary
-        from ..engine.device import resolve_device
-        from ..engine.retrieval import open_gallery
-        from ..serve.app import Explorer, make_server
+def serve_command(args: argparse.Namespace) -> int:
+    check_arguments(args)
+    sock = bind(args.host, args.port)
+    from .. import load_checkpoint
+    from ..data.precomp import PrecompSplit
+    from ..data.vocab import Vocabulary
+    from ..engine.device import resolve_device
+    from ..engine.retrieval import open_gallery
+    from ..serve.app import Explorer, make_server
 
-        model = load_checkpoint(args.model).to(resolve_device(args.device))
-        vocab = Vocabulary.load(args.vocab_path) if args.vocab_path else model.vocab
-        if vocab is None:
-            raise ConfigError("the model carries no vocabulary (official checkpoints do not); pass --vocab_path")
-        split = PrecompSplit.open(args.data_path, args.data_name, args.split)
-        gallery, built = open_gallery(model, split, vocab, cache=args.cache, rebuild=args.rebuild,
-                                      store_dtype=args.store_dtype, batch_size=args.batch_size,
-                                      progress=not args.no_progress, index=args.index)
-        print(f"{'built' if built else 'read'} the gallery cache {gallery.folder} ({len(gallery)} images)",
-              file=sys.stderr)
-        explorer = Explorer(model, vocab, split, gallery, args.image_root, args.shortlist, parallel=args.parallel)
-    except HSCError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    model = load_checkpoint(args.model).to(resolve_device(args.device))
+    vocab = Vocabulary.load(args.vocab_path) if args.vocab_path else model.vocab
+    if vocab is None:
+        raise ConfigError("the model carries no vocabulary (official checkpoints do not); pass --vocab_path")
+    split = PrecompSplit.open(args.data_path, args.data_name, args.split)
+    gallery, built = open_gallery(model, split, vocab, cache=args.cache, rebuild=args.rebuild,
+                                  store_dtype=args.store_dtype, batch_size=args.batch_size,
+                                  progress=not args.no_progress, index=args.index)
+    print(f"{'built' if built else 'read'} the gallery cache {gallery.folder} ({len(gallery)} images)",
+          file=sys.stderr)
+    explorer = Explorer(model, vocab, split, gallery, args.image_root, args.shortlist, parallel=args.parallel)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     if not ipaddress.ip_address(host).is_loopback:
@@ -144,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     make_server(explorer, access_log=args.access_log).run(sockets=[sock])
     print("stopped", file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), serve_command, argv)
 
 
 if __name__ == "__main__":

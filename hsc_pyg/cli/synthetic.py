@@ -1,20 +1,18 @@
-"""``python -m hsc_pyg.cli.synthetic``: write the built-in synthetic dataset in the SCAN precomp format."""
+"""``hsc-pyg synthetic``: write the built-in synthetic dataset in the SCAN precomp format."""
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Sequence
 
 from ..data.synthetic import CAPTIONS_PER_IMAGE, DEFAULTS, make_synthetic
-from ..errors import HSCError
-from .common import exit_with
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hsc_pyg.cli.synthetic",
-        description="Write the built-in synthetic dataset (scenes of objects with colours, sizes and spatial "
+def build_parser() -> OneLineParser:
+    parser = command_parser(
+        "synthetic",
+        "Write the built-in synthetic dataset (scenes of objects with colours, sizes and spatial "
                     "relations; 5 template captions per image; twin scenes whose captions differ only by a swapped "
                     "relation or colour) in the SCAN precomp format. Deterministic from --seed.")
     parser.add_argument("--out", default="data/synthetic_precomp",
@@ -30,19 +28,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def synthetic_command(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    try:
-        out = make_synthetic(args.out, seed=args.seed, num_train=args.train, num_dev=args.dev, num_test=args.test,
-                             img_dim=args.img_dim, num_regions=args.regions, overwrite=args.overwrite)
-    except HSCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    out = make_synthetic(args.out, seed=args.seed, num_train=args.train, num_dev=args.dev, num_test=args.test,
+                         img_dim=args.img_dim, num_regions=args.regions, overwrite=args.overwrite)
     print(f"wrote {out}: train {args.train} / dev {args.dev} / test {args.test} images, {CAPTIONS_PER_IMAGE} captions "
           f"each, {args.regions} regions x {args.img_dim} features, seed {args.seed} "
           f"({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), synthetic_command, argv, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""``python -m hsc_pyg.viz`` (through ``hsc_pyg/viz/__main__.py``): draw the relations a trained model learned for one image, one caption or one pair.
+"""``hsc-pyg viz`` (also ``python -m hsc_pyg.viz``): draw the relations a trained model learned for one image, one caption or one pair.
 
-    python -m hsc_pyg.viz --model runs/demo/checkpoint/model_best.pth --data_path data --data_name synthetic_precomp \\
+    hsc-pyg viz --model runs/demo/checkpoint/model_best.pth --data_path data --data_name synthetic_precomp \\
         --split test --image 0 --caption 0 --level all --out graphs/
 
 Expected failures print one line to stderr and exit with status 2 (``--debug`` shows the traceback instead).
@@ -8,16 +8,14 @@ Expected failures print one line to stderr and exit with status 2 (``--debug`` s
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..engine.checkpoint import load_checkpoint
-from ..errors import HSCError
 from ..viz.pictures import DEFAULT_TOP_K, make_pictures
 from ..viz.relations import LEVEL_CHOICES, RANKINGS, weighted_layer_types
-from .common import add_model_and_split_arguments, exit_with
+from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
 
 DESCRIPTION = f"""\
 Draw what a trained HSC model learned about one test item, as PNG + GraphML + JSON (named by data, split, item, kind
@@ -31,9 +29,8 @@ Levels: object = before the relational layers (no learned edges), relational = l
 all = each of the three; or --layer K. Layer types with edge weights: {', '.join(weighted_layer_types())}."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hsc_pyg.viz", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> OneLineParser:
+    p = command_parser("viz", DESCRIPTION)
     add_model_and_split_arguments(p, split_help="split (default: %(default)s)")
     p.add_argument("--image", type=int, metavar="I", help="image row of the split")
     p.add_argument("--caption", type=int, metavar="J",
@@ -54,27 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of the photos named in {split}_ids.txt: draw the region graph over the photo")
     p.add_argument("--out", default="graphs", help="folder to write into (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files of the same name")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model = load_checkpoint(args.model)
-        vocab = Vocabulary.load(args.vocab_path) if args.vocab_path else None
-        split = PrecompSplit.open(args.data_path, args.data_name, args.split)
-        pictures = make_pictures(model, split, out=args.out, overwrite=args.overwrite, image=args.image,
-                                 caption=args.caption, level=args.level, layer=args.layer, top_k=args.top_k_edges,
-                                 ranking=args.rank, word=args.word, image_root=args.image_root, vocab=vocab)
-    except HSCError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+def viz_command(args: argparse.Namespace) -> int:
+    model = load_checkpoint(args.model)
+    vocab = Vocabulary.load(args.vocab_path) if args.vocab_path else None
+    split = PrecompSplit.open(args.data_path, args.data_name, args.split)
+    pictures = make_pictures(model, split, out=args.out, overwrite=args.overwrite, image=args.image,
+                             caption=args.caption, level=args.level, layer=args.layer, top_k=args.top_k_edges,
+                             ranking=args.rank, word=args.word, image_root=args.image_root, vocab=vocab)
     for picture in pictures:
         print(f"wrote {picture.paths[0]} (+ .graphml, .json): {picture.describe()}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), viz_command, argv)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,20 @@
-"""``python -m hsc_pyg.cli.vocab``: build a vocabulary JSON (SCAN layout) from a split's captions."""
+"""``hsc-pyg vocab``: build a vocabulary JSON (SCAN layout) from a split's captions."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Sequence
 
 from ..data.precomp import caption_file, read_lines
 from ..data.vocab import SPECIALS, build_vocab
-from ..errors import ConfigError, HSCError
-from .common import exit_with
+from ..errors import ConfigError
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hsc_pyg.cli.vocab",
-        description="Build a vocabulary JSON file (SCAN layout: word2idx, idx2word, idx) from the train captions "
+def build_parser() -> OneLineParser:
+    parser = command_parser(
+        "vocab",
+        "Build a vocabulary JSON file (SCAN layout: word2idx, idx2word, idx) from the train captions "
                     "<data_path>/<data_name>/train_caps.txt: the words seen at least --threshold times, after the "
                     "specials <pad>=0 <start>=1 <end>=2 <unk>=3.")
     parser.add_argument("--data_path", required=True, help="folder that holds <data_name>/")
@@ -27,21 +26,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-        captions = read_lines(caption_file(args.data_path, args.data_name, args.split), what="caption")
-        vocab = build_vocab(captions, threshold=args.threshold)
-        vocab.save(out)
-    except HSCError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+def vocab_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    captions = read_lines(caption_file(args.data_path, args.data_name, args.split), what="caption")
+    vocab = build_vocab(captions, threshold=args.threshold)
+    vocab.save(out)
     print(f"wrote {out}: {len(vocab)} entries ({len(vocab) - len(SPECIALS)} words seen >= {args.threshold} times "
           f"in {len(captions)} {args.split} captions)")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), vocab_command, argv, interrupted="interrupted: nothing was written")
 
 
 if __name__ == "__main__":

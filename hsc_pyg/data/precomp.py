@@ -31,7 +31,7 @@ FINITE_CHUNK = 256
 MAX_GRAPH_EDGES = 1_000_000
 EDGE_INDEX_BYTES = 16  # two int64 node ids per edge
 _GET_DATA = ("get the SCAN precomp features (kuanghueilee/scan-features on Kaggle) or make the built-in data with "
-             "`python -m hsc_pyg.cli.synthetic --out {}`")
+             "`hsc-pyg synthetic --out {}`")
 
 
 def _one_line(error: Exception) -> str:

@@ -16,7 +16,7 @@ Files per split (``train``, ``dev``, ``test``): ``{split}_ims.npy`` float32 ``[N
 image), ``{split}_boxes.npy`` float32 ``[N, R, 4]``, ``{split}_ids.txt`` (``synth_000123``), and ``{split}_scenes.json``
 (the objects of every image and its twin, for analysis); ``synthetic.json`` records the generation options.
 
-    python -m hsc_pyg.cli.synthetic --out data/synthetic_precomp
+    hsc-pyg synthetic --out data/synthetic_precomp
 """
 from __future__ import annotations
 
@@ -246,3 +246,9 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS
         for name, data in files.items():
             (folder / name).write_bytes(data)
     return out
+
+
+if __name__ == "__main__":
+    from ..errors import refuse_as_command
+
+    refuse_as_command(__spec__.name, "synthetic")

@@ -9,7 +9,7 @@ come first: ``<pad>`` = 0, ``<start>`` = 1, ``<end>`` = 2, ``<unk>`` = 3.
 
 Build a vocabulary file from a dataset's train captions::
 
-    python -m hsc_pyg.cli.vocab --data_path data --data_name synthetic_precomp --out vocab/synthetic_vocab.json
+    hsc-pyg vocab --data_path data --data_name synthetic_precomp --out vocab/synthetic_vocab.json
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ class Vocabulary:
     @classmethod
     def from_dict(cls, d: Any, source: str = "vocabulary") -> "Vocabulary":
         """Rebuild from the SCAN layout, checking it is complete and consistent (``source`` names it in errors)."""
-        fix = "rebuild it with `python -m hsc_pyg.data.vocab` or use the official SCAN file"
+        fix = "rebuild it with `hsc-pyg vocab` or use the official SCAN file"
         if not isinstance(d, dict):
             raise VocabError(f"{source}: expected a JSON object with keys word2idx, idx2word, idx; "
                              f"found {type(d).__name__}; {fix}")
@@ -155,17 +155,17 @@ class Vocabulary:
         """Read a vocabulary JSON file (hsc_pyg's or the official SCAN/SGRAF ones, unchanged)."""
         p = Path(path)
         if not p.is_file():
-            raise VocabError(f"vocabulary file {p} does not exist; build one with `python -m hsc_pyg.data.vocab "
+            raise VocabError(f"vocabulary file {p} does not exist; build one with `hsc-pyg vocab "
                              f"--data_path DIR --data_name NAME --out {p}` or pass the official SCAN file")
         text = p.read_bytes().decode("utf-8", errors="replace").removeprefix(BOM)  # editors on Windows add one
         if not text.strip():
             raise VocabError(f"vocabulary file {p} is empty; expected the SCAN JSON layout "
-                             "{word2idx, idx2word, idx}; rebuild it with `python -m hsc_pyg.data.vocab`")
+                             "{word2idx, idx2word, idx}; rebuild it with `hsc-pyg vocab`")
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
             raise VocabError(f"vocabulary file {p} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                             "rebuild it with `python -m hsc_pyg.data.vocab`") from None
+                             "rebuild it with `hsc-pyg vocab`") from None
         return cls.from_dict(d, source=f"vocabulary file {p}")
 
 
@@ -189,3 +189,9 @@ def build_vocab(captions: Iterable[str], threshold: int = 4) -> Vocabulary:
         raise VocabError(f"no word occurs {threshold} times or more in the {num_captions} captions "
                          f"(most frequent: {counts.most_common(1)[0][1] if counts else 0} times); lower --threshold")
     return Vocabulary(kept)
+
+
+if __name__ == "__main__":
+    from ..errors import refuse_as_command
+
+    refuse_as_command(__spec__.name, "vocab")

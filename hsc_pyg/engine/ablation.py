@@ -1,5 +1,5 @@
-"""Ablation studies: a grid of training configurations x seeds, each trained by ``train.py`` in its own process and
-evaluated by ``evaluate.py``, summarised as JSON, a Markdown table (mean, standard deviation, Welch's t-test against a
+"""Ablation studies: a grid of training configurations x seeds, each trained by ``python -m hsc_pyg train`` in its own
+process and evaluated by ``python -m hsc_pyg evaluate``, summarised as JSON, a Markdown table (mean, standard deviation, Welch's t-test against a
 baseline) and a bar plot. The command line and the grid file's layout: :mod:`hsc_pyg.cli.ablate`.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ..config import PRESETS, Config
 from ..errors import ConfigError, HSCError
 from ..io import atomic_files, write_json
 
-ROOT = Path(__file__).resolve().parents[2]     # the source checkout: train.py and evaluate.py live there
+#: the folder this package was imported from: a run's processes import the same package (not another install)
+IMPORTED_FROM = Path(__file__).resolve().parents[2]
 GRID_KEYS = {"recipe", "data_path", "data_name", "seeds", "baseline", "common", "configs", "axes", "evaluate"}
 RUN_FIELDS = ("model_name", "logger_name", "seed", "data_path", "data_name")   # set per run by the runner
 
@@ -73,7 +74,7 @@ def load_grid(path: str | Path) -> Grid:
     try:
         raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
-        raise ConfigError(f"grid {path} does not exist; see python -m hsc_pyg.ablate --help for its layout") from None
+        raise ConfigError(f"grid {path} does not exist; see hsc-pyg ablate --help for its layout") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"grid {path} is not valid JSON ({e}); fix the file") from None
     if not isinstance(raw, dict):
@@ -151,12 +152,15 @@ class RunFailed(HSCError):
 
 
 def _child(python: str, argv: list[str], log: Path) -> int:
-    """Run a command line of the checkout with its output appended to ``log``; Ctrl-C reaches the child too (same
-    process group), which saves its checkpoint; the runner then stops."""
+    """Run ``python -m hsc_pyg ARGV`` (a command of this package) with its output appended to ``log``; Ctrl-C reaches
+    the child too (same process group), which saves its checkpoint; the runner then stops."""
+    command = [python, "-m", "hsc_pyg", *argv]
+    path = os.pathsep.join(p for p in (str(IMPORTED_FROM), os.environ.get("PYTHONPATH", "")) if p)
     with open(log, "ab") as out:
-        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.write(f"\n$ {' '.join(command)}\n".encode())
         out.flush()
-        return subprocess.call([python, *argv], cwd=os.getcwd(), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.call(command, cwd=os.getcwd(), stdout=out, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": path})
 
 
 def _last_line(log: Path) -> str:
@@ -176,12 +180,12 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     if not (folder / "train_done.json").exists():
         if checkpoint.is_file():
             # the folders and data named again: the checkpoint's own paths may be relative to another working folder
-            argv = [str(ROOT / "train.py"), "--resume", str(checkpoint), "--no_progress",
+            argv = ["train", "--resume", str(checkpoint), "--no_progress",
                     "--model_name", config.model_name, "--logger_name", config.logger_name,
                     "--data_path", config.data_path, "--data_name", config.data_name]
         else:
             config.save(folder / "config.json")
-            argv = [str(ROOT / "train.py"), "--config", str(folder / "config.json"), "--no_progress", "--overwrite"]
+            argv = ["train", "--config", str(folder / "config.json"), "--no_progress", "--overwrite"]
         start = time.perf_counter()
         status = _child(python, argv, folder / "train.log")
         timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
@@ -194,7 +198,7 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
                             f"{_last_line(folder / 'train.log')} (log {folder / 'train.log'})")
         write_json(folder / "train_done.json", timing)
     report = folder / "eval.json"
-    argv = [str(ROOT / "evaluate.py"), "--model", str(folder / "checkpoint" / "model_best.pth"),
+    argv = ["evaluate", "--model", str(folder / "checkpoint" / "model_best.pth"),
             "--data_path", grid.data_path, "--data_name", grid.data_name, "--split", grid.evaluate["split"],
             "--json", str(report), "--no_progress"]
     if grid.evaluate["rerank_k"]:

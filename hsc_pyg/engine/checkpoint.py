@@ -11,7 +11,7 @@ The official layout (SGRAF ``train.py`` / LHSC ``train.py``) is ``{"epoch", "mod
 ``torch.load(weights_only=True)`` with only ``argparse.Namespace`` allow-listed: a file that needs anything else to
 unpickle is refused, never executed.
 
-Command: ``python -m hsc_pyg.cli.convert IN OUT [--vocab_path VOCAB.json]`` converts an official checkpoint.
+Command: ``hsc-pyg convert IN OUT [--vocab_path VOCAB.json]`` converts an official checkpoint.
 """
 from __future__ import annotations
 
