@@ -385,7 +385,7 @@ def worker_bf16(spec: dict[str, Any]) -> dict[str, Any]:
     from hsc_pyg.engine import evaluation as ev
     from hsc_pyg.engine.device import cpu_bf16_instructions
     from hsc_pyg.engine.metrics import recall_metrics
-    from hsc_pyg.engine.protocols import DEFAULT_RESCORE_K
+    from hsc_pyg.config import DEFAULT_RESCORE_K
 
     device = _setup(spec)
     quick, repeats, k = spec["quick"], spec["repeats"], spec.get("rescore_k", DEFAULT_RESCORE_K)

@@ -20,246 +20,57 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .data.graphs import check_edge_spec, edge_feature_size
 from .errors import ConfigError
-from .nn.layers import LAYERS
-from .nn.loss import KINDS as ITC_KINDS
 from .io import write_text
+from .nn.loss import KINDS as ITC_KINDS
+from .nn.model_config import (LEVELS, PRESETS, ModelConfig, model_config_from_dict,  # noqa: F401  (the run's parts
+                              model_differences)                                      # are read from here)
+from .options import add_arguments, check_device, check_fields, given, option
 
-LEVELS = ("object", "relational", "higher")
-
-
-class _FromPreset:
-    """Default of the fields a preset sets: the preset's value is used unless the field is given."""
-
-    def __repr__(self) -> str:
-        return "from --preset"
-
-
-FROM_PRESET: Any = _FromPreset()
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "hsc": dict(img_gnn="hsc", txt_gnn="hsc_text", img_layers=4, txt_layers=4, head="saf"),
-    "sgraf_saf": dict(img_gnn="none", txt_gnn="none", img_layers=0, txt_layers=0, head="saf"),
-    "sgraf_sgr": dict(img_gnn="none", txt_gnn="none", img_layers=0, txt_layers=0, head="sgr"),
-}
+DEVICE_HELP = "auto (the first GPU, else the CPU), cpu or cuda[:N]"
+#: Data loader / decoding processes any command may start.
+MAX_WORKERS = 256
+#: Re-scored top K per query of ``--amp bf16|fp16`` when ``--rescore_k`` is not given: the smallest K at which no
+#: float32 top-10 item fell outside the bf16 top K on the built-in data and on Flickr8k-mini (README, "bf16 scoring").
+DEFAULT_RESCORE_K = 15
+#: Items of the first stage a search scores exactly when ``--shortlist`` is not given.
+DEFAULT_SHORTLIST = 50
+STORE_DTYPES = ("float32", "float16")
+#: How a gallery's first stage finds its shortlist: brute force, or a FAISS index (engine/vector_index.py).
+INDEX_KINDS = ("auto", "brute", "flat", "ivf", "hnsw")
 
 
-def option(default: Any, help: str, *, low: float | None = None, below: float | None = None,
-           choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its help text and valid range: ``low <= value`` (``value < below``), or one of
-    ``choices``. Floats must also be finite."""
-    return field(default=default, metadata={"help": help, "low": low, "below": below, "choices": choices})
+def _data_path() -> Any:
+    return option("data", "folder that holds <data_name>/")
 
 
-def _type_name(annotation: str) -> tuple[str, bool]:
-    """``"int | None"`` -> ``("int", True)``."""
-    base, _, rest = annotation.partition("|")
-    return base.strip(), rest.strip() == "None"
+def _data_name() -> Any:
+    return option("synthetic_precomp", "dataset folder: f30k_precomp, coco_precomp, flickr8k_mini_precomp, "
+                                       "synthetic_precomp ...")
 
 
-def _describe(kind: str, meta: dict[str, Any], optional: bool) -> str:
-    if meta["choices"]:
-        valid = f"one of {', '.join(meta['choices'])}"
-    else:
-        valid = {"int": "an integer", "float": "a finite number", "bool": "true or false", "str": "a string"}[kind]
-        if meta["low"] is not None:
-            valid += f" >= {meta['low']}"
-        if meta["below"] is not None:
-            valid += f" and < {meta['below']}"
-    return valid + (" (or null: the layer's default)" if optional else "")
+def _device() -> Any:
+    return option("auto", DEVICE_HELP)
 
 
-def check_value(name: str, value: Any, annotation: str, meta: dict[str, Any]) -> None:
-    """ConfigError unless ``value`` has the field's type and lies in its range."""
-    kind, optional = _type_name(annotation)
-    if value is None and optional:
-        return
-    ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-        "bool": isinstance(value, bool),
-        "str": isinstance(value, str),
-    }[kind]
-    if ok and kind in ("int", "float"):
-        ok = ((meta["low"] is None or value >= meta["low"]) and (meta["below"] is None or value < meta["below"]))
-    if ok and meta["choices"]:
-        ok = value in meta["choices"]
-    if not ok:
-        raise ConfigError(f"{name}={value!r} is invalid: expected {_describe(kind, meta, optional)}")
+def _workers() -> Any:
+    return option(0, "data loader worker processes", low=0, below=MAX_WORKERS + 1)
 
 
-def check_fields(obj: Any) -> None:
-    """:func:`check_value` for every field of the dataclass ``obj``."""
-    for f in fields(obj):
-        check_value(f.name, getattr(obj, f.name), str(f.type), f.metadata)
-
-
-def physical_memory() -> int | None:
-    """Bytes of memory of this machine (None where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """What shapes the weights and the scores: sizes, layer types and their arguments, head, edges, norms."""
-
-    preset: str = option("hsc", "hsc, sgraf_saf or sgraf_sgr (sets the layer types, layer counts and head unless given)",
-                         choices=tuple(PRESETS))
-    img_dim: int = option(0, "region feature size; 0 = read from the data", low=0)
-    num_regions: int = option(36, "regions per image (VisualSA's BatchNorm is over this axis)", low=1)
-    vocab_size: int = option(0, "set from the vocabulary (0 = not yet known)", low=0)
-    embed_size: int = option(1024, "joint embedding size d", low=1)
-    word_dim: int = option(300, "word embedding size", low=1)
-    sim_dim: int = option(256, "alignment vector size m", low=1)
-    img_gnn: str = option(FROM_PRESET, "layer type of the region graph (see hsc_pyg.nn.layers.LAYERS)")
-    txt_gnn: str = option(FROM_PRESET, "layer type of the word graph")
-    img_layers: int = option(FROM_PRESET, "relational layers on the region graph", low=0)
-    txt_layers: int = option(FROM_PRESET, "relational layers on the word graph", low=0)
-    img_layer_heads: int | None = option(None, "heads of the region-graph layers (hsc, gat, gatv2, transformer); "
-                                               "default: the layer's (4)", low=1)
-    img_layer_dropout: float | None = option(None, "dropout inside the region-graph layers that have one (gat, "
-                                                   "gatv2, transformer: on the attention)", low=0.0, below=1.0)
-    txt_layer_heads: int | None = option(None, "heads of the word-graph layers (gat, gatv2, transformer)", low=1)
-    txt_layer_dropout: float | None = option(None, "dropout inside the word-graph layers that have one (hsc_text: "
-                                                   "drop_out in the original, 0; gat, gatv2, transformer: on the "
-                                                   "attention)", low=0.0, below=1.0)
-    head: str = option(FROM_PRESET, "similarity head: saf or sgr")
-    sgr_step: int = option(3, "reasoning steps of the sgr head", low=1)
-    lambda_softmax: float = option(9.0, "inverse temperature of the word-to-region attention", low=0.0)
-    word_dropout: float = option(0.4, "dropout after the word embedding", low=0.0, below=1.0)
-    sa_dropout: float = option(0.4, "dropout inside VisualSA / TextSA", low=0.0, below=1.0)
-    gru_layers: int = option(1, "GRU layers of the text encoder", low=1)
-    no_imgnorm: bool = option(False, "skip the l2norm of region states")
-    no_txtnorm: bool = option(False, "skip the l2norm of word states")
-    first_stage_dim: int = option(0, "size of the first stage's retrieval vectors: 0 = the global vectors themselves, "
-                                     "else a learned projection to this size", low=0)
-    align_levels: str = option("higher", "comma-separated levels to align and fuse: object, relational, higher")
-    img_edges: str = option("full", "region-graph edges: full, knn:K, spatial, none")
-    txt_edges: str = option("full", "word-graph edges: full, window:K, none")
-    img_edge_features: bool = option(False, "give the img_edges builder's edge features (spatial: 5 columns of "
-                                            "relative geometry) to the region-graph layers (gat, gatv2, transformer, "
-                                            "gine; their edge_dim)")
-    txt_edge_features: bool = option(False, "give the word graph's relation features (2 columns: relative word "
-                                            "offset) to the word-graph layers (gat, gatv2, transformer, gine)")
-
-    def __post_init__(self) -> None:
-        if self.preset in PRESETS:
-            for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) is FROM_PRESET:
-                    object.__setattr__(self, name, value)
-        check_fields(self)
-        self.levels()
-        self._check_edges()
-        for side in ("img", "txt"):
-            try:
-                LAYERS.get(getattr(self, f"{side}_gnn"))
-            except ConfigError as e:
-                raise ConfigError(f"{side}_gnn={getattr(self, f'{side}_gnn')!r}: {e}") from None
-            self._check_layer_inputs(side)
-            arguments = self.layer_arguments(side)
-            try:
-                LAYERS.check_arguments(getattr(self, f"{side}_gnn"), arguments, skip=1)
-            except ConfigError as e:
-                given = "".join(f", {side}_layer_{k}={v!r}" for k, v in arguments.items())
-                raise ConfigError(f"{side}_gnn={getattr(self, f'{side}_gnn')!r}{given}: {e}") from None
-        self._check_preset()
-        self._check_size()
-
-    def levels(self) -> tuple[str, ...]:
-        """The aligned levels, in the order given."""
-        names = tuple(s.strip() for s in self.align_levels.split(",") if s.strip())
-        bad = [n for n in names if n not in LEVELS]
-        if bad or not names:
-            raise ConfigError(f"align_levels={self.align_levels!r} is invalid: expected a comma-separated subset of "
-                              f"{', '.join(LEVELS)}")
-        return names
-
-    def layer_arguments(self, side: str) -> dict[str, Any]:
-        """Keyword arguments of the ``side`` (``img`` / ``txt``) layers: the ``{side}_layer_*`` fields that are set."""
-        given = {"heads": getattr(self, f"{side}_layer_heads"), "dropout": getattr(self, f"{side}_layer_dropout")}
-        if getattr(self, f"{side}_edge_features"):
-            given["edge_dim"] = self.edge_feature_size(side)
-        return {k: v for k, v in given.items() if v is not None}
-
-    def edge_feature_size(self, side: str) -> int:
-        """Columns of the ``side`` graphs' edge features (0: none), as the edge builder declares them."""
-        spec, graph = (self.img_edges, "image") if side == "img" else (self.txt_edges, "caption")
-        return edge_feature_size(spec, graph=graph)
-
-    def _check_layer_inputs(self, side: str) -> None:
-        """The layer type and the edge features / boxes it gets agree (one-line ConfigError saying what to set)."""
-        layer, edges, features = (getattr(self, f"{side}_{k}") for k in ("gnn", "edges", "edge_features"))
-        if side == "txt" and LAYERS.capability(layer, "needs_pos"):
-            raise ConfigError(f"txt_gnn={layer!r} needs region boxes, so it applies to region graphs only; use "
-                              "txt_gnn=hsc_text or another layer without boxes")
-        takes = ", ".join(n for n in LAYERS if LAYERS.capability(n, "supports_edge_attr"))
-        if features and not LAYERS.capability(layer, "supports_edge_attr"):
-            raise ConfigError(f"{side}_edge_features=True but {side}_gnn={layer!r} takes no edge features; use one of "
-                              f"{takes} or set {side}_edge_features=false")
-        if features and self.edge_feature_size(side) == 0:
-            raise ConfigError(f"{side}_edge_features=True but {side}_edges={edges!r} builds no edge features; use "
-                              f"{side}_edges=spatial (boxes needed) or set {side}_edge_features=false")
-        if LAYERS.capability(layer, "needs_edge_attr") and not features:
-            fix = "with img_edges=spatial" if side == "img" else "(relative word positions)"
-            raise ConfigError(f"{side}_gnn={layer!r} needs edge features; set {side}_edge_features=true {fix}")
-
-    def _check_preset(self) -> None:
-        if self.preset.startswith("sgraf_"):
-            expected = PRESETS[self.preset]
-            wrong = [k for k in ("img_layers", "txt_layers", "head") if getattr(self, k) != expected[k]]
-            if wrong:
-                raise ConfigError(f"preset={self.preset!r} with {wrong[0]}={getattr(self, wrong[0])!r} is not "
-                                  f"{self.preset} (it needs {wrong[0]}={expected[wrong[0]]!r}); use --preset hsc for "
-                                  "a model with relational layers")
-        elif self.img_layers == 0 and self.txt_layers == 0:
-            raise ConfigError(f"preset='hsc' with img_layers=0 and txt_layers=0 has no relational layers: that is "
-                              f"--preset sgraf_{self.head}")
-
-    def _check_edges(self) -> None:
-        for name, graph in (("img_edges", "image"), ("txt_edges", "caption")):
-            try:
-                check_edge_spec(getattr(self, name), graph=graph)
-            except ConfigError as e:
-                raise ConfigError(f"{name}: {e}") from None
-
-    def parameter_estimate(self) -> int:
-        """About how many parameters these sizes make (the large terms: embeddings, projections, layers, GRU)."""
-        d, w, m = self.embed_size, self.word_dim, self.sim_dim
-        img_layer = 0 if self.img_gnn == "none" else 6 * d * d
-        txt_layer = 0 if self.txt_gnn == "none" else 6 * w * w
-        gru_in = [w] + [2 * d] * (self.gru_layers - 1)
-        gru = sum(2 * 3 * (i * d + d * d + 2 * d) for i in gru_in)
-        head = (3 * self.sgr_step + 1) * m * m
-        return (self.img_dim * d + self.img_layers * img_layer + self.vocab_size * w + self.txt_layers * txt_layer
-                + gru + 4 * d * d + 2 * d * m + head)
-
-    def _check_size(self) -> None:
-        memory = physical_memory()
-        need = 4 * self.parameter_estimate()
-        if memory is not None and need > memory:
-            sizes = ", ".join(f"{k}={getattr(self, k)}" for k in ("embed_size", "word_dim", "sim_dim", "img_dim",
-                                                                   "vocab_size", "gru_layers"))
-            raise ConfigError(f"the model would need about {need / 2**30:.3g} GiB of float32 weights ({sizes}), more "
-                              f"than this machine's {memory / 2**30:.1f} GiB of memory; lower the sizes")
+def _batch_size(help: str) -> Any:
+    return option(128, help, low=1)
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Where the data and the vocabulary come from."""
 
-    data_path: str = option("data", "folder that holds <data_name>/")
-    data_name: str = option("synthetic_precomp", "f30k_precomp, coco_precomp, flickr8k_mini_precomp or "
-                                                 "synthetic_precomp")
+    data_path: str = _data_path()
+    data_name: str = _data_name()
     vocab_path: str = option("", "vocabulary JSON (SCAN format); built from the train split when empty or absent")
     vocab_threshold: int = option(4, "minimum train count for a word to enter a built vocabulary", low=1)
     word_vectors: str = option("", "pretrained word vectors that initialise the embedding of the vocabulary's words "
@@ -274,7 +85,7 @@ class DataConfig:
 class TrainConfig:
     """How to train, where to write, on what device; and the scorer's memory bound."""
 
-    batch_size: int = option(128, "captions (with their images) per step", low=1)
+    batch_size: int = _batch_size("captions (with their images) per step")
     num_epochs: int = option(50, "epochs", low=1)
     learning_rate: float = option(2e-4, "Adam learning rate", low=1e-30)
     lr_update: int = option(20, "multiply the learning rate by 0.1 every this many epochs", low=1)
@@ -287,12 +98,12 @@ class TrainConfig:
     val_images: int = option(1000, "dev images a validation scores (the first N with their captions, as the original "
                                    "1,000); the cost grows with N squared", low=1)
     log_step: int = option(10, "log to TensorBoard every this many iterations", low=1)
-    workers: int = option(0, "data loader worker processes", low=0)
+    workers: int = _workers()
     logger_name: str = option("runs/run/log", "TensorBoard folder")
     model_name: str = option("runs/run/checkpoint", "checkpoint folder (model_best.pth, checkpoint.pth)")
-    seed: int = option(0, "random seed", low=0)
+    seed: int = option(0, "random seed", low=0, below=2**32)
     deterministic: bool = option(False, "deterministic algorithms (slower)")
-    device: str = option("auto", "auto, cpu or cuda[:N]")
+    device: str = _device()
     amp: str = option("off", "autocast: off, bf16 or fp16 (GPU)", choices=("off", "bf16", "fp16"))
     caption_word_drop: float = option(0.0, "training only: the chance that each word of a training caption is left "
                                            "out for that epoch (<start>, <end> and at least one word stay; drawn "
@@ -310,6 +121,132 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_device("device", self.device)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ``hsc-pyg evaluate`` evaluates and how; combinations that cannot work are refused here, before any work."""
+
+    models: tuple[str, ...] = option((), "checkpoint: this project's (model_best.pth) or an official SGRAF / HSC one; "
+                                         "repeat to average several models' scores", repeat="append", flag="model",
+                                     metavar="CKPT")
+    sims: tuple[str, ...] = option((), "a score matrix saved by --save_sims ([images, captions] of the same split); "
+                                       "repeat to average; combines with --model", repeat="append", metavar="FILE.npy")
+    vocab_path: str = option("", "vocabulary JSON for every --model (default: the one stored in the checkpoint; "
+                                 "official checkpoints have none, pass the SCAN f30k/coco vocabulary)",
+                             metavar="VOCAB.json")
+    data_path: str = _data_path()
+    data_name: str = _data_name()
+    split: str = option("test", "test, testall (COCO 5,000 images: the fair COCO protocol) or dev")
+    fold5: bool = option(False, "COCO 1K: five folds of 1,000 images / 5,000 captions, metrics averaged (needs "
+                                "--split testall); only the five diagonal blocks are scored", switch=True)
+    rerank_k: tuple[int, ...] = option((), "also re-rank: order all captions (images) by the model's first stage (the "
+                                           "cosine of its retrieval vectors), score only each query's top K exactly; "
+                                           "reports the first stage's own recalls and, per K, the re-ranked recalls "
+                                           "and the exact pair scores needed (needs --model; several K at once: "
+                                           "--rerank_k 5 10 20 50)", low=1, repeat="nargs", metavar="K")
+    save_sims: str = option("", "write the [images, captions] float32 score matrix (the average when several sources "
+                                "are given) for later --sims runs", metavar="FILE.npy")
+    overwrite: bool = option(False, "let --save_sims replace an existing file", switch=True)
+    json: str = option("", "write the printed numbers as JSON (replaces the file; its folder is created)",
+                       metavar="OUT.json")
+    device: str = _device()
+    amp: str = option("off", "precision of the pair scores (off = float32, the reference). bf16 (on a GPU, or a CPU "
+                             "with AMX-BF16 / AVX512-BF16 / Arm BF16; refused elsewhere) or fp16 (GPU): every pair is "
+                             "scored in that precision, then again in float32: each query's top --rescore_k in both "
+                             "directions, every ground-truth pair, and every pair whose score lies within the largest "
+                             "bf16 error seen of its query's best ground-truth score, so that the recall table is "
+                             "float32's. The encoders run in float32", choices=("off", "bf16", "fp16"))
+    rescore_k: int | None = option(None, "with --amp bf16/fp16: the top K of every query, in both directions, "
+                                         f"re-scored in float32 (null: {DEFAULT_RESCORE_K}); 0 = pure bf16/fp16 scores, "
+                                         "nothing re-scored (about 3 significant digits: near-equal scores tie, and "
+                                         "ties count against the query)", low=0, metavar="K")
+    batch_size: int = _batch_size("images or captions per encoder call")
+    workers: int = _workers()
+    score_chunk_mb: int = option(0, "memory bound of one chunk of the pair scorer in MiB (0: the checkpoint's "
+                                    "score_chunk_mb, 512); on a GPU with room, 4096 scores about 1.4x faster", low=0,
+                                 metavar="MB")
+    store_dtype: str = option("float32", "precision the encodings are kept in between encoding and scoring (float16 "
+                                         "halves their memory)", choices=STORE_DTYPES)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_device("device", self.device)
+        if not self.models and not self.sims:
+            raise ConfigError("nothing to evaluate: pass --model CKPT and/or --sims FILE.npy")
+        if self.rerank_k and not self.models:
+            raise ConfigError("--rerank_k needs --model (re-ranking uses the model's global vectors and its pair "
+                              "scorer)")
+        if self.rerank_k and self.sims:
+            raise ConfigError("--rerank_k cannot use --sims matrices (they hold no global vectors); drop --sims")
+        if self.save_sims and self.fold5:
+            raise ConfigError("--save_sims with --fold5 would save only the five diagonal blocks; save the full "
+                              "matrix without --fold5, then evaluate it with --sims FILE --fold5")
+        if self.rescore_k is not None and self.amp == "off":
+            raise ConfigError("--rescore_k re-scores the top K of a --amp bf16 or fp16 pass in float32; it does nothing "
+                              "with --amp off: drop it or add --amp bf16")
+        if self.save_sims and self.rescored_k():
+            raise ConfigError(f"--save_sims with --amp {self.amp} and --rescore_k {self.rescored_k()} would save a "
+                              "matrix that mixes precisions; save it with --amp off, or --rescore_k 0 for pure "
+                              f"{self.amp} scores")
+
+    def rescored_k(self) -> int:
+        """The top K per query re-scored in float32 (0: none; always 0 with --amp off or without --model)."""
+        if self.amp == "off" or not self.models:
+            return 0
+        return DEFAULT_RESCORE_K if self.rescore_k is None else self.rescore_k
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What ``hsc-pyg search`` looks for, in which gallery, and what it writes; checked before the gallery is
+    opened."""
+
+    model: str = option("", "checkpoint (model_best.pth or an official one)", metavar="CKPT")
+    vocab_path: str = option("", "vocabulary JSON (default: the one in the checkpoint; official checkpoints have "
+                                 "none)", metavar="VOCAB.json")
+    data_path: str = _data_path()
+    data_name: str = _data_name()
+    split: str = option("test", "split whose images (and captions) are searched")
+    query: str | None = option(None, "a sentence: find the images that match it", metavar="TEXT")
+    image: str | None = option(None, "an image of the split, by row or by id: find its captions", metavar="I|ID")
+    k: int = option(5, "results to return", low=1, below=100_001)
+    shortlist: int = option(DEFAULT_SHORTLIST, "items of the first stage scored exactly (at least --k)", low=1,
+                            below=1_000_001)
+    cache: str = option("", "gallery cache folder (default: $HSC_PYG_CACHE or ~/.cache/hsc_pyg, under galleries/, "
+                            "named by the model and the data)", metavar="DIR")
+    rebuild: bool = option(False, "encode the gallery again, replacing the --cache folder", switch=True)
+    store_dtype: str = option("float16", "precision of the cached encodings", choices=STORE_DTYPES)
+    index: str = option("auto", "first stage over the images: brute force, or a FAISS index kept in the cache (flat, "
+                                "ivf, hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there",
+                        choices=INDEX_KINDS)
+    image_root: str = option("", "folder of the photos named in {split}_ids.txt: write a contact sheet (--sheet)",
+                             metavar="DIR")
+    sheet: str = option("", "contact sheet written with --image_root (default: search.png)", metavar="FILE.png")
+    json: str = option("", "write the results as JSON", metavar="FILE")
+    overwrite: bool = option(False, "replace an existing --json or --sheet file", switch=True)
+    device: str = _device()
+    batch_size: int = _batch_size("items per encoder call when building the cache")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_device("device", self.device)
+        if not self.model:
+            raise ConfigError("--model is required: the checkpoint to search with")
+        if (self.query is None) == (self.image is None):
+            raise ConfigError("give exactly one of --query TEXT (find images) or --image I|ID (find captions)")
+        if self.query is not None and not self.query.strip():
+            raise ConfigError("--query is empty; give a sentence, e.g. --query \"a dog runs on the beach\"")
+        if self.image is not None and not self.image.strip():
+            raise ConfigError("--image is empty; give an image row (0, 1, ...) or id of the split")
+        if self.sheet and not self.image_root:
+            raise ConfigError(f"--sheet {self.sheet} draws the photos of --image_root, which is not given; add "
+                              "--image_root DIR or drop --sheet")
+
+    def sheet_path(self) -> str:
+        """The contact sheet to write ('' without --image_root)."""
+        return (self.sheet or "search.png") if self.image_root else ""
 
 
 PARTS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -393,66 +330,24 @@ class Config:
         return cls.from_dict(values, source=str(p))
 
 
-def model_config_from_dict(values: Any, source: str = "checkpoint") -> ModelConfig:
-    """A ModelConfig from a dict of its fields; ConfigError naming ``source`` for anything wrong."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: the model config must be an object of field names to values, found "
-                          f"{type(values).__name__}")
-    unknown = sorted(set(values) - {f.name for f in fields(ModelConfig)})
-    if unknown:
-        raise ConfigError(f"{source}: unknown model config field(s) {', '.join(unknown)}")
-    try:
-        return ModelConfig(**values)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def model_differences(old: ModelConfig, new: ModelConfig) -> list[str]:
-    """Names of the fields whose values differ."""
-    return [f.name for f in fields(ModelConfig) if getattr(old, f.name) != getattr(new, f.name)]
-
-
-def _parse_bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup,
                          names: list[str] | None = None) -> None:
-    """Add one ``--name`` flag per field of the three configurations (or per field in ``names``), all defaulting to
-    ``SUPPRESS``.
-
-    Defaults are left out of the namespace so that :func:`config_from_args` can tell what the user typed (a preset
-    must not override an explicit flag); the help text shows the real default.
-    """
-    for cls in PARTS.values():
-        for f in fields(cls):
-            if names is not None and f.name not in names:
-                continue
-            kind, _ = _type_name(str(f.type))
-            parse = {"bool": _parse_bool, "int": int, "float": float, "str": str}[kind]
-            parser.add_argument(
-                f"--{f.name}", type=parse, default=argparse.SUPPRESS,
-                metavar="BOOL" if kind == "bool" else f.name.upper(),
-                help=f"{f.metadata['help']} (default: {f.default!r})",
-            )
+    """One ``--name`` flag per field of the run's three configurations (or per field in ``names``); see
+    :func:`~hsc_pyg.options.add_arguments`."""
+    add_arguments(parser, PARTS.values(), names)
 
 
 def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
     """A Config from parsed flags: ``base`` (or ``--config FILE``, or the defaults), then the flags. A preset typed on
     the command line sets its fields again (except those also typed), even over a ``--config`` file."""
-    given = {name: getattr(args, name) for name in PART_OF if hasattr(args, name)}
+    typed = given(args, PARTS.values())
     if base is None and getattr(args, "config", None):
         base = Config.load(args.config)
     if base is None:
-        return Config(**given)
+        return Config(**typed)
     values = base.to_dict()
-    if "preset" in given:
-        for name in PRESETS[given["preset"]] if given["preset"] in PRESETS else ():
+    if "preset" in typed:
+        for name in PRESETS[typed["preset"]] if typed["preset"] in PRESETS else ():
             values.pop(name)
-    values.update(given)
+    values.update(typed)
     return Config(**values)

@@ -37,6 +37,7 @@ from typing import Sequence
 
 from ..engine.ablation import RunFailed, compare, load_grid, train_and_evaluate, write_study
 from ..errors import ConfigError
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 
@@ -55,7 +56,7 @@ def build_parser() -> OneLineParser:
                    help="train only these configurations of the grid (the study still reports every finished run); "
                         "names that hold commas are matched whole")
     p.add_argument("--seeds", default="", metavar="S,S", help="train only these seeds of the grid")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=integer(1), default=1, metavar="N",
                    help="runs trained at the same time, each in its own processes (default: %(default)s); give each "
                         "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far "
@@ -166,8 +167,6 @@ def _train(grid, runs: list, todo: list, recorded: list, results: Path, jobs: in
 def ablate_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = Path(args.results) if args.results else out / "ablation.json"
-    if args.jobs < 1:
-        raise ConfigError(f"--jobs {args.jobs}: give at least 1")
     grid = load_grid(args.grid)
     if results.suffix != ".json":
         raise ConfigError(f"--results {results} must end in .json (the table and plot go beside it)")

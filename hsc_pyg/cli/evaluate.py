@@ -19,7 +19,8 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from ..engine.protocols import DEFAULT_RESCORE_K
+from ..config import EvaluateConfig
+from ..options import add_arguments, given
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
@@ -29,65 +30,19 @@ pairs are scored exactly in blocks. Several --model and --sims are averaged befo
 Protocols: Flickr30K 1K = --split test; COCO 5K = --split testall; COCO 1K = --split testall --fold5."""
 
 
+#: the flags of EvaluateConfig, by help section
+GROUPS = {"what to evaluate (at least one --model or --sims)": ["models", "sims", "vocab_path"],
+          "data": ["data_path", "data_name", "split"],
+          "protocol": ["fold5", "rerank_k"],
+          "output": ["save_sims", "overwrite", "json"],
+          "compute": ["device", "amp", "rescore_k", "batch_size", "workers", "score_chunk_mb", "store_dtype"]}
+
+
 def build_parser() -> OneLineParser:
     p = command_parser("evaluate", DESCRIPTION)
-    src = p.add_argument_group("what to evaluate (at least one --model or --sims)")
-    src.add_argument("--model", action="append", default=[], metavar="CKPT",
-                     help="checkpoint: this project's (model_best.pth) or an official SGRAF / HSC one; repeat to "
-                          "average several models' scores")
-    src.add_argument("--sims", action="append", default=[], metavar="FILE.npy",
-                     help="a score matrix saved by --save_sims ([images, captions] of the same split); repeat to "
-                          "average; combines with --model")
-    src.add_argument("--vocab_path", default="", metavar="VOCAB.json",
-                     help="vocabulary JSON for every --model (default: the one stored in the checkpoint; official "
-                          "checkpoints have none, pass the SCAN f30k/coco vocabulary)")
-    data = p.add_argument_group("data")
-    data.add_argument("--data_path", default="data", help="folder that holds <data_name>/ (default: %(default)s)")
-    data.add_argument("--data_name", default="synthetic_precomp",
-                      help="dataset folder: f30k_precomp, coco_precomp, flickr8k_mini_precomp, synthetic_precomp "
-                           "(default: %(default)s)")
-    data.add_argument("--split", default="test",
-                      help="test, testall (COCO 5,000 images: the fair COCO protocol) or dev (default: %(default)s)")
-    proto = p.add_argument_group("protocol")
-    proto.add_argument("--fold5", action="store_true",
-                       help="COCO 1K: five folds of 1,000 images / 5,000 captions, metrics averaged (needs --split "
-                            "testall); only the five diagonal blocks are scored")
-    proto.add_argument("--rerank_k", type=int, nargs="+", default=[], metavar="K",
-                       help="also re-rank: order all captions (images) by the model's first stage (the cosine of its "
-                            "retrieval vectors), score only each query's top K exactly; reports the first stage's own "
-                            "recalls and, per K, the re-ranked recalls and the exact pair scores needed (needs "
-                            "--model; several K at once: --rerank_k 5 10 20 50)")
-    out = p.add_argument_group("output")
-    out.add_argument("--save_sims", default="", metavar="FILE.npy",
-                     help="write the [images, captions] float32 score matrix (the average when several sources are "
-                          "given) for later --sims runs")
-    out.add_argument("--overwrite", action="store_true", help="let --save_sims replace an existing file")
-    out.add_argument("--json", default="", metavar="OUT.json",
-                     help="write the printed numbers as JSON (replaces the file; its folder is created)")
-    run = p.add_argument_group("compute")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    run.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"),
-                     help="precision of the pair scores (default: %(default)s = float32, the reference). bf16 (on a "
-                          "GPU, or a CPU with AMX-BF16 / AVX512-BF16 / Arm BF16; refused elsewhere) or fp16 (GPU): "
-                          "every pair is scored in that precision, then again in float32: each query's top "
-                          "--rescore_k in both directions, every ground-truth pair, and every pair whose score lies "
-                          "within the largest bf16 error seen of its query's best ground-truth score, so that the "
-                          "recall table is float32's. The encoders run in float32")
-    run.add_argument("--rescore_k", type=int, default=None, metavar="K",
-                     help="with --amp bf16/fp16: the top K of every query, in both directions, re-scored in float32 "
-                          f"(the top of each ranking in float32 order; default: {DEFAULT_RESCORE_K}); 0 = pure "
-                          "bf16/fp16 scores, nothing re-scored (about 3 significant digits: near-equal scores tie, and "
-                          "ties count against the query)")
-    run.add_argument("--batch_size", type=int, default=128,
-                     help="images or captions per encoder call (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=0, help="data loader worker processes (default: %(default)s)")
-    run.add_argument("--score_chunk_mb", type=int, default=0, metavar="MB",
-                     help="memory bound of one chunk of the pair scorer in MiB (default: the checkpoint's "
-                          "score_chunk_mb, 512); on a GPU with room, 4096 scores about 1.4x faster")
-    run.add_argument("--store_dtype", default="float32", choices=("float32", "float16"),
-                     help="precision the encodings are kept in between encoding and scoring (default: %(default)s; "
-                          "float16 halves their memory)")
-    run.add_argument("--no_progress", action="store_true", help="no progress bars on stderr")
+    for title, names in GROUPS.items():
+        add_arguments(p.add_argument_group(title), [EvaluateConfig], names)
+    p.add_argument("--no_progress", action="store_true", help="no progress bars on stderr")
     return p
 
 
@@ -134,22 +89,16 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    config = EvaluateConfig(**given(args, [EvaluateConfig]))
     from ..engine.distributed import torchrun_job
-    from ..engine.protocols import Protocol, run_protocol
+    from ..engine.protocols import run_protocol
 
-    protocol = Protocol(
-        data_path=args.data_path, data_name=args.data_name, split=args.split, models=args.model, sims=args.sims,
-        vocab_path=args.vocab_path, fold5=args.fold5, rerank_k=tuple(args.rerank_k), save_sims=args.save_sims,
-        overwrite=args.overwrite, json=args.json, device=args.device, amp=args.amp, rescore_k=args.rescore_k,
-        batch_size=args.batch_size,
-        workers=args.workers, score_chunk_mb=args.score_chunk_mb, store_dtype=args.store_dtype,
-        progress=not args.no_progress)
-    with torchrun_job(args.device):
-        report = run_protocol(protocol, warn=_warn)
+    with torchrun_job(config.device):
+        report = run_protocol(config, warn=_warn, progress=not args.no_progress)
     if report is not None:
         print_report(report)
-        if args.save_sims:
-            print(f"saved the score matrix [{report['num_images']}, {report['num_captions']}] to {args.save_sims}")
+        if config.save_sims:
+            print(f"saved the score matrix [{report['num_images']}, {report['num_captions']}] to {config.save_sims}")
     return 0
 
 

@@ -12,7 +12,9 @@ import time
 from typing import Sequence
 
 from ..engine.device import resolve_device
+from ..config import MAX_WORKERS
 from ..features import NORMALIZATIONS, backbone_names, extract_features
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
@@ -39,13 +41,16 @@ def build_parser() -> OneLineParser:
     p.add_argument("--normalize", default="backbone", choices=("backbone", *NORMALIZATIONS),
                    help="input scaling: backbone = the one its weights were trained with; imagenet = ImageNet mean/std "
                         "on [0, 1] pixels; tf_lite = (x - 127) / 128 on 0-255 values (default: %(default)s)")
-    p.add_argument("--grid", type=int, default=6, help="cells per side; regions = grid * grid (default: %(default)s)")
-    p.add_argument("--size", type=int, default=448, help="photos are resized to SIZE x SIZE (default: %(default)s)")
+    p.add_argument("--grid", type=integer(1), default=6,
+                   help="cells per side; regions = grid * grid (default: %(default)s)")
+    p.add_argument("--size", type=integer(1), default=448,
+                   help="photos are resized to SIZE x SIZE (default: %(default)s)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="stored precision (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=8, help="photos per forward pass (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=0, help="decoding processes; 0 = in this one (default: %(default)s)")
+    p.add_argument("--batch_size", type=integer(1), default=8, help="photos per forward pass (default: %(default)s)")
+    p.add_argument("--workers", type=integer(0, MAX_WORKERS + 1), default=0,
+                   help="decoding processes; 0 = in this one (default: %(default)s)")
     p.add_argument("--skip_bad", action="store_true",
                    help="leave out photos that cannot be read, listed in {split}_skipped.txt, instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace another extraction found in --out")

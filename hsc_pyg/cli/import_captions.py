@@ -14,6 +14,7 @@ import argparse
 from typing import Sequence
 
 from ..data.importers import FEWER, FORMATS, import_captions
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
@@ -46,7 +47,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--images", metavar="DIR",
                    help="photo folder: every captioned photo must be in it (and, for one split, every photo of it "
                         "needs captions)")
-    p.add_argument("--per_image", type=int, default=5, help="captions per photo (default: %(default)s)")
+    p.add_argument("--per_image", type=integer(1), default=5, help="captions per photo (default: %(default)s)")
     p.add_argument("--fewer", choices=FEWER, default="error",
                    help="photos with fewer captions: error, or repeat their captions (default: %(default)s)")
     p.add_argument("--ignore_extra", action="store_true",

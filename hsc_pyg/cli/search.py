@@ -16,11 +16,12 @@ from .. import load_checkpoint
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..engine.device import resolve_device
-from ..engine.retrieval import DEFAULT_SHORTLIST, open_gallery, search_image, search_text
-from ..engine.vector_index import INDEX_KINDS
+from ..config import SearchConfig
+from ..engine.retrieval import open_gallery, search_image, search_text, unknown_query_words
 from ..errors import ConfigError
 from ..io import write_json
-from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
+from ..options import add_arguments, given
+from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
 Search a split's images with a sentence (--query), or its captions with one of its images (--image). The gallery is
@@ -32,35 +33,12 @@ files). Each query is compared with every gallery item by the cosine of the mode
 
 def build_parser() -> OneLineParser:
     p = command_parser("search", DESCRIPTION)
-    add_model_and_split_arguments(p, split_help="split whose images (and captions) are searched (default: test)")
-    query = p.add_mutually_exclusive_group(required=True)
-    query.add_argument("--query", metavar="TEXT", help="a sentence: find the images that match it")
-    query.add_argument("--image", metavar="I|ID", help="an image of the split, by row or by id: find its captions")
-    p.add_argument("--k", type=int, default=5, help="results to return (default: %(default)s)")
-    p.add_argument("--shortlist", type=int, default=DEFAULT_SHORTLIST,
-                   help="items of the first stage scored exactly (default: %(default)s; at least --k)")
-    p.add_argument("--cache", metavar="DIR",
-                   help="gallery cache folder (default: $HSC_PYG_CACHE or ~/.cache/hsc_pyg, under galleries/, "
-                        "named by the model and the data)")
-    p.add_argument("--rebuild", action="store_true", help="encode the gallery again, replacing the --cache folder")
-    p.add_argument("--store_dtype", choices=("float16", "float32"), default="float16",
-                   help="precision of the cached encodings (default: %(default)s)")
-    p.add_argument("--index", choices=INDEX_KINDS, default="auto",
-                   help="first stage over the images: brute force, or a FAISS index kept in the cache (flat, ivf, "
-                        "hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there (default: %(default)s)")
-    p.add_argument("--image_root", metavar="DIR",
-                   help="folder of the photos named in {split}_ids.txt: write a contact sheet (--sheet)")
-    p.add_argument("--sheet", default="search.png", metavar="FILE.png",
-                   help="contact sheet written with --image_root (default: %(default)s)")
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json or --sheet file")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
-    p.add_argument("--batch_size", type=int, default=128, help="items per encoder call when building the cache")
+    add_arguments(p, [SearchConfig])
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def _output(path: str | None, flag: str, overwrite: bool) -> Path | None:
+def _output(path: str, flag: str, overwrite: bool) -> Path | None:
     if not path:
         return None
     out = Path(path)
@@ -70,23 +48,28 @@ def _output(path: str | None, flag: str, overwrite: bool) -> Path | None:
 
 
 def search_command(args: argparse.Namespace) -> int:
-    json_out = _output(args.json, "--json", args.overwrite)
-    sheet = _output(args.sheet, "--sheet", args.overwrite) if args.image_root else None
-    if args.image_root and not Path(args.image_root).is_dir():
-        raise ConfigError(f"--image_root {args.image_root} is not a folder; pass the folder of the split's photos")
-    model = load_checkpoint(args.model).to(resolve_device(args.device))
-    vocab = Vocabulary.load(args.vocab_path) if args.vocab_path else model.vocab
-    split = PrecompSplit.open(args.data_path, args.data_name, args.split)
-    gallery, built = open_gallery(model, split, vocab, cache=args.cache, rebuild=args.rebuild,
-                                  store_dtype=args.store_dtype, batch_size=args.batch_size,
-                                  progress=not args.no_progress, index=args.index)
+    config = SearchConfig(**given(args, [SearchConfig]))
+    json_out = _output(config.json, "--json", config.overwrite)
+    sheet = _output(config.sheet_path(), "--sheet", config.overwrite)
+    if config.image_root and not Path(config.image_root).is_dir():
+        raise ConfigError(f"--image_root {config.image_root} is not a folder; pass the folder of the split's photos")
+    model = load_checkpoint(config.model).to(resolve_device(config.device))
+    vocab = Vocabulary.load(config.vocab_path) if config.vocab_path else model.vocab
+    if config.query is not None:
+        if vocab is None:
+            raise ConfigError("the model carries no vocabulary (official checkpoints do not); pass --vocab_path")
+        unknown_query_words(vocab, config.query)     # refuses an unusable query before the gallery is encoded
+    split = PrecompSplit.open(config.data_path, config.data_name, config.split)
+    gallery, built = open_gallery(model, split, vocab, cache=config.cache or None, rebuild=config.rebuild,
+                                  store_dtype=config.store_dtype, batch_size=config.batch_size,
+                                  progress=not args.no_progress, index=config.index)
     print(f"{'built' if built else 'read'} the gallery cache {gallery.folder} ({len(gallery)} images)", file=sys.stderr)
-    if args.query is not None:
-        result = search_text(model, gallery, args.query, k=args.k, shortlist=args.shortlist, vocab=vocab)
+    if config.query is not None:
+        result = search_text(model, gallery, config.query, k=config.k, shortlist=config.shortlist, vocab=vocab)
     else:
-        result = search_image(model, gallery, args.image, k=args.k, shortlist=args.shortlist)
+        result = search_image(model, gallery, config.image, k=config.k, shortlist=config.shortlist)
     if result.clamped:
-        print(f"note: --k {args.k} is more than the {result.gallery_size} items of the gallery; returning all of them",
+        print(f"note: --k {config.k} is more than the {result.gallery_size} items of the gallery; returning all of them",
               file=sys.stderr)
     if result.unknown_words:
         print(f"note: not in the vocabulary (read as <unk>): {', '.join(result.unknown_words)}", file=sys.stderr)
@@ -99,7 +82,7 @@ def search_command(args: argparse.Namespace) -> int:
     if sheet is not None:
         from ..viz.contact_sheet import contact_sheet   # matplotlib only when drawing
 
-        contact_sheet(result, args.image_root, sheet)
+        contact_sheet(result, config.image_root, sheet)
         print(f"wrote {sheet}", file=sys.stderr)
     if json_out is not None:
         write_json(json_out, result.to_dict(), indent=2)

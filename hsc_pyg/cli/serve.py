@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..engine.vector_index import INDEX_KINDS, import_faiss
+from ..config import INDEX_KINDS
+from ..engine.vector_index import import_faiss
 from ..errors import ConfigError
 from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
 

@@ -6,6 +6,7 @@ import time
 from typing import Sequence
 
 from ..data.synthetic import CAPTIONS_PER_IMAGE, DEFAULTS, make_synthetic
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 
@@ -17,12 +18,12 @@ def build_parser() -> OneLineParser:
                     "relation or colour) in the SCAN precomp format. Deterministic from --seed.")
     parser.add_argument("--out", default="data/synthetic_precomp",
                         help="dataset folder to write, <data_path>/<data_name> (default: data/synthetic_precomp)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--train", type=int, default=DEFAULTS["num_train"], help="train images (default: %(default)s)")
-    parser.add_argument("--dev", type=int, default=DEFAULTS["num_dev"], help="dev images (default: %(default)s)")
-    parser.add_argument("--test", type=int, default=DEFAULTS["num_test"], help="test images (default: %(default)s)")
-    parser.add_argument("--img_dim", type=int, default=DEFAULTS["img_dim"], help="region feature size (default: %(default)s)")
-    parser.add_argument("--regions", type=int, default=DEFAULTS["num_regions"],
+    parser.add_argument("--seed", type=integer(0, 2**32), default=0, help="random seed (default: 0)")
+    parser.add_argument("--train", type=integer(1), default=DEFAULTS["num_train"], help="train images (default: %(default)s)")
+    parser.add_argument("--dev", type=integer(1), default=DEFAULTS["num_dev"], help="dev images (default: %(default)s)")
+    parser.add_argument("--test", type=integer(1), default=DEFAULTS["num_test"], help="test images (default: %(default)s)")
+    parser.add_argument("--img_dim", type=integer(1), default=DEFAULTS["img_dim"], help="region feature size (default: %(default)s)")
+    parser.add_argument("--regions", type=integer(16), default=DEFAULTS["num_regions"],
                         help="regions per image, a square grid (default: %(default)s = 6 x 6)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset in --out")
     return parser

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from ..config import PART_OF, add_config_arguments, config_from_args
 from ..errors import ConfigError
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 DESCRIPTION = """\
@@ -37,7 +38,7 @@ def build_parser() -> OneLineParser:
     run.add_argument("--resume", default="", metavar="PATH",
                      help="continue a run exactly from its checkpoint.pth (its config is used; flags override all but "
                           "the model config, which the weights fix)")
-    run.add_argument("--max_iters", type=int, default=0, metavar="N",
+    run.add_argument("--max_iters", type=integer(0), default=0, metavar="N",
                      help="stop after N iterations in total, saving a resumable checkpoint (default: 0 = no limit)")
     run.add_argument("--dry_run", action="store_true", help="build everything, run one batch, print its loss, write nothing")
     run.add_argument("--overwrite", action="store_true",
@@ -77,8 +78,6 @@ def train_command(args: argparse.Namespace) -> int:
     from ..engine.train import Interrupted, train
 
     config, checkpoint = make_config(args)
-    if args.max_iters < 0:
-        raise ConfigError(f"--max_iters must not be negative, found {args.max_iters}")
     try:
         with torchrun_job(config.device):
             result = train(config, resume=checkpoint, dry_run=args.dry_run, overwrite=args.overwrite,

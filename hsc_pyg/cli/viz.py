@@ -15,6 +15,7 @@ from ..data.vocab import Vocabulary
 from ..engine.checkpoint import load_checkpoint
 from ..viz.pictures import DEFAULT_TOP_K, make_pictures
 from ..viz.relations import LEVEL_CHOICES, RANKINGS, weighted_layer_types
+from ..options import integer
 from .common import OneLineParser, add_model_and_split_arguments, command_parser, exit_with, run_command
 
 DESCRIPTION = f"""\
@@ -32,12 +33,12 @@ all = each of the three; or --layer K. Layer types with edge weights: {', '.join
 def build_parser() -> OneLineParser:
     p = command_parser("viz", DESCRIPTION)
     add_model_and_split_arguments(p, split_help="split (default: %(default)s)")
-    p.add_argument("--image", type=int, metavar="I", help="image row of the split")
-    p.add_argument("--caption", type=int, metavar="J",
+    p.add_argument("--image", type=integer(0), metavar="I", help="image row of the split")
+    p.add_argument("--caption", type=integer(0), metavar="J",
                    help="caption line of the split (image I's own captions are 5I .. 5I+4)")
     p.add_argument("--level", choices=LEVEL_CHOICES, help="object, relational, higher or all (default: higher)")
-    p.add_argument("--layer", type=int, metavar="K", help="relational layer K (1-based) instead of a level")
-    p.add_argument("--top_k_edges", type=int, default=DEFAULT_TOP_K, metavar="K",
+    p.add_argument("--layer", type=integer(1), metavar="K", help="relational layer K (1-based) instead of a level")
+    p.add_argument("--top_k_edges", type=integer(0), default=DEFAULT_TOP_K, metavar="K",
                    help="draw the K edges of largest |weight| (self-loops left out; files hold every edge) "
                         "(default: %(default)s)")
     p.add_argument("--rank", choices=RANKINGS, default="global",

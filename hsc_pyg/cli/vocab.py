@@ -8,6 +8,7 @@ from typing import Sequence
 from ..data.precomp import caption_file, read_lines
 from ..data.vocab import SPECIALS, build_vocab
 from ..errors import ConfigError
+from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
 
@@ -20,7 +21,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--data_path", required=True, help="folder that holds <data_name>/")
     parser.add_argument("--data_name", required=True, help="dataset folder name, e.g. f30k_precomp or synthetic_precomp")
     parser.add_argument("--split", default="train", help="split whose captions are counted (default: train)")
-    parser.add_argument("--threshold", type=int, default=4, help="minimum count of a kept word (default: 4, as SCAN)")
+    parser.add_argument("--threshold", type=integer(1), default=4, help="minimum count of a kept word (default: 4, as SCAN)")
     parser.add_argument("--out", required=True, help="vocabulary JSON file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return parser

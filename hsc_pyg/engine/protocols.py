@@ -1,4 +1,4 @@
-"""The retrieval protocols behind ``evaluate.py``: one split, several sources (checkpoints and saved score matrices)
+"""The retrieval protocols behind ``hsc-pyg evaluate``: one split, several sources (checkpoints and saved score matrices)
 averaged, the whole matrix or COCO's five 1K folds, optionally re-ranked; saved score matrices read and written.
 
 ``--amp bf16`` (or fp16) scores every pair in that precision, then re-scores in float32 each query's top
@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ..config import EvaluateConfig
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, os_error_reason
@@ -33,70 +33,6 @@ from .evaluation import (STORE_DTYPES, check_compatible, encode_split, pair_scor
 from .metrics import average_metrics, fold_slices, recall_metrics
 
 Warn = Callable[[str], None]
-#: Re-scored top K per query of ``--amp bf16|fp16`` when ``--rescore_k`` is not given: the smallest K at which no
-#: float32 top-10 item fell outside the bf16 top K on the built-in data and on Flickr8k-mini (README, "bf16 scoring").
-DEFAULT_RESCORE_K = 15
-
-
-@dataclass
-class Protocol:
-    """What to evaluate and how (the flags of ``evaluate.py``)."""
-
-    data_path: str
-    data_name: str
-    split: str = "test"
-    models: Sequence[str] = ()
-    sims: Sequence[str] = ()
-    vocab_path: str = ""
-    fold5: bool = False
-    rerank_k: Sequence[int] = ()
-    save_sims: str = ""
-    overwrite: bool = False
-    json: str = ""
-    device: str = "auto"
-    amp: str = "off"
-    rescore_k: int | None = None
-    batch_size: int = 128
-    workers: int = 0
-    score_chunk_mb: int = 0
-    store_dtype: str = "float32"
-    progress: bool = True
-
-    def check(self) -> None:
-        """ConfigError for flag combinations that cannot work (before any work)."""
-        if not self.models and not self.sims:
-            raise ConfigError("nothing to evaluate: pass --model CKPT and/or --sims FILE.npy")
-        if self.rerank_k and not self.models:
-            raise ConfigError("--rerank_k needs --model (re-ranking uses the model's global vectors and its pair "
-                              "scorer)")
-        if self.rerank_k and self.sims:
-            raise ConfigError("--rerank_k cannot use --sims matrices (they hold no global vectors); drop --sims")
-        for k in self.rerank_k:
-            if k < 1:
-                raise ConfigError(f"--rerank_k must be at least 1, found {k}")
-        if self.save_sims and self.fold5:
-            raise ConfigError("--save_sims with --fold5 would save only the five diagonal blocks; save the full "
-                              "matrix without --fold5, then evaluate it with --sims FILE --fold5")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, found {self.batch_size}")
-        if self.score_chunk_mb < 0:
-            raise ConfigError(f"--score_chunk_mb must be at least 1 (or 0: the model's own bound), found "
-                              f"{self.score_chunk_mb}")
-        if self.rescore_k is not None and self.amp == "off":
-            raise ConfigError("--rescore_k re-scores the top K of a --amp bf16 or fp16 pass in float32; it does nothing "
-                              "with --amp off: drop it or add --amp bf16")
-        if self.rescore_k is not None and self.rescore_k < 0:
-            raise ConfigError(f"--rescore_k must be at least 0 (0: pure --amp scores), found {self.rescore_k}")
-        if self.save_sims and self.rescored_k():
-            raise ConfigError(f"--save_sims with --amp {self.amp} and --rescore_k {self.rescored_k()} would save a "
-                              "matrix that mixes precisions; save it with --amp off, or --rescore_k 0 for pure "
-                              f"{self.amp} scores")
-
-    def rescored_k(self) -> int:
-        """The top K per query re-scored in float32 (0: none; always 0 with --amp off or without --model)."""
-        if self.amp == "off" or not self.models:
-            return 0
-        return DEFAULT_RESCORE_K if self.rescore_k is None else self.rescore_k
 
 
 # --------------------------------------------------------------------------- output files
@@ -186,14 +122,14 @@ class Average:
 
 
 # --------------------------------------------------------------------------- the protocol
-def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
+def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[str, Any] | None:
     """Evaluate ``p``; the report dict (``metrics``, ``exact_pairs``, ``rerank``, ``seconds`` ...) on rank 0 (or the
-    single process), None on the other ranks. Writes ``--save_sims`` and ``--json`` when asked."""
-    p.check()
+    single process), None on the other ranks. Writes ``--save_sims`` and ``--json`` when asked; progress bars on
+    stderr when ``progress``."""
     save_path = check_output(p.save_sims, "--save_sims", p.overwrite)
     json_path = check_output(p.json, "--json", overwrite=True, make_folder=True)
     main_rank = distributed.is_main()  # under torchrun the other ranks only score their rows of each matrix
-    progress = p.progress and main_rank
+    progress = progress and main_rank
     split = PrecompSplit.open(p.data_path, p.data_name, p.split)
     n, m, per_image = split.num_images, split.num_captions, split.per_image
     if p.data_name.lower().startswith("coco") and p.split == "test":
@@ -261,7 +197,7 @@ def run_protocol(p: Protocol, warn: Warn) -> dict[str, Any] | None:
     return report
 
 
-def _rescore(p: Protocol, members: list[tuple], sims: list[np.ndarray], scores: np.ndarray, rows: slice,
+def _rescore(p: EvaluateConfig, members: list[tuple], sims: list[np.ndarray], scores: np.ndarray, rows: slice,
              cols: slice, per_image: int, progress: bool):
     """One block's ``scores`` (the average of the sources at ``--amp``) with float32 scores where they decide the
     ranking (:func:`~hsc_pyg.engine.evaluation.rescore_ranking`): the models' float32 pair scores averaged with the
@@ -279,7 +215,7 @@ def _rescore(p: Protocol, members: list[tuple], sims: list[np.ndarray], scores: 
     return rescore_ranking(scores, p.rescored_k(), per_image, float32_scores)
 
 
-def _score_models(p: Protocol, split: PrecompSplit, blocks: list[tuple[slice, slice]], average: Average,
+def _score_models(p: EvaluateConfig, split: PrecompSplit, blocks: list[tuple[slice, slice]], average: Average,
                   seconds: dict[str, float], progress: bool) -> list[tuple]:
     """Encode the split with each checkpoint (in float32: ``--amp`` is the precision of the pair scores), score only
     ``blocks`` into ``average``; the encodings kept for re-ranking and re-scoring (``[(model, images, captions)]``

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..config import DEFAULT_SHORTLIST
 from ..data.graphs import caption_graph, collate_graphs
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary, tokenize
@@ -43,7 +44,6 @@ META = "gallery.json"
 #: Sampled blocks of a file's fingerprint: this many blocks of BLOCK bytes, evenly spread (plus the file's size and
 #: modification time). Hashing whole feature files (GBs) would make every query wait.
 SAMPLES, BLOCK = 32, 1 << 16
-DEFAULT_SHORTLIST = 50
 
 
 class CacheError(HSCError):

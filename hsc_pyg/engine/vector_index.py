@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import INDEX_KINDS
 from ..errors import ConfigError
 
-INDEX_KINDS = ("auto", "brute", "flat", "ivf", "hnsw")
 #: From this many gallery vectors on, ``auto`` builds an IVF index; below it, brute force is fast enough.
 AUTO_INDEX_FROM = 200_000
 

@@ -23,11 +23,11 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from torch_geometric.utils import to_dense_batch
 
-from ..config import LEVELS
 from ..data.graphs import dense_adjacency, edge_values, word_relations
 from ..errors import DataError
 from .functional import l2norm
 from .layers import adjacency, build_layer, xavier_linear
+from .model_config import LEVELS
 
 
 @dataclass

@@ -12,13 +12,13 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, ModelConfig
 from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
 from .first_stage import FirstStage
 from .functional import l2norm
 from .kernels import compute_dtype
+from .model_config import ModelConfig
 from .similarity import SimilarityModule
 
 
@@ -102,7 +102,7 @@ class TrainingScores(NamedTuple):
 
 class HSCModel(nn.Module):
     """Region-graph encoder + word-graph encoder + similarity module (MODEL.md §2-3), built from a
-    :class:`~hsc_pyg.config.ModelConfig` alone.
+    :class:`~hsc_pyg.nn.model_config.ModelConfig` alone.
 
     ``score_chunk_mb`` (a run option, not part of the model) bounds the memory of one chunk of the pair scorer; the
     command lines set it from ``--score_chunk_mb``.
@@ -301,11 +301,11 @@ def _length_blocks(lengths: list[int], max_captions: int) -> list[tuple[int, int
     return blocks
 
 
-def build_model(config: ModelConfig | Config) -> HSCModel:
-    """Build an untrained model from a ModelConfig (or from a run's Config: its ``model`` part, with its
-    ``score_chunk_mb``)."""
-    if isinstance(config, Config):
-        model = HSCModel(config.model)
-        model.score_chunk_mb = config.score_chunk_mb
-        return model
-    return HSCModel(config)
+def build_model(config) -> HSCModel:
+    """Build an untrained model from a ModelConfig (or from a run's :class:`~hsc_pyg.config.Config`: its ``model``
+    part, with its ``score_chunk_mb``)."""
+    if isinstance(config, ModelConfig):
+        return HSCModel(config)
+    model = HSCModel(config.model)
+    model.score_chunk_mb = config.score_chunk_mb
+    return model

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import LEVELS
+from ..nn.model_config import LEVELS
 from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..data.precomp import PrecompSplit
 from ..data.vocab import SPECIALS, Vocabulary
