@@ -1,6 +1,9 @@
 """The training loop (MODEL.md §2), top to bottom: config, data, model, optimizer, loop, validation, checkpoints.
 
-``train(config)`` runs it; ``train.py`` is the command line over it. Each feature is a small named step below:
+``train(config)`` runs it (``hsc-pyg train`` is the command line over it): :func:`start` sets a :class:`Run` up (data,
+model, optimizer, a resumed run's state), :func:`loop` runs :func:`train_one_epoch` until the last epoch, which runs
+:func:`step` per batch and :func:`validate` / :func:`record` / :func:`save` when due. Each feature is a small named
+step:
 
 - **Data order** is drawn from one ``torch.Generator`` (the sampler's), one permutation per epoch, cut into
   ``batch_size`` batches (the last partial batch is dropped). The checkpoint saves the generator's state at the start
@@ -64,7 +67,6 @@ from ..io import remove_stale_temps
 from ..nn.layers import check_boxes
 from ..nn.loss import ContrastiveLoss, ImageTextContrastive
 from ..nn.model import HSCModel, build_model
-from ..nn.similarity import HEADS
 from . import distributed
 from .checkpoint import read_checkpoint, run_config_of, save_checkpoint
 from .device import autocast, resolve_device
@@ -104,12 +106,7 @@ class TrainResult:
     model: HSCModel | None = None
 
 
-# --------------------------------------------------------------------------- config checks
-def check_config(config: Config) -> None:
-    """ConfigError for a name the registries do not know (values and ranges are checked by the Config itself)."""
-    HEADS.get(config.head)
-
-
+# --------------------------------------------------------------------------- resume checks
 def check_resumable(checkpoint: dict[str, Any], source: str) -> None:
     """CheckpointError unless ``checkpoint`` holds the training state (a model_best.pth or a converted official
     checkpoint holds weights only)."""
@@ -462,6 +459,40 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     return f"i2t R@1/5/10 {i2t} | t2i R@1/5/10 {t2i} | rsum {metrics['rsum']:.1f}"
 
 
+@dataclass
+class Run:
+    """One training run: what it trains with, and where it stands (the counters a checkpoint saves). Every step of the
+    loop below takes it and changes it in the open; nothing else holds training state."""
+
+    config: Config
+    model: HSCModel
+    net: torch.nn.Module                        # the model, or its DistributedDataParallel wrapper
+    criterion: ContrastiveLoss
+    itc: ImageTextContrastive
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+    dataset: CaptionDataset
+    batch_sampler: distributed.DistributedBatchSampler
+    sampler_generator: torch.Generator
+    sampler: SamplerState
+    dev_split: PrecompSplit
+    vocab: Vocabulary
+    device: torch.device
+    out: Path
+    run_id: str
+    log: Log
+    main: bool                                   # rank 0 (or the only process): writes checkpoints and logs
+    writer: Scalars | None = None
+    epoch: int = 0
+    iteration: int = 0
+    best_rsum: float = -math.inf
+    validated: int = 0                           # the iteration of the last validation recorded
+    last_saved: int | None = None                # the iteration of the last checkpoint.pth
+    resumed: bool = False
+    timer: tuple[float, int] = (0.0, 0)          # (time, iteration) of the last steps-per-second measurement
+
+
 def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, dry_run: bool = False,
           overwrite: bool = False, max_iters: int | None = None, log: Log | None = None,
           progress: bool = False, gather_negatives: bool = False) -> TrainResult:
@@ -479,40 +510,84 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
         gather_negatives: with several processes, the hardest negatives of the loss come from the global batch
             (every rank's captions and images) instead of each rank's own batch.
 
-    Under torchrun every process calls it (inside :func:`~hsc_pyg.engine.distributed.process_group`, as train.py
-    does); each process takes ``config.batch_size`` captions per step.
+    Under torchrun every process calls it (inside :func:`~hsc_pyg.engine.distributed.process_group`, as the command
+    line does); each process takes ``config.batch_size`` captions per step.
     """
     locks: list[RunLock] = []  # the run folder's lock, held until the run ends whichever way
     try:
-        return _train(config, resume, locks, dry_run=dry_run, overwrite=overwrite, max_iters=max_iters, log=log,
-                      progress=progress, gather_negatives=gather_negatives)
+        run = start(config, resume, locks, dry_run=dry_run, overwrite=overwrite, log=log,
+                    gather_negatives=gather_negatives)
+        return loop(run, dry_run=dry_run, max_iters=max_iters, progress=progress)
     finally:
         for lock in locks:
             lock.release()
 
 
-def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: list[RunLock], *, dry_run: bool,
-           overwrite: bool, max_iters: int | None, log: Log | None, progress: bool, gather_negatives: bool,
-           ) -> TrainResult:
+# --------------------------------------------------------------------------- set up: data, model, resume
+def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: list[RunLock], *, dry_run: bool,
+          overwrite: bool, log: Log | None, gather_negatives: bool) -> Run:
+    """Check the inputs, lock the output folder, open the data, build the model and its optimizer, restore a resumed
+    run's state and write the run's config and vocabulary: a :class:`Run` at its first (or resumed) step."""
     main = distributed.is_main()
     log = log if log is not None and main else (lambda line: None)
-    check_config(config)
     device = distributed.local_device(resolve_device(config.device))
     autocast(device, config.amp)  # fails early on an --amp the device cannot do
-    out = Path(config.model_name)
     checkpoint = None
     if resume is not None:
         checkpoint = resume if isinstance(resume, dict) else read_checkpoint(resume)
         check_resumable(checkpoint, "the checkpoint" if isinstance(resume, dict) else str(resume))
     run_id = checkpoint.get("run_id") if checkpoint is not None else uuid.uuid4().hex
-    foreign: list[Path] = []
+    out, foreign = Path(config.model_name), []
     if not dry_run and main:
         lock, foreign = prepare_output(out, overwrite, run_id, resuming=checkpoint is not None,
                                        log_folder=Path(config.logger_name))
         locks.append(lock)
     seed_everything(config.seed + distributed.get_rank(), config.deterministic)  # rank 0's weights go to all (DDP)
+    config, dataset, dev_split, vocab = open_training_data(config, checkpoint)
+    model = build_model(config).to(device)
+    model.vocab = vocab
+    if checkpoint is None and config.word_vectors:  # a resumed run's embedding comes from its checkpoint
+        found = init_word_embedding(model.text_encoder.embed.weight, vocab, load_word_vectors(config.word_vectors))
+        log(f"word vectors {config.word_vectors}: {found} of the {len(vocab)} vocabulary words start from their "
+            "vector, the others from random values")
+    # the first stage learns only with its loss on; otherwise its parameters stay as built (no gradient, no update)
+    model.first_stage.requires_grad_(config.itc_weight > 0)
+    if config.itc_weight > 0:
+        model.first_stage.trained.fill_(True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    sampler_generator = torch.Generator().manual_seed(config.seed)
+    run = Run(config, model, model, ContrastiveLoss(config.margin, config.max_violation),
+              ImageTextContrastive(config.itc_loss, config.margin, config.max_violation), optimizer,
+              torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_update, gamma=0.1),
+              torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"), dataset,
+              distributed.DistributedBatchSampler(len(dataset), config.batch_size), sampler_generator,
+              SamplerState(sampler_generator.get_state()), dev_split, vocab, device, out, run_id, log, main)
+    if run.batch_sampler.steps_per_epoch() == 0:
+        raise ConfigError(f"--batch_size {config.batch_size} x {run.batch_sampler.world} processes is more than the "
+                          f"{len(dataset)} captions of {dataset.split.file('caps.txt')}; use a smaller "
+                          "--batch_size")
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    else:
+        processes = f" x {run.batch_sampler.world} processes" if run.batch_sampler.world > 1 else ""
+        log(f"{config.preset}: {model.num_parameters():,} parameters, vocabulary {len(vocab)}, {len(dataset)} train "
+            f"captions ({run.batch_sampler.steps_per_epoch()} batches of {config.batch_size}{processes}), "
+            f"{dev_split.num_images} dev images, on {device}")
+    # several processes: DDP over the model (or over its forward with the global batch's negatives)
+    run.net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
+    if not dry_run and main:
+        vocab.save(out / "vocab.json")
+        config.save(out / "config.json")
+        for path in foreign:  # --overwrite: the other run's checkpoints go once the inputs are checked and written
+            path.unlink(missing_ok=True)
+        run.writer = Scalars(config.logger_name, run.iteration + 1 if run.resumed else None, log)
+    return run
 
-    # ---- data and vocabulary
+
+def open_training_data(config: Config, checkpoint: dict[str, Any] | None,
+                       ) -> tuple[Config, CaptionDataset, PrecompSplit, Vocabulary]:
+    """The train captions as a dataset, the dev split and the vocabulary (a resumed run's own); the config completed
+    with the data's feature size, region count and vocabulary size."""
     saved_vocab = Vocabulary.from_dict(checkpoint["vocab"]) if checkpoint and checkpoint.get("vocab") else None
     train_split, dev_split, vocab = open_data(config, saved_vocab)
     if checkpoint and (train_split.img_dim, train_split.num_regions) != (config.img_dim, config.num_regions):
@@ -520,208 +595,199 @@ def _train(config: Config, resume: str | Path | dict[str, Any] | None, locks: li
                         f"features per image but the checkpoint was trained on {config.num_regions} x "
                         f"{config.img_dim}; resume on the dataset it was trained on")
     config = config.replace(img_dim=train_split.img_dim, num_regions=train_split.num_regions, vocab_size=len(vocab))
+    check_boxes(config.img_gnn, train_split.boxes is not None)
     dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges, config.caption_word_drop,
                              config.seed)
-    check_boxes(config.img_gnn, train_split.boxes is not None)
-    batch_sampler = distributed.DistributedBatchSampler(len(dataset), config.batch_size)
-    batches_per_epoch = batch_sampler.steps_per_epoch()
-    if batches_per_epoch == 0:
-        raise ConfigError(f"--batch_size {config.batch_size} x {batch_sampler.world} processes is more than the "
-                          f"{len(dataset)} captions of {train_split.file('caps.txt')}; use a smaller --batch_size")
+    return config, dataset, dev_split, vocab
 
-    # ---- model, optimizer, schedule
-    model = build_model(config).to(device)
-    model.vocab = vocab
-    if checkpoint is None and config.word_vectors:  # a resumed run's embedding comes from its checkpoint
-        found = init_word_embedding(model.text_encoder.embed.weight, vocab, load_word_vectors(config.word_vectors))
-        log(f"word vectors {config.word_vectors}: {found} of the {len(vocab)} vocabulary words start from their "
-            "vector, the others from random values")
-    criterion = ContrastiveLoss(config.margin, config.max_violation)
-    itc = ImageTextContrastive(config.itc_loss, config.margin, config.max_violation)
-    # the first stage learns only with its loss on; otherwise its parameters stay as built (no gradient, no update)
-    model.first_stage.requires_grad_(config.itc_weight > 0)
-    if config.itc_weight > 0:
-        model.first_stage.trained.fill_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_update, gamma=0.1)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
-    sampler_generator = torch.Generator().manual_seed(config.seed)
-    sampler = SamplerState(sampler_generator.get_state())
-    epoch, iteration, best_rsum = 0, 0, -math.inf
-    validated = 0  # the iteration of the last validation recorded
 
-    # ---- resume
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scheduler.step_size = config.lr_update  # a --lr_update given on resume applies from here on
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if main:  # the other ranks keep their own dropout streams (seed + rank)
-            set_rng_state(checkpoint["rng"])
-        sampler = SamplerState(checkpoint["sampler"]["epoch_start"], int(checkpoint["sampler"]["position"]))
-        epoch, iteration, best_rsum = int(checkpoint["epoch"]), int(checkpoint["iteration"]), float(checkpoint["best_rsum"])
-        validated = int(checkpoint.get("validated", iteration))
-        log(f"resumed at epoch {epoch}, iteration {iteration} (best dev rsum {best_rsum:.1f})"
-            + (f", on {batch_sampler.world} process(es) instead of {checkpoint.get('world_size', 1)}"
-               if checkpoint.get("world_size", 1) != batch_sampler.world else ""))
-    else:
-        processes = f" x {batch_sampler.world} processes" if batch_sampler.world > 1 else ""
-        log(f"{config.preset}: {model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
-            f"{len(dataset)} train captions ({batches_per_epoch} batches of {config.batch_size}{processes}), "
-            f"{dev_split.num_images} dev images, on {device}")
-    # ---- several processes: DDP over the model (or over its forward with the global batch's negatives)
-    net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
-    writer = None
-    if not dry_run and main:
-        vocab.save(out / "vocab.json")
-        config.save(out / "config.json")
-        for path in foreign:  # --overwrite: the other run's checkpoints go once the inputs are checked and written
-            path.unlink(missing_ok=True)
-        writer = Scalars(config.logger_name, iteration + 1 if checkpoint else None, log)
+def restore(run: Run, checkpoint: dict[str, Any]) -> None:
+    """Continue ``checkpoint``'s run exactly: weights, optimizer, schedule, grad scaler, RNG, data order, counters."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.scheduler.step_size = run.config.lr_update  # a --lr_update given on resume applies from here on
+    if checkpoint.get("scaler"):
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    if run.main:  # the other ranks keep their own dropout streams (seed + rank)
+        set_rng_state(checkpoint["rng"])
+    run.sampler = SamplerState(checkpoint["sampler"]["epoch_start"], int(checkpoint["sampler"]["position"]))
+    run.epoch, run.iteration = int(checkpoint["epoch"]), int(checkpoint["iteration"])
+    run.best_rsum = float(checkpoint["best_rsum"])
+    run.validated = int(checkpoint.get("validated", run.iteration))
+    run.last_saved, run.resumed = run.iteration, True
+    world = run.batch_sampler.world
+    run.log(f"resumed at epoch {run.epoch}, iteration {run.iteration} (best dev rsum {run.best_rsum:.1f})"
+            + (f", on {world} process(es) instead of {checkpoint.get('world_size', 1)}"
+               if checkpoint.get("world_size", 1) != world else ""))
 
-    last_saved = iteration if checkpoint is not None else None
 
-    def save(path: Path) -> None:
-        nonlocal last_saved
-        if main:
-            save_checkpoint(path, model, config, epoch=epoch, iteration=iteration, best_rsum=best_rsum,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            scaler=scaler.state_dict(), rng=rng_state(), world_size=batch_sampler.world,
-                            sampler={"epoch_start": sampler.epoch_start, "position": sampler.position},
-                            run_id=run_id, validated=validated)
-        if path.name == CHECKPOINT:
-            last_saved = iteration
+# --------------------------------------------------------------------------- save, validate, record
+def save(run: Run, path: Path) -> None:
+    """Write ``path`` (checkpoint.pth or model_best.pth) with everything a resume needs (rank 0 only)."""
+    if run.main:
+        save_checkpoint(path, run.model, run.config, epoch=run.epoch, iteration=run.iteration,
+                        best_rsum=run.best_rsum, optimizer=run.optimizer.state_dict(),
+                        scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), rng=rng_state(),
+                        world_size=run.batch_sampler.world,
+                        sampler={"epoch_start": run.sampler.epoch_start, "position": run.sampler.position},
+                        run_id=run.run_id, validated=run.validated)
+    if path.name == CHECKPOINT:
+        run.last_saved = run.iteration
 
-    def validate() -> dict[str, Any]:
-        """Dev metrics; every RNG is restored afterwards, so the training's random draws do not depend on when (or
-        whether, after an interrupt) validations ran."""
-        start = time.perf_counter()
-        distributed.broadcast_buffers(model)  # every rank evaluates rank 0's model, the one saved
-        training_rng = rng_state()
-        try:
-            metrics = evaluate(model, dev_split, vocab, max_images=config.val_images, batch_size=config.batch_size,
-                               amp=config.amp, chunk_mb=config.score_chunk_mb)
-        finally:
-            set_rng_state(training_rng)
-        metrics["seconds"] = time.perf_counter() - start
-        if writer is not None:
-            for key in (*RECALL_KEYS, "rsum"):
-                writer.add(f"val/{key}", metrics[key], iteration)
-        return metrics
 
-    def record(metrics: dict[str, Any]) -> None:
-        """Save the best model when the dev rsum improved, then the last checkpoint that records it (inside a
-        critical section)."""
-        nonlocal best_rsum, validated
-        improved = metrics["rsum"] > best_rsum
-        best_rsum = max(best_rsum, metrics["rsum"])
-        validated = iteration
-        if improved:
-            save(out / BEST)
-        save(out / CHECKPOINT)
-        log(f"epoch {epoch if sampler.position else epoch - 1} iter {iteration} dev: {format_metrics(metrics)}"
-            f"{' (best)' if improved else f' (best {best_rsum:.1f})'} [{metrics['seconds']:.0f} s]")
+def validate(run: Run) -> dict[str, Any]:
+    """Dev metrics; every RNG is restored afterwards, so the training's random draws do not depend on when (or
+    whether, after an interrupt) validations ran."""
+    start_time = time.perf_counter()
+    distributed.broadcast_buffers(run.model)  # every rank evaluates rank 0's model, the one saved
+    training_rng = rng_state()
+    try:
+        metrics = evaluate(run.model, run.dev_split, run.vocab, max_images=run.config.val_images,
+                           batch_size=run.config.batch_size, amp=run.config.amp, chunk_mb=run.config.score_chunk_mb)
+    finally:
+        set_rng_state(training_rng)
+    metrics["seconds"] = time.perf_counter() - start_time
+    if run.writer is not None:
+        for key in (*RECALL_KEYS, "rsum"):
+            run.writer.add(f"val/{key}", metrics[key], run.iteration)
+    return metrics
 
-    def validation_due() -> bool:
-        """Whether the validation due at this (resumed) iteration has not been recorded; the one at an epoch's end
-        is run by the loop itself."""
-        return (checkpoint is not None and validated != iteration and iteration > 0
-                and iteration % config.val_step == 0 and batch_sampler.steps_per_epoch(sampler.position) > 0)
 
-    # ---- the loop
-    result = TrainResult(iteration, epoch, best_rsum, model=model)
+def record(run: Run, metrics: dict[str, Any]) -> None:
+    """Save the best model when the dev rsum improved, then the last checkpoint that records it (the caller holds a
+    critical section)."""
+    improved = metrics["rsum"] > run.best_rsum
+    run.best_rsum = max(run.best_rsum, metrics["rsum"])
+    run.validated = run.iteration
+    if improved:
+        save(run, run.out / BEST)
+    save(run, run.out / CHECKPOINT)
+    epoch = run.epoch if run.sampler.position else run.epoch - 1
+    run.log(f"epoch {epoch} iter {run.iteration} dev: {format_metrics(metrics)}"
+            f"{' (best)' if improved else f' (best {run.best_rsum:.1f})'} [{metrics['seconds']:.0f} s]")
+
+
+def validate_and_record(run: Run, result: TrainResult, guard: DeferredInterrupt) -> None:
+    result.metrics = validate(run)
+    with guard.critical():
+        record(run, result.metrics)
+    run.timer = (time.perf_counter(), run.iteration)
+
+
+# --------------------------------------------------------------------------- the loop
+def loop(run: Run, *, dry_run: bool, max_iters: int | None, progress: bool) -> TrainResult:
+    """Epochs until ``num_epochs`` (or ``max_iters``); Ctrl-C and the other stop signals save a resumable checkpoint
+    and raise :class:`Interrupted`."""
+    result = TrainResult(run.iteration, run.epoch, run.best_rsum, model=run.model)
     guard = DeferredInterrupt()
-    model.train()
-    last_log_time, last_log_iter = time.perf_counter(), iteration
-    if max_iters is not None and iteration >= max_iters:
-        log(f"nothing to do: the run is at iteration {iteration} and --max_iters is {max_iters}")
-        if writer is not None:
-            writer.close()
+    run.model.train()
+    run.timer = (time.perf_counter(), run.iteration)
+    if max_iters is not None and run.iteration >= max_iters:
+        run.log(f"nothing to do: the run is at iteration {run.iteration} and --max_iters is {max_iters}")
+        if run.writer is not None:
+            run.writer.close()
         return result
     try:
         with guard.installed():
-            if validation_due():  # the run was stopped before (or during) this validation: run it first
-                result.metrics = validate()
-                with guard.critical():
-                    record(result.metrics)
-            while epoch < config.num_epochs:
-                sampler_generator.set_state(sampler.epoch_start)
-                batch_sampler.set_epoch(sampler_generator, start=sampler.position)
-                dataset.set_epoch(epoch)
-                loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=dataset.collate_fn,
-                                    num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
-                                    pin_memory=device.type == "cuda")
-                hardest = config.max_violation and epoch >= config.max_violation_after
-                bar = tqdm(loader, desc=f"epoch {epoch}", initial=batches_per_epoch - len(batch_sampler),
-                           total=batches_per_epoch, disable=not progress or dry_run or not main, dynamic_ncols=True,
-                           leave=False)
-                for pairs in bar:
-                    with guard.critical():
-                        pairs = pairs.to(device, non_blocking=True)
-                        loss_value, scores = train_step(net, pairs, criterion, optimizer, scaler, config, device,
-                                                        hardest, itc)
-                        if not math.isfinite(loss_value):
-                            if config.nan_policy == "stop":
-                                kept = (f"{out / CHECKPOINT} (iteration {last_saved}) is the last good checkpoint"
-                                        if last_saved is not None else "no checkpoint of this run was saved")
-                                raise TrainingError(
-                                    f"the loss or the gradient became non-finite (loss {loss_value}) at epoch {epoch}, "
-                                    f"iteration {iteration + 1}; training stopped and {kept}; lower --learning_rate, "
-                                    "use --amp off, or pass --nan_policy skip to skip such batches")
-                            result.skipped += 1
-                            log(f"epoch {epoch} iter {iteration + 1}: non-finite loss or gradient ({loss_value}), "
-                                f"batch skipped ({result.skipped} so far)")
-                        iteration += 1
-                        sampler.position += batch_sampler.global_batch
-                        result.losses.append((iteration, loss_value))
-                    bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-                    if dry_run:
-                        log(f"dry run: one batch of {len(pairs)} captions / {pairs.images.num_graphs} images, "
-                            f"scores {list(scores.shape)}, loss {loss_value:.4f}; nothing written")
-                        result.iteration, result.epoch = iteration, epoch
-                        return result
-                    if writer is not None and iteration % config.log_step == 0:
-                        now = time.perf_counter()
-                        writer.add("train/loss", loss_value, iteration)
-                        writer.add("train/lr", optimizer.param_groups[0]["lr"], iteration)
-                        writer.add("train/steps_per_s", (iteration - last_log_iter) / (now - last_log_time),
-                                          iteration)
-                        last_log_time, last_log_iter = now, iteration
-                    end_of_epoch = batch_sampler.steps_per_epoch(sampler.position) == 0
-                    if iteration % config.val_step == 0 and not end_of_epoch:
-                        result.metrics = validate()
-                        with guard.critical():
-                            record(result.metrics)
-                        last_log_time, last_log_iter = time.perf_counter(), iteration
-                    if max_iters is not None and iteration >= max_iters:
-                        break
-                bar.close()
-                if batch_sampler.steps_per_epoch(sampler.position) > 0:  # stopped by max_iters
-                    with guard.critical():
-                        save(out / CHECKPOINT)
-                    log(f"stopped at iteration {iteration} (--max_iters); resume with --resume {out / CHECKPOINT}")
-                    break
-                result.metrics = validate()
-                with guard.critical():
-                    scheduler.step()
-                    epoch += 1
-                    sampler.epoch_start, sampler.position = sampler_generator.get_state(), 0
-                    record(result.metrics)
-                last_log_time, last_log_iter = time.perf_counter(), iteration
-                if max_iters is not None and iteration >= max_iters:
+            if validation_due(run):  # the run was stopped before (or during) this validation: run it first
+                validate_and_record(run, result, guard)
+            while run.epoch < run.config.num_epochs:
+                if not train_one_epoch(run, result, guard, dry_run=dry_run, max_iters=max_iters, progress=progress):
                     break
     except KeyboardInterrupt:
         if dry_run:
             raise
         with guard.hold():
-            save(out / CHECKPOINT)
-        raise Interrupted(out / CHECKPOINT, iteration, guard.signum or signal.SIGINT) from None
+            save(run, run.out / CHECKPOINT)
+        raise Interrupted(run.out / CHECKPOINT, run.iteration, guard.signum or signal.SIGINT) from None
     finally:
         guard.uninstall()
-        if writer is not None:
-            writer.close()
-    result.iteration, result.epoch, result.best_rsum = iteration, epoch, best_rsum
+        if run.writer is not None:
+            run.writer.close()
+    result.iteration, result.epoch, result.best_rsum = run.iteration, run.epoch, run.best_rsum
     return result
 
+
+def validation_due(run: Run) -> bool:
+    """Whether the validation due at this resumed iteration has not been recorded (the one at an epoch's end is run
+    by the loop itself)."""
+    return (run.resumed and run.validated != run.iteration and run.iteration > 0
+            and run.iteration % run.config.val_step == 0
+            and run.batch_sampler.steps_per_epoch(run.sampler.position) > 0)
+
+
+def train_one_epoch(run: Run, result: TrainResult, guard: DeferredInterrupt, *, dry_run: bool,
+                    max_iters: int | None, progress: bool) -> bool:
+    """The rest of the current epoch, validating every ``val_step`` iterations and at its end; False when the run
+    stops here (a dry run's one step, or ``max_iters``)."""
+    config, batches = run.config, run.batch_sampler
+    run.sampler_generator.set_state(run.sampler.epoch_start)
+    batches.set_epoch(run.sampler_generator, start=run.sampler.position)
+    run.dataset.set_epoch(run.epoch)
+    loader = DataLoader(run.dataset, batch_sampler=batches, collate_fn=run.dataset.collate_fn,
+                        num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
+                        pin_memory=run.device.type == "cuda")
+    hardest = config.max_violation and run.epoch >= config.max_violation_after
+    bar = tqdm(loader, desc=f"epoch {run.epoch}", initial=batches.steps_per_epoch() - len(batches),
+               total=batches.steps_per_epoch(), disable=not progress or dry_run or not run.main, dynamic_ncols=True,
+               leave=False)
+    for pairs in bar:
+        with guard.critical():
+            loss_value, scores = step(run, pairs, hardest, result)
+        bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        if dry_run:
+            run.log(f"dry run: one batch of {len(pairs)} captions / {pairs.images.num_graphs} images, scores "
+                    f"{list(scores.shape)}, loss {loss_value:.4f}; nothing written")
+            return False
+        if run.writer is not None and run.iteration % config.log_step == 0:
+            log_scalars(run, loss_value)
+        if run.iteration % config.val_step == 0 and batches.steps_per_epoch(run.sampler.position) > 0:
+            validate_and_record(run, result, guard)
+        if max_iters is not None and run.iteration >= max_iters:
+            break
+    bar.close()
+    if batches.steps_per_epoch(run.sampler.position) > 0:  # stopped by max_iters
+        with guard.critical():
+            save(run, run.out / CHECKPOINT)
+        run.log(f"stopped at iteration {run.iteration} (--max_iters); resume with --resume {run.out / CHECKPOINT}")
+        return False
+    result.metrics = validate(run)
+    with guard.critical():
+        run.scheduler.step()
+        run.epoch += 1
+        run.sampler.epoch_start, run.sampler.position = run.sampler_generator.get_state(), 0
+        record(run, result.metrics)
+    run.timer = (time.perf_counter(), run.iteration)
+    return max_iters is None or run.iteration < max_iters
+
+
+def step(run: Run, pairs, hardest: bool, result: TrainResult) -> tuple[float, torch.Tensor]:
+    """One training step on ``pairs`` and its bookkeeping (counters, data position, the NaN policy); the loss and the
+    batch's scores."""
+    pairs = pairs.to(run.device, non_blocking=True)
+    loss_value, scores = train_step(run.net, pairs, run.criterion, run.optimizer, run.scaler, run.config, run.device,
+                                    hardest, run.itc)
+    if not math.isfinite(loss_value):
+        if run.config.nan_policy == "stop":
+            kept = (f"{run.out / CHECKPOINT} (iteration {run.last_saved}) is the last good checkpoint"
+                    if run.last_saved is not None else "no checkpoint of this run was saved")
+            raise TrainingError(f"the loss or the gradient became non-finite (loss {loss_value}) at epoch "
+                                f"{run.epoch}, iteration {run.iteration + 1}; training stopped and {kept}; lower "
+                                "--learning_rate, use --amp off, or pass --nan_policy skip to skip such batches")
+        result.skipped += 1
+        run.log(f"epoch {run.epoch} iter {run.iteration + 1}: non-finite loss or gradient ({loss_value}), batch "
+                f"skipped ({result.skipped} so far)")
+    run.iteration += 1
+    run.sampler.position += run.batch_sampler.global_batch
+    result.losses.append((run.iteration, loss_value))
+    return loss_value, scores
+
+
+def log_scalars(run: Run, loss_value: float) -> None:
+    """The training scalars of TensorBoard: loss, learning rate, steps per second since the last measurement."""
+    now, (then, then_iteration) = time.perf_counter(), run.timer
+    run.writer.add("train/loss", loss_value, run.iteration)
+    run.writer.add("train/lr", run.optimizer.param_groups[0]["lr"], run.iteration)
+    run.writer.add("train/steps_per_s", (run.iteration - then_iteration) / (now - then), run.iteration)
+    run.timer = (now, run.iteration)
