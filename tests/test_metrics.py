@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from hsc_pyg.engine.metrics import (METRIC_KEYS, RECALL_KEYS, fold5_metrics, format_table, i2t_ranks,
+from hsc_pyg.engine.metrics import (METRIC_KEYS, RECALL_KEYS, format_table, i2t_ranks,
                                     recall_metrics, t2i_ranks)
 from hsc_pyg.errors import ConfigError, DataError
+from reference_protocol import fold5_metrics  # noqa: E402  (tests/reference_protocol.py)
 
 
 # ---- reference: one query at a time, ties broken against the query -------------------------------------------------

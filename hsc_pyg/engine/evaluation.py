@@ -33,7 +33,7 @@ from ..nn.layers import check_boxes
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import distributed
 from .device import autocast, eval_mode, resolve_device
-from .metrics import FOLD_SIZE, average_metrics, fold_slices, recall_metrics
+from .metrics import FOLD_SIZE, fold_slices, protocol_metrics, recall_metrics
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -89,10 +89,6 @@ class PackedCaptions:
         rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
         words = self.words[rows].masked_fill_(~mask[:, :, None, None], 0)  # [M, L, V, d]
         return CaptionEncoding(words.transpose(1, 2), mask, self.glo)
-
-    def global_vectors(self) -> Tensor:
-        """One l2-normalised vector per caption ``[M, d]`` (mean over levels), as ``CaptionEncoding.global_vectors``."""
-        return l2norm(self.glo.float().mean(1))
 
     @property
     def nbytes(self) -> int:
@@ -526,5 +522,5 @@ def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = No
     metrics = None
     if all(part is not None for part in parts):   # rank 0 (or the single process) holds the matrices
         per_block = [recall_metrics(part, split.per_image) for part in parts]
-        metrics = average_metrics(per_block) if fold5 else per_block[0]
+        metrics = protocol_metrics(per_block, fold5)
     return distributed.broadcast_object(metrics) if distributed.is_distributed() else metrics

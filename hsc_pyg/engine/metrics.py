@@ -139,19 +139,10 @@ def fold_slices(num_images: int, per_image: int = 5, fold_size: int = FOLD_SIZE)
             for f in range(0, num_images, fold_size)]
 
 
-def fold5_metrics(sims: Any, per_image: int = 5, fold_size: int = FOLD_SIZE) -> dict[str, Any]:
-    """COCO 1K protocol: metrics of each diagonal block of ``fold_size`` images x ``per_image * fold_size``
-    captions (five for COCO testall), averaged as :func:`average_metrics` (the per-fold dicts under ``folds``).
-
-    ``sims`` may be the full ``[N, per_image * N]`` matrix (only its diagonal blocks are read).
-    """
-    if hasattr(sims, "detach"):
-        sims = sims.detach().cpu().float().numpy()
-    sims = np.asarray(sims)
-    if sims.ndim != 2:
-        raise DataError(f"a score matrix must be 2-D [images, captions], found shape {list(sims.shape)}")
-    return average_metrics([recall_metrics(sims[rows, cols], per_image)
-                            for rows, cols in fold_slices(sims.shape[0], per_image, fold_size)])
+def protocol_metrics(per_block: Sequence[dict[str, Any]], fold5: bool) -> dict[str, Any]:
+    """A protocol's metrics from those of its scored blocks: with ``fold5`` (COCO 1K) their average over the folds
+    (:func:`average_metrics`, the per-fold dicts under ``folds``), else the one block's."""
+    return average_metrics(per_block) if fold5 else per_block[0]
 
 
 def format_table(metrics: dict[str, Any], title: str | None = None) -> str:

@@ -30,7 +30,7 @@ from .checkpoint import load_checkpoint
 from .device import autocast, resolve_device
 from .evaluation import (STORE_DTYPES, check_compatible, encode_split, pair_scores, rerank_ensemble,
                          rescore_ranking, score_matrix_distributed)
-from .metrics import average_metrics, fold_slices, recall_metrics
+from .metrics import fold_slices, protocol_metrics, recall_metrics
 
 Warn = Callable[[str], None]
 
@@ -167,7 +167,7 @@ def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[s
                              "fraction": float32_pairs / exact_pairs, "margin": max(r.margin for r in rescored)}
     else:
         per_block = [recall_metrics(block, per_image) for block in scores]
-    report["metrics"] = average_metrics(per_block) if p.fold5 else per_block[0]
+    report["metrics"] = protocol_metrics(per_block, p.fold5)
     if p.rerank_k:
         untrained = [path for path, (model, _, _) in zip(p.models, members) if not bool(model.first_stage.trained)]
         if untrained:
@@ -185,11 +185,11 @@ def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[s
             per_block = [r.metrics(per_image) for r in reranked]
             shared = [r.shared_metrics(per_image) for r in reranked]
             rerank_pairs = sum(r.num_exact_pairs for r in reranked)
-            report["rerank"].append({"k": k, "metrics": average_metrics(per_block) if p.fold5 else per_block[0],
-                                     "shared_metrics": average_metrics(shared) if p.fold5 else shared[0],
+            report["rerank"].append({"k": k, "metrics": protocol_metrics(per_block, p.fold5),
+                                     "shared_metrics": protocol_metrics(shared, p.fold5),
                                      "exact_pairs": rerank_pairs, "fraction": rerank_pairs / exact_pairs})
         first = [block[0].first_stage_metrics(per_image) for block in by_block]
-        report["first_stage_metrics"] = average_metrics(first) if p.fold5 else first[0]
+        report["first_stage_metrics"] = protocol_metrics(first, p.fold5)
     if seconds:
         report["seconds"] = seconds
     if json_path is not None:

@@ -26,7 +26,8 @@ from torch_geometric.utils import to_dense_batch
 from ..data.graphs import dense_adjacency, edge_values, word_relations
 from ..errors import DataError
 from .functional import l2norm
-from .layers import adjacency, build_layer, xavier_linear
+from .init import xavier_linear
+from .layers import adjacency, build_layer
 from .model_config import LEVELS
 
 

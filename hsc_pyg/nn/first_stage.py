@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .functional import l2norm
-from .layers import xavier_linear
+from .init import xavier_linear
 
 #: CLIP's initial temperature 0.07 and its cap on the inverse temperature (100).
 INITIAL_TEMPERATURE = 0.07

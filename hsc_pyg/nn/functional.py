@@ -10,11 +10,6 @@ def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
 
 
-def l1norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
-    """``x / (sum |x| + eps)`` along ``dim``."""
-    return x / (x.abs().sum(dim=dim, keepdim=True) + eps)
-
-
 def masked_softmax(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
     """Softmax along ``dim`` over the entries where ``mask`` is true; masked entries get exactly 0."""
     x = x.masked_fill(~mask, float("-inf"))

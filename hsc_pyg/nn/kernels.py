@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .functional import l2norm
 
 EPS = 1e-8
 MODES = ("auto", "reference")
@@ -152,9 +153,9 @@ class Kernels:
             return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj, compute_dtype(regions))
         if torch.is_autocast_enabled(regions.device.type):
             context = torch.bmm(attn, regions)
-            local = _l2norm(F.linear((_l2norm(context) - words).square(), proj.weight, proj.bias))
+            local = l2norm(F.linear((l2norm(context) - words).square(), proj.weight, proj.bias))
         else:
-            local = _l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
+            local = l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
         local = local.view(n_img, n_cap, length, -1)
         return torch.cat([sim_glo.unsqueeze(-2).to(local.dtype), local], dim=-2)
 
@@ -213,7 +214,7 @@ class Kernels:
             context = torch.mm(attn.t(), reg, out=x[t0:t1])
             inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
             torch.addcmul(w, context, inv, value=-1, out=context).square_()               # (l2norm(ctx) - w)^2
-        local = _l2norm(self.linear(x, proj.weight, proj.bias))
+        local = l2norm(self.linear(x, proj.weight, proj.bias))
         longest = int(lengths.max()) if n_pairs else 0
         nodes = local.new_zeros(n_pairs, longest + 1, local.size(-1))
         nodes[:, 0] = sim_glo
@@ -284,8 +285,3 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     own."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _l2norm(x: Tensor) -> Tensor:
-    """MODEL.md's l2norm over the last axis with the norm taken in one pass."""
-    return x / (torch.linalg.vector_norm(x, dim=-1, keepdim=True) + EPS)

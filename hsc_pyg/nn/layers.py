@@ -56,6 +56,7 @@ from torch_geometric.utils import degree
 from ..data.graphs import BOX_GEOMETRY_FEATURES, box_geometry
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from .init import xavier_linear
 
 LAYERS: Registry[type["RelationalLayer"]] = Registry("layer")
 register_layer = LAYERS.register
@@ -64,14 +65,6 @@ register_layer = LAYERS.register
 def build_layer(name: str, channels: int, **kwargs) -> "RelationalLayer":
     """``LAYERS[name](channels, **kwargs)``; ConfigError for an unknown name or an argument the layer cannot take."""
     return LAYERS.build(name, channels, **kwargs)
-
-
-def xavier_linear(layer: nn.Linear) -> nn.Linear:
-    """Xavier-uniform weight ``U(+-sqrt(6/(in+out)))`` and zero bias, as the original code initialises its Linears."""
-    bound = math.sqrt(6.0 / (layer.in_features + layer.out_features))
-    nn.init.uniform_(layer.weight, -bound, bound)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 def graph_sizes(batch: Tensor | None, x: Tensor) -> Tensor:

@@ -47,10 +47,6 @@ class ImageEncoding:
     def to(self, device=None, dtype=None) -> "ImageEncoding":
         return ImageEncoding(self.regions.to(device=device, dtype=dtype), self.glo.to(device=device, dtype=dtype))
 
-    def global_vectors(self) -> Tensor:
-        """One l2-normalised vector per image ``[N, d]`` (mean over levels) for cosine retrieval."""
-        return l2norm(self.glo.float().mean(1))
-
     @classmethod
     def cat(cls, parts: Sequence["ImageEncoding"]) -> "ImageEncoding":
         return cls(torch.cat([p.regions for p in parts]), torch.cat([p.glo for p in parts]))
@@ -78,9 +74,6 @@ class CaptionEncoding:
         """The same captions with padding cut to the longest of them."""
         length = max(int(self.mask.sum(1).max()), 1) if len(self) else 1
         return CaptionEncoding(self.words[:, :, :length], self.mask[:, :length], self.glo)
-
-    def global_vectors(self) -> Tensor:
-        return l2norm(self.glo.float().mean(1))
 
     @classmethod
     def cat(cls, parts: Sequence["CaptionEncoding"]) -> "CaptionEncoding":
@@ -182,7 +175,7 @@ class HSCModel(nn.Module):
             max_captions = max(1, self._pairs_per_chunk(img, cap, chunk_mb) // n_img)
         else:
             max_captions = self.CPU_BLOCK_CAPTIONS if img.regions.device.type == "cpu" else self.SCORE_BLOCK_CAPTIONS
-        norm = self._caption_norm() if self.training else None
+        norm = self.similarity.head.caption_norm() if self.training else None
         with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
             for c0, c1 in _length_blocks(lengths[order].tolist(), max_captions):
                 columns = order[c0:c1]
@@ -239,11 +232,6 @@ class HSCModel(nn.Module):
             # mmap threshold (no page faults per block): 9.6k vs 7.1k pairs/s per thread at 12 MB vs 192 MB
             pairs = min(pairs, max(1, self.CPU_BLOCK_BYTES // (length * d * img.regions.element_size())))
         return pairs
-
-    def _caption_norm(self):
-        """The SAF gate's caption-wise BatchNorm (None for heads without one)."""
-        norm = getattr(self.similarity.head, "norm", None)
-        return norm if hasattr(norm, "deferred_updates") else None
 
     def forward(self, pairs) -> "TrainingScores":
         """Training: a :class:`hsc_pyg.data.graphs.PairBatch` of B captions -> :class:`TrainingScores` (row b = caption

@@ -28,11 +28,10 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .functional import l2norm, masked_mean, masked_softmax
 from .kernels import Kernels
-from .layers import xavier_linear
+from .init import xavier_linear
 
-#: Similarity heads by name (``head=name``). A head maps the nodes ``[..., K, m]``, their mask ``[..., K]`` and the
-#: module's :class:`~hsc_pyg.nn.kernels.Kernels` to a vector ``[..., m]``.
-HEADS: Registry[type[nn.Module]] = Registry("similarity head")
+#: Similarity heads by name (``head=name``): :class:`SimilarityHead` subclasses.
+HEADS: Registry[type["SimilarityHead"]] = Registry("similarity head")
 register_head = HEADS.register
 
 
@@ -192,18 +191,30 @@ class CaptionwiseBatchNorm(nn.BatchNorm1d):
         return out
 
 
+class SimilarityHead(nn.Module):
+    """Step 5, a head: ``forward(sim_emb [..., K, m], node_mask [..., K], kernels) -> [..., m]``. Its constructor takes
+    ``sim_dim`` and, by keyword, the head options it uses (``sgr_step``). :meth:`caption_norm` is the head's caption-wise
+    BatchNorm, whose training statistics the scorer orders (None: the head has none)."""
+
+    def caption_norm(self) -> CaptionwiseBatchNorm | None:
+        return None
+
+
 @register_head("saf")
-class SAFHead(nn.Module):
+class SAFHead(SimilarityHead):
     """Similarity attention filtration: gate each alignment node, l1-normalise the gates, pool, l2norm.
 
     ``t = l1norm(sigmoid(BN(Linear(sim_emb))))`` over the real nodes; ``vec = l2norm(sum_k t_k sim_emb_k)``.
     Shapes: ``sim_emb [..., K, m]``, ``node_mask [..., K]`` -> ``[..., m]``.
     """
 
-    def __init__(self, sim_dim: int, sgr_step: int = 3):
+    def __init__(self, sim_dim: int):
         super().__init__()
         self.gate = xavier_linear(nn.Linear(sim_dim, 1))
         self.norm = CaptionwiseBatchNorm()
+
+    def caption_norm(self) -> CaptionwiseBatchNorm:
+        return self.norm
 
     def forward(self, sim_emb: Tensor, node_mask: Tensor, kernels: Kernels) -> Tensor:
         gate = torch.sigmoid(self.norm(self.gate(sim_emb).squeeze(-1), node_mask)) * node_mask
@@ -230,7 +241,7 @@ class SGRStep(nn.Module):
 
 
 @register_head("sgr")
-class SGRHead(nn.Module):
+class SGRHead(SimilarityHead):
     """Similarity graph reasoning: ``sgr_step`` steps of dense message passing on the complete graph of the L+1
     alignment nodes (padded nodes masked out as sources); the reasoned global node is the similarity vector."""
 
@@ -256,13 +267,14 @@ class SimilarityModule(nn.Module):
     def __init__(self, embed_size: int, sim_dim: int, num_regions: int = 36, head: str = "saf", sgr_step: int = 3,
                  lambda_softmax: float = 9.0, sa_dropout: float = 0.4, kernels: str = "auto"):
         super().__init__()
-        head_class = HEADS.get(head)
         self.lambda_softmax = lambda_softmax
         self.visual_sa = VisualSA(embed_size, sa_dropout, num_regions)
         self.text_sa = TextSA(embed_size, sa_dropout)
         self.loc_proj = xavier_linear(nn.Linear(embed_size, sim_dim))
         self.glo_proj = xavier_linear(nn.Linear(embed_size, sim_dim))
-        self.head = head_class(sim_dim, sgr_step)
+        options = {"sgr_step": sgr_step}
+        self.head = HEADS.build(head, sim_dim, **{k: v for k, v in options.items()
+                                                   if k in HEADS.accepted_arguments(head, skip=1)})
         self.score_proj = xavier_linear(nn.Linear(sim_dim, 1))
         self.kernels = Kernels(kernels)
 
