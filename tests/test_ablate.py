@@ -170,7 +170,7 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert main(args + ["--dry_run", "--only", "nope"]) == 2
     assert "--only: nope not in the grid (hsc, broken)" in capsys.readouterr().err
     assert main(args + ["--jobs", "0"]) == 2
-    assert "--jobs 0: give at least 1" in capsys.readouterr().err
+    assert "argument --jobs: expected an integer >= 1, got 0" in capsys.readouterr().err
     assert main(args) == 0
     assert Path("runs/hsc/seed0/run.json").stat().st_mtime_ns == finished
     assert len(json.loads(Path("study/ablation.json").read_text())["runs"]) == 2

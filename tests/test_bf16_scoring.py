@@ -206,7 +206,7 @@ def test_bf16_is_refused_with_one_line_where_the_cpu_has_no_bf16_matrix_instruct
 
 @pytest.mark.parametrize("flags, message", [
     (["--rescore_k", "10"], "--rescore_k re-scores the top K of a --amp bf16 or fp16 pass"),
-    (["--amp", "bf16", "--rescore_k", "-1"], "--rescore_k must be at least 0"),
+    (["--amp", "bf16", "--rescore_k", "-1"], "rescore_k=-1 is invalid: expected an integer >= 0"),
     (["--amp", "bf16", "--save_sims", "x.npy"], "would save a matrix that mixes precisions"),
 ])
 def test_rescore_flags_that_cannot_work_are_one_line_errors(capsys, tmp_path, flags, message):

@@ -56,10 +56,7 @@ def test_every_field_is_a_flag_of_its_command(cli, config_classes):
 ])
 def test_a_bad_flag_is_one_line_and_status_2_before_any_work(cli, argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)             # a checkpoint or data folder that does not exist is never reached
-    try:
-        status = cli.main(argv)
-    except SystemExit as e:                  # argparse's own usage errors
-        status = e.code
+    status = cli.main(argv)
     err = capsys.readouterr().err
     assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []

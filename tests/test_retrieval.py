@@ -366,9 +366,9 @@ def test_the_command_answers_a_text_query_and_writes_json(checkpoint, data_path,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--query", ""], "the query is empty"),
+    (["--query", ""], "--query is empty"),
     (["--query", "zzqx qqzz"], "no word of the query"),
-    (["--query", "a cube", "--k", "0"], "--k must be at least 1"),
+    (["--query", "a cube", "--k", "0"], "k=0 is invalid: expected an integer >= 1"),
     (["--image", "99"], "out of range"),
     (["--query", "a cube", "--image_root", "{tmp}/photos"], "does not exist"),
 ])

@@ -29,10 +29,14 @@ def command_parser(command: str, description: str, epilog: str | None = None) ->
 
 def run_command(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], int],
                 argv: Sequence[str] | None = None, interrupted: str = "interrupted") -> int:
-    """Parse ``argv`` and return ``work(args)``'s exit status. An expected error (:class:`~hsc_pyg.errors.HSCError`)
-    becomes its one-line message on stderr and its status (2), or its traceback with ``--debug``; Ctrl-C prints
+    """Parse ``argv`` and return ``work(args)``'s exit status. A usage error is argparse's one line and status 2 (and
+    ``--help`` status 0), returned rather than raised; an expected error (:class:`~hsc_pyg.errors.HSCError`) becomes
+    its one-line message on stderr and its status (2), or its traceback with ``--debug``; Ctrl-C prints
     ``interrupted`` (what was kept, how to go on) and returns 130."""
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:            # the message (or the help) is printed already
+        return e.code if isinstance(e.code, int) else 2
     try:
         return work(args)
     except HSCError as e:

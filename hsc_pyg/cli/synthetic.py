@@ -23,7 +23,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--dev", type=integer(1), default=DEFAULTS["num_dev"], help="dev images (default: %(default)s)")
     parser.add_argument("--test", type=integer(1), default=DEFAULTS["num_test"], help="test images (default: %(default)s)")
     parser.add_argument("--img_dim", type=integer(1), default=DEFAULTS["img_dim"], help="region feature size (default: %(default)s)")
-    parser.add_argument("--regions", type=integer(16), default=DEFAULTS["num_regions"],
+    parser.add_argument("--regions", type=integer(1), default=DEFAULTS["num_regions"],
                         help="regions per image, a square grid (default: %(default)s = 6 x 6)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset in --out")
     return parser
