@@ -126,7 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cla
             help = f"{meta['help']} (default: {'none' if many and not default else repr(default)})"
             name = f"--{meta['flag'] or f.name}"
             if meta["switch"]:
-                parser.add_argument(name, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=meta["help"])
+                parser.add_argument(name, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                    help=meta["help"])
                 continue
             extra: dict[str, Any] = {}
             if many:

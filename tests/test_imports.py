@@ -63,7 +63,8 @@ def test_no_import_cycle():
     assert cycles == []
 
 
-#: Library modules that import argparse without parsing argv: options (and config) add the flags of the dataclasses to the command
+#: Library modules that import argparse without parsing argv: options (and config) add the flags of the dataclasses to
+#: the command
 #: lines' parsers; checkpoint allow-lists ``argparse.Namespace``, the type of an official checkpoint's ``opt``.
 ARGPARSE_USERS = {"hsc_pyg.config", "hsc_pyg.options", "hsc_pyg.engine.checkpoint"}
 

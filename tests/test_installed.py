@@ -99,8 +99,9 @@ def test_pip_install_runs_every_command_outside_the_checkout(tmp_path):
     assert len(out.splitlines()) == 3
     recipe = dict(zip(TINY[::2], TINY[1::2]))
     (work / "recipe.json").write_text(json.dumps({k[2:]: int(v) if v.isdigit() else v for k, v in recipe.items()}))
-    (work / "grid.json").write_text(json.dumps({"recipe": "recipe.json", "data_path": "data",
-                                                "data_name": "synthetic_precomp", "seeds": [0], "configs": {"hsc": {}}}))
+    grid = {"recipe": "recipe.json", "data_path": "data", "data_name": "synthetic_precomp", "seeds": [0],
+            "configs": {"hsc": {}}}
+    (work / "grid.json").write_text(json.dumps(grid))
     run("python", "-m", "hsc_pyg", "ablate", "--grid", "grid.json", "--out", "study")
     record = json.loads((work / "study" / "hsc" / "seed0" / "run.json").read_text())
     assert record["name"] == "hsc" and 0 <= record["test_rsum"] <= 600

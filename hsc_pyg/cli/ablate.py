@@ -1,5 +1,5 @@
-"""``hsc-pyg ablate`` (also ``python -m hsc_pyg.ablate``): train a grid of configurations x seeds, evaluate each best-dev model on the test split,
-and write the study as JSON, a Markdown table and a bar plot.
+"""``hsc-pyg ablate`` (also ``python -m hsc_pyg.ablate``): train a grid of configurations x seeds, evaluate each
+best-dev model on the test split, and write the study as JSON, a Markdown table and a bar plot.
 
     hsc-pyg ablate --grid configs/studies/layers_f8k.json --out runs/layers \\
         --results benchmarks/results/ablation.json

@@ -1,4 +1,5 @@
-"""``hsc-pyg features`` (also ``python -m hsc_pyg.features``): a folder of photos -> region features in the SCAN precomp layout.
+"""``hsc-pyg features`` (also ``python -m hsc_pyg.features``): a folder of photos -> region features in the SCAN
+precomp layout.
 
     hsc-pyg features --images photos/ --out data/my_precomp --split test
 

@@ -24,7 +24,8 @@ COMMANDS = {
 }
 
 USAGE = "usage: hsc-pyg <command> [flags]   (or: python -m hsc_pyg <command> [flags])\n\ncommands:\n" + "\n".join(
-    f"  {name:<16} {summary}" for name, (_, summary) in COMMANDS.items()) + "\n\n`hsc-pyg <command> --help` explains a command's flags."
+    f"  {name:<16} {summary}" for name, (_, summary) in COMMANDS.items()) + (
+    "\n\n`hsc-pyg <command> --help` explains a command's flags.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""``hsc-pyg search`` (also ``python -m hsc_pyg.search``): find the images that match a sentence, or the captions that match an image.
+"""``hsc-pyg search`` (also ``python -m hsc_pyg.search``): find the images that match a sentence, or the captions
+that match an image.
 
     hsc-pyg search --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
         --data_name flickr8k_mini_precomp --split test --query "a dog runs on the beach" --k 5

@@ -1,4 +1,5 @@
-"""``hsc-pyg serve`` (also ``python -m hsc_pyg.serve``): the local explorer, a web page and an HTTP API over a model and a gallery.
+"""``hsc-pyg serve`` (also ``python -m hsc_pyg.serve``): the local explorer, a web page and an HTTP API over a model
+and a gallery.
 
     hsc-pyg serve --model runs/f8k/checkpoint/model_best.pth --data_path ../shared/data \\
         --data_name flickr8k_mini_precomp --split test --image_root ../shared/data/flickr8k_mini_precomp/images

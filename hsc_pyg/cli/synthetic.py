@@ -19,10 +19,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--out", default="data/synthetic_precomp",
                         help="dataset folder to write, <data_path>/<data_name> (default: data/synthetic_precomp)")
     parser.add_argument("--seed", type=integer(0, 2**32), default=0, help="random seed (default: 0)")
-    parser.add_argument("--train", type=integer(1), default=DEFAULTS["num_train"], help="train images (default: %(default)s)")
-    parser.add_argument("--dev", type=integer(1), default=DEFAULTS["num_dev"], help="dev images (default: %(default)s)")
-    parser.add_argument("--test", type=integer(1), default=DEFAULTS["num_test"], help="test images (default: %(default)s)")
-    parser.add_argument("--img_dim", type=integer(1), default=DEFAULTS["img_dim"], help="region feature size (default: %(default)s)")
+    for flag, key, what in (("--train", "num_train", "train images"), ("--dev", "num_dev", "dev images"),
+                            ("--test", "num_test", "test images"), ("--img_dim", "img_dim", "region feature size")):
+        parser.add_argument(flag, type=integer(1), default=DEFAULTS[key], help=f"{what} (default: %(default)s)")
     parser.add_argument("--regions", type=integer(1), default=DEFAULTS["num_regions"],
                         help="regions per image, a square grid (default: %(default)s = 6 x 6)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing dataset in --out")

@@ -1,4 +1,5 @@
-"""``hsc-pyg viz`` (also ``python -m hsc_pyg.viz``): draw the relations a trained model learned for one image, one caption or one pair.
+"""``hsc-pyg viz`` (also ``python -m hsc_pyg.viz``): draw the relations a trained model learned for one image, one
+caption or one pair.
 
     hsc-pyg viz --model runs/demo/checkpoint/model_best.pth --data_path data --data_name synthetic_precomp \\
         --split test --image 0 --caption 0 --level all --out graphs/

@@ -1,6 +1,7 @@
 """Ablation studies: a grid of training configurations x seeds, each trained by ``python -m hsc_pyg train`` in its own
-process and evaluated by ``python -m hsc_pyg evaluate``, summarised as JSON, a Markdown table (mean, standard deviation, Welch's t-test against a
-baseline) and a bar plot. The command line and the grid file's layout: :mod:`hsc_pyg.cli.ablate`.
+process and evaluated by ``python -m hsc_pyg evaluate``, summarised as JSON, a Markdown table (mean, standard
+deviation, Welch's t-test against a baseline) and a bar plot. The command line and the grid file's layout:
+:mod:`hsc_pyg.cli.ablate`.
 """
 from __future__ import annotations
 
