@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -97,3 +98,12 @@ def test_relations_are_the_pictures_strongest_edges_per_layer(model, split):
 def test_bad_requests_say_what_is_wrong(model, split, text, top_k, match):
     with pytest.raises(ConfigError, match=match):
         explain_pair(model, split, 0, text, top_k=top_k)
+
+
+def test_without_boxes_the_regions_are_laid_on_a_circle(model, split, tmp_path):
+    shutil.copytree(split.path, tmp_path / "noboxes")
+    (tmp_path / "noboxes" / "test_boxes.npy").unlink()
+    e = explain_pair(model, PrecompSplit.open(tmp_path, "noboxes", "test"), 1, split.captions[5])
+    assert e["node_positions"] == "circular_layout" and e["box_units"] is None
+    assert all(set(r) == {"index", "x", "y"} for r in e["regions"])
+    assert e["score"] == pytest.approx(explain_pair(model, split, 1, split.captions[5])["score"], abs=1e-6)
