@@ -11,8 +11,10 @@ imagenet``, the flawed recipe of ``flickr8k_mini_precomp``, and ``tf_lite``, the
   them (ties against the query).
 
     python benchmarks/scaling_probe.py --photos ../shared/data/flickr8k/images \\
-        --mini ../shared/data/flickr8k_mini_precomp --work /tmp/scaling_probe --size 448 \\
+        --mini ../shared/data/flickr8k_mini_precomp --work /tmp/scaling_probe --size 224 --shipped \\
         --out benchmarks/results/scaling_probe.json
+    python benchmarks/scaling_probe.py --mini data/flickr8k_precomp --probe_only \\
+        --out benchmarks/results/ridge_floor_flickr8k.json       # the floor of any precomp folder
 
 The mini set's own split (700 / 100 / 200, its ``{split}_ids.txt``) is used; the photos are the 224 x 224 copies of
 ``../shared/data/flickr8k`` (the same pictures as the mini set's sources, re-encoded). ``--shipped`` also probes the
@@ -101,17 +103,19 @@ def probe(features: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> di
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--photos", required=True, help="the Flickr8k photos (../shared/data/flickr8k/images)")
+    p.add_argument("--photos", help="the Flickr8k photos (../shared/data/flickr8k/images); not with --probe_only")
     p.add_argument("--mini", required=True, help="flickr8k_mini_precomp: its split ids and captions (or another "
                    "precomp folder with --probe_only)")
     p.add_argument("--probe_only", action="store_true", help="probe the features of --mini itself, extract nothing")
-    p.add_argument("--work", required=True, help="folder for the extracted features (resumable)")
+    p.add_argument("--work", help="folder for the extracted features (resumable); not with --probe_only")
     p.add_argument("--size", type=int, default=448, help="photo size for the extraction (default: %(default)s)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--normalize", nargs="*", default=["imagenet", "tf_lite"], help="scalings to extract and probe")
     p.add_argument("--shipped", action="store_true", help="also probe the shipped features")
     p.add_argument("--out", required=True, help="JSON to write")
     args = p.parse_args(argv)
+    if not args.probe_only and not (args.photos and args.work):
+        p.error("--photos and --work are needed to extract features (or pass --probe_only)")
     mini, work = Path(args.mini), Path(args.work)
     captions = {s: read_lines(mini / f"{s}_caps.txt") for s in SPLITS}
     targets = tfidf(captions)
