@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from hsc_pyg.data.importers import clean_caption, import_captions, read_csv, read_karpathy
@@ -226,3 +228,33 @@ def test_command_line_split_lists(tmp_path):
                                              "1 photos in no split list left out; wrote train_ids.txt")
     bad = subprocess.run(command + ["--split_list", "dev"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=FILE" in bad.stderr
+
+
+def test_make_flickr8k_builds_the_precomp_folder_and_then_has_nothing_to_do(tmp_path):
+    """The Makefile's flickr8k target on a tiny Flickr8k-like folder (6 photos, 3 lists, one photo in none): captions
+    in list order, then each split's features in that order; a second make has nothing to do."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the features extra is not installed")
+    from PIL import Image
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    photos = tmp_path / "flickr8k"
+    photos.mkdir()
+    _flickr_like(photos)
+    (photos / "images").mkdir()
+    for k, name in enumerate("abcdef"):
+        Image.new("RGB", (40, 40), (40 * k, 255 - 40 * k, 90)).save(photos / "images" / f"{name}.jpg")
+    stamp = tmp_path / "installed"
+    stamp.touch()  # newer than pyproject.toml: make installs nothing
+    out = tmp_path / "out"
+    command = ["make", "-s", "flickr8k", f"PY={sys.executable}", f"STAMP={stamp}", f"F8K_PHOTOS={photos}",
+               f"F8K={out}", "F8K_FEATURES=--size 64 --grid 2 --no_progress"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert lines(out / "train_ids.txt") == ["d.jpg", "a.jpg", "f.jpg"]
+    for split, count in (("train", 3), ("dev", 1), ("test", 1)):
+        assert np.load(out / f"{split}_ims.npy").shape == (count, 4, 1280)
+        identity = json.loads((out / f"{split}_features.json").read_text())["identity"]
+        assert (identity["backbone"], identity["normalize"], identity["size"]) == ("efficientnet_lite0", "tf_lite", 64)
+    again = subprocess.run(command[:1] + ["flickr8k"] + command[3:], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and "Nothing to be done for 'flickr8k'" in again.stdout, again.stdout + again.stderr
