@@ -42,6 +42,12 @@ def test_the_dispatcher_lists_the_commands_and_refuses_an_unknown_one(capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", list(entry.COMMANDS))
+def test_every_command_explains_itself(name, capsys):
+    assert entry.main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: hsc-pyg {name} ")
+
+
 @pytest.mark.parametrize("module, command", [("hsc_pyg.data.synthetic", "synthetic"), ("hsc_pyg.data.vocab", "vocab")])
 def test_library_modules_once_run_as_commands_refuse_with_one_line(tmp_path, module, command):
     result = subprocess.run([sys.executable, "-m", module, "--out", str(tmp_path / "x")], cwd=ROOT,
