@@ -388,8 +388,9 @@ def search_text(model: HSCModel, gallery: Gallery, text: str, k: int = 5, shortl
     shortlister = gallery.shortlister or Shortlister(gallery.image_vectors.numpy())
     top = shortlister.search(query[0].numpy(), shortlist)
     first = (gallery.image_vectors[torch.from_numpy(top)].float() @ query[0]).numpy()
-    exact = score_matrix(model, gallery.images[torch.from_numpy(top)], PackedCaptions.pack(enc.to("cpu")),
-                         progress=False)[:, 0]
+    device, dtype = _model_device(model)
+    with eval_mode(model):          # the one query stays where the model encoded it (model.score bounds the memory)
+        exact = model.score(gallery.images[torch.from_numpy(top)].to(device, dtype), enc)[:, 0].float().cpu().numpy()
     order = np.argsort(-exact, kind="stable")[:k]
     hits = [Hit(int(top[o]), gallery.ids[top[o]], float(exact[o]), float(first[o])) for o in order]
     return SearchResult(text, "text", hits, len(top), len(gallery), time.perf_counter() - start, unknown, clamped,
