@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .io import write_text
+from .io import read_json, write_text
 from .nn.loss import KINDS as ITC_KINDS
 from .nn.model_config import (LEVELS, PRESETS, ModelConfig, model_config_from_dict,  # noqa: F401  (the run's parts
                               model_differences)                                      # are read from here)
@@ -34,6 +34,8 @@ from .options import add_arguments, check_device, check_fields, given, option
 DEVICE_HELP = "auto (the first GPU, else the CPU), cpu or cuda[:N]"
 #: Data loader / decoding processes any command may start.
 MAX_WORKERS = 256
+#: Seeds are 0 .. 2**32 - 1 (numpy's generator takes 32 bits); the ablation runner's grids too.
+MAX_SEED = 2**32
 #: Re-scored top K per query of ``--amp bf16|fp16`` when ``--rescore_k`` is not given: the smallest K at which no
 #: float32 top-10 item fell outside the bf16 top K on the built-in data and on Flickr8k-mini (README, "bf16 scoring").
 DEFAULT_RESCORE_K = 15
@@ -101,7 +103,7 @@ class TrainConfig:
     workers: int = _workers()
     logger_name: str = option("runs/run/log", "TensorBoard folder")
     model_name: str = option("runs/run/checkpoint", "checkpoint folder (model_best.pth, checkpoint.pth)")
-    seed: int = option(0, "random seed", low=0, below=2**32)
+    seed: int = option(0, "random seed", low=0, below=MAX_SEED)
     deterministic: bool = option(False, "deterministic algorithms (slower)")
     device: str = _device()
     amp: str = option("off", "autocast: off, bf16 or fp16 (GPU)", choices=("off", "bf16", "fp16"))
@@ -321,12 +323,7 @@ class Config:
     @classmethod
     def load(cls, path: str | Path) -> "Config":
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist; pass a JSON file written by train.py (config.json)")
-        try:
-            values = json.loads(p.read_text(encoding="utf-8-sig"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {p} is not valid JSON ({e}); fix or regenerate it") from None
+        values = read_json(p, "config file", "pass a JSON file written by train.py (config.json)", ConfigError)
         return cls.from_dict(values, source=str(p))
 
 

@@ -45,8 +45,8 @@ from hsc_pyg.engine.checkpoint import read_checkpoint, save_checkpoint
 from hsc_pyg.engine.train import train
 from hsc_pyg.errors import DataError
 from hsc_pyg.nn.model import build_model
-from corpus import (Case, Outcome, assert_one_line_and_nothing_changed, fill, run_selected, slug, snapshot,  # noqa: E402
-                    write)
+from corpus import (Case, Outcome, assert_one_line_and_nothing_changed, fill, hold_lock,  # noqa: E402
+                    run_selected, slug, snapshot, write)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: a resumable checkpoint written by commit 7831cd1 (see test_checkpoint.py)
@@ -68,6 +68,11 @@ VIZ = ["-m", "hsc_pyg.viz", "--model", "{ckpt}", "--data_path", "{data}", "--dat
 VOCAB = ["-m", "hsc_pyg.cli.vocab", "--data_path", "{data}", "--data_name", NAME, "--out", "{out}/vocab.json",
          "--threshold", "1", "--overwrite"]
 CONVERT = ["-m", "hsc_pyg.cli.convert", "{ckpt}", "{out}/converted.pth", "--overwrite"]
+SEARCH = ["-m", "hsc_pyg.search", "--model", "{ckpt}", "--data_path", "{data}", "--data_name", NAME, "--split", "test",
+          "--cache", "{out}/cache", "--device", "cpu", "--no_progress"]
+#: resume the run of the good tree into its own folder
+RESUME = TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth", "--model_name", "{tree}/run", "--logger_name",
+                      "{tree}/run/log"]
 SYNTHETIC = ["-m", "hsc_pyg.cli.synthetic", "--out", "{data}/" + NAME, "--overwrite", "--train", "6", "--dev", "4",
              "--test", "4", "--img_dim", "8", "--regions", "16"]
 
@@ -153,6 +158,33 @@ def set_item(key: str, value, inside: str | None = None):
 DELETE = object()
 
 
+def nan_weight(ckpt: dict) -> None:
+    name = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
+
+
+class _CreatesFile:
+    """Unpickled, it would create a file: the hostile checkpoint's payload."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def hostile_checkpoint(tree: Path) -> None:
+    torch.save({"format": "hsc_pyg", "model": _CreatesFile(str(tree / "pwned.txt"))}, tree / "model.pth")
+
+
+def deep_json(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def fifo(name: str) -> Callable[[Path], None]:
+    return lambda tree: os.mkfifo(tree / name)
+
+
 def deflate_bomb(tree: Path) -> None:
     """model.pth re-zipped with its members deflated, plus a 100 MB member of zeros (a file of ~0.2 MB)."""
     path = tree / "model.pth"
@@ -207,16 +239,27 @@ CASES = [
          r"as UTF-8", edit_captions(replace_line(2, b"a caf\xff cube"), split="train")),
     # ---- vocabulary
     Case("malformed vocabulary JSON", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
-         r"vocabulary file {tree}/vocab.json is not valid JSON \(.* at line 1 column \d+\); rebuild it with",
+         r"vocabulary file {tree}/vocab.json is not valid JSON \(.* at line 1 column \d+\); build one with "
+         r"`hsc-pyg vocab --data_path DIR --data_name NAME --out FILE`",
          write("vocab.json", b'{"word2idx": {"<pad>": 0,')),
     Case("empty vocabulary JSON", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
-         r"vocabulary file {tree}/vocab.json is empty; expected the SCAN JSON layout", write("vocab.json", b"\n")),
+         r"vocabulary file {tree}/vocab.json is empty; build one with `hsc-pyg vocab ",
+         write("vocab.json", b"\n")),
     Case("vocabulary with other ids than the checkpoint's own", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
          r"the vocabulary given maps words to other ids than the one inside checkpoint {ckpt} \(id of '\w+': \d+ "
          r"given, \d+ in the checkpoint\); drop --vocab_path", write("vocab.json", reordered_vocabulary)),
     Case("vocabulary size other than the checkpoint's", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
          r"the vocabulary has 7 words but checkpoint {ckpt} was trained with vocab_size=\d+; pass the vocabulary it "
          r"was trained with", write("vocab.json", smaller_vocabulary)),
+    Case("vocabulary JSON nested 200,000 deep", EVALUATE + ["--vocab_path", "{tree}/vocab.json"],
+         r"^error: vocabulary file {tree}/vocab.json nests 200,000 levels deep, more than the 100 that any JSON file "
+         r"of hsc_pyg needs; it is damaged or hostile, so it was not read$", write("vocab.json", deep_json(200_000))),
+    Case("a folder as --vocab_path", EVALUATE + ["--vocab_path", "{out}"],
+         r"^error: vocabulary file {out} is a folder, not a file; build one with"),
+    Case("/dev/zero as --vocab_path", EVALUATE + ["--vocab_path", "/dev/zero"],
+         r"^error: vocabulary file /dev/zero is a character device, not a file; build one with"),
+    Case("a FIFO as --vocab_path", EVALUATE + ["--vocab_path", "{tree}/pipe.json"],
+         r"^error: vocabulary file {tree}/pipe.json is a FIFO \(named pipe\), not a file", fifo("pipe.json")),
     # ---- boxes
     Case("boxes of the wrong shape", VIZ + ["--image", "0"],
          r"test_boxes.npy: expected boxes of shape \(4, 16, 4\) .* found \(4, 16, 2\); fix or remove the boxes file",
@@ -228,6 +271,18 @@ CASES = [
          write("model.pth", np.random.default_rng(0).bytes(4096))),
     Case("text file as checkpoint", VIZ + ["--image", "0"], r"checkpoint {ckpt} is not a readable PyTorch checkpoint",
          write("model.pth", b"model: hsc\nepochs: 30\n")),
+    Case("a folder as --model", EVALUATE + ["--model", "{out}"],
+         r"^error: checkpoint {out} is a folder, not a file; pass the path of a .pth/.pth.tar file$"),
+    Case("a FIFO as --model", VIZ + ["--image", "0", "--model", "{tree}/pipe.pth"],
+         r"^error: checkpoint {tree}/pipe.pth is a FIFO \(named pipe\), not a file", fifo("pipe.pth")),
+    Case("/dev/zero as --model", CONVERT[:2] + ["/dev/zero"] + CONVERT[3:],
+         r"^error: checkpoint /dev/zero is a character device, not a file"),
+    Case("a file of zeros as --model", EVALUATE, r"^error: checkpoint {ckpt} is not a readable PyTorch checkpoint "
+         r"\(starts with bytes 00 00 00 00, not a zip archive or a pickle\); re-download or re-save it$",
+         write("model.pth", bytes(1 << 20))),
+    Case("a checkpoint that would run code when unpickled", EVALUATE,
+         r"^error: checkpoint {ckpt} was refused: it needs code outside the safe list to load "
+         r"\((io|builtins|__builtin__).open\); it may be malicious, so it was not unpickled$", hostile_checkpoint),
     Case("checkpoint of another model family", EVALUATE,
          r"checkpoint {ckpt} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint \(top-level keys: epoch, "
          r"state_dict\)", save_torch("model.pth", {"state_dict": {"conv1.weight": torch.zeros(2, 3)}, "epoch": 3})),
@@ -246,6 +301,20 @@ CASES = [
          r"checkpoint {ckpt} would expand from 0.\d MB to 10\d MB when read .*it is damaged or hostile, so it was not "
          r"loaded", deflate_bomb),
     # ---- training state on --resume
+    Case("model_best.pth of a run given to --resume", TRAIN_RUN + ["--resume", "{tree}/run/model_best.pth",
+                                                                     "--model_name", "{tree}/run"],
+         r"^error: {tree}/run/model_best.pth holds weights but no training state, so it cannot be resumed; resume "
+         r"from the run's checkpoint.pth"),
+    Case("--resume after the train captions changed", RESUME,
+         r"^error: {tree}/run/checkpoint.pth was trained on other data than the data found now \(train_caps.txt "
+         r"changed\); resume on the data it was trained on, or pass --other_data to continue on this data anyway$",
+         edit_captions(replace_line(1, b"a red cube left of a blue ball"), split="train")),
+    Case("--resume after the dev split grew", RESUME, r"was trained on other data than the data found now \(dev has 5 "
+         r"images, 4 before; dev has 25 captions, 20 before\)",
+         lambda tree: make_synthetic(tree / "data" / NAME, **{**SIZES, "num_dev": 5}, overwrite=True)),
+    Case("damaged schedule state on --resume", RESUME,
+         r"training state is damaged \(the learning-rate schedule state is damaged \(last_epoch, base_lrs\)\)",
+         edit_checkpoint("run/checkpoint.pth", set_item("base_lrs", ["0.1"], inside="scheduler"))),
     Case("empty optimizer state on --resume", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
          r"{tree}/run/checkpoint.pth: its training state is damaged \(the optimizer state has no parameter groups\)",
          edit_checkpoint("run/checkpoint.pth", set_item("optimizer", {}))),
@@ -262,6 +331,11 @@ CASES = [
     Case("--resume into a folder of another run", TRAIN_RUN + ["--resume", "{tree}/run/checkpoint.pth"],
          r"{out} already holds model_best.pth and checkpoint.pth of another run than the one resumed; pass --overwrite "
          r"to replace them, or choose another --model_name"),
+    Case("training into a folder another process writes", TRAIN,
+         r"^error: {out} is in use by another process \(pid \d+ on h: python sleep 60, started now\); wait for it to "
+         r"end or stop it, or choose another --model_name$", hold_lock("out")),
+    Case("synthetic data into a folder another process writes", SYNTHETIC,
+         r"^error: {data}/synthetic_precomp is in use by another process", hold_lock("data/" + NAME)),
     # ---- sizes
     Case("10,000 regions per image with complete graphs", TRAIN + ["--dry_run"],
          r"train_ims.npy \(regions per image\) has 10,000 nodes: img_edges=full would build 100,000,000 edges per "
@@ -313,6 +387,34 @@ CASES = [
          lambda tree: np.save(tree / "old.npy", np.zeros((4, 25), np.float32))),
     Case("synthetic grid that is not square", SYNTHETIC + ["--regions", "10"],
          r"synthetic regions must be a square grid of at least 4 x 4 \(16, 25, 36, 49, ...\), found 10"),
+    Case("a --config JSON nested 200,000 deep", TRAIN + ["--dry_run", "--config", "{tree}/c.json"],
+         r"^error: config file {tree}/c.json nests 200,000 levels deep", write("c.json", deep_json(200_000))),
+    Case("a FIFO as --config", TRAIN + ["--dry_run", "--config", "{tree}/pipe.json"],
+         r"^error: config file {tree}/pipe.json is a FIFO \(named pipe\), not a file; pass a JSON file written by "
+         r"train.py", fifo("pipe.json")),
+    Case("a seed of 10**30", TRAIN + ["--dry_run", "--seed", str(10**30)],
+         rf"^error: .*seed.*{10**30}"),
+    Case("evaluate --workers -1", EVALUATE + ["--workers", "-1"],
+         r"^error: --workers must be from 0 to 256 \(0: load in this process\), found -1$"),
+    Case("search --k 0 (before the gallery is encoded)", SEARCH + ["--query", "a red cube", "--k", "0"],
+         r"^error: --k must be an integer of at least 1, found 0$"),
+    Case("search with an empty query (before the gallery is encoded)", SEARCH + ["--query", "   "],
+         r"^error: the query is empty; pass words to search for"),
+    Case("search --sheet without --image_root", SEARCH + ["--query", "a red cube", "--sheet", "{out}/s.png"],
+         r"^error: --sheet draws the photos of the results, so it needs --image_root DIR"),
+    Case("viz --image 999 with --image_root", VIZ + ["--image", "999", "--image_root", "{tree}"],
+         r"^error: image 999 is out of range: synthetic_precomp/test has 4 images, numbered 0..3$"),
+    Case("viz of a model with NaN weights", VIZ + ["--image", "0"],
+         r"^error: the model has NaN or inf weights \(\S+\), so its relations cannot be drawn",
+         edit_checkpoint("model.pth", nan_weight)),
+    # ---- outputs written as one unit
+    Case("--save_sims beside a metadata file of the user's", EVALUATE_DATA + ["--model", "{ckpt}", "--save_sims",
+                                                                              "{tree}/S.npy"],
+         r"^error: --save_sims \(its metadata\) {tree}/S.npy.json already exists; pass --overwrite to replace it or "
+         r"choose another file$", write("S.npy.json", b'{"mine": true}\n')),
+    Case("--save_sims whose metadata path is a folder", EVALUATE + ["--save_sims", "{tree}/S.npy"],
+         r"^error: --save_sims \(its metadata\) {tree}/S.npy.json is a folder, not a file; choose a file name$",
+         lambda tree: (tree / "S.npy.json").mkdir()),
     # ---- outputs that cannot be written (tests run as root, so chmod stops nothing: a path under a regular file)
     Case("checkpoint folder under a file", TRAIN + ["--model_name", "{tree}/notes.txt/run"],
          r"cannot write checkpoints into {tree}/notes.txt/run \({tree}/notes.txt is a file, not a folder\); choose a "
@@ -361,8 +463,8 @@ CASES += CONFIG_CASES
 @pytest.fixture(scope="module")
 def good_tree(tmp_path_factory) -> Path:
     """``data/synthetic_precomp`` (tiny), ``model.pth`` (a tiny model with its vocabulary), ``notes.txt``, ``out/``
-    holding the files of an earlier run under the names the commands write, and ``run/`` a resumable run (one
-    iteration)."""
+    holding the files of an earlier run under the names the commands write, and ``run/`` a resumable run (one epoch
+    of 6 iterations: its checkpoint.pth and model_best.pth)."""
     tree = tmp_path_factory.mktemp("good")
     make_synthetic(tree / "data" / NAME, **SIZES)
     vocab = build_vocab(PrecompSplit.open(tree / "data", NAME, "train").captions, threshold=1)
@@ -380,7 +482,7 @@ def good_tree(tmp_path_factory) -> Path:
     (out / "report.json").write_text('{"rsum": 123.4}\n')
     np.save(out / "sims.npy", np.eye(4, 20, dtype=np.float32))
     train(Config(data_path=str(tree / "data"), data_name=NAME, model_name=str(tree / "run"), batch_size=5,
-                 logger_name=str(tree / "run" / "log"), vocab_threshold=1, device="cpu", **SMALL), max_iters=1)
+                 logger_name=str(tree / "run" / "log"), vocab_threshold=1, device="cpu", **SMALL), max_iters=6)
     return tree
 
 

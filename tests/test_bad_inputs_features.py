@@ -25,7 +25,8 @@ pytest.importorskip("PIL", reason="the features extra (pip install -e '.[feature
 pytest.importorskip("efficientnet_lite_pytorch", reason="the features extra (pip install -e '.[features]') is not "
                     "installed")
 from PIL import Image  # noqa: E402
-from corpus import Case, Outcome, assert_one_line_and_nothing_changed, run_selected, slug, write  # noqa: E402
+from corpus import (Case, Outcome, assert_one_line_and_nothing_changed, hold_lock, run_selected, slug,  # noqa: E402
+                    write)
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ["-m", "hsc_pyg.features", "--images", "{tree}/photos", "--out", "{tree}/new", "--split", "test", "--size",
@@ -45,9 +46,12 @@ def garbage_header(name: str) -> Callable[[Path], bytes]:
     return lambda tree: b"\x00" * 64 + (tree / name).read_bytes()[64:]
 
 
-def bomb_png(tree: Path) -> bytes:
-    """A valid 1-bit 20,000 x 20,000 PNG of one colour (about 60 KB; 400 megapixels when decoded)."""
-    side = 20_000
+def bomb_png(side: int) -> Callable[[Path], bytes]:
+    """A valid 1-bit ``side x side`` PNG of one colour (20,000: about 60 KB; 400 megapixels when decoded)."""
+    return lambda tree: _one_colour_png(side)
+
+
+def _one_colour_png(side: int) -> bytes:
     packer = zlib.compressobj(9)
     row = b"\x00" * (1 + side // 8)  # filter byte 0, then 2,500 bytes of black pixels
     data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
@@ -61,6 +65,24 @@ def bomb_png(tree: Path) -> bytes:
 
 def caption_rows(tree: Path) -> str:
     return (tree / "captions.csv").read_text()
+
+
+KARPATHY = CAPTIONS[:3] + ["{tree}/dataset_flickr8k.json", "--out", "{tree}/new", "--split", "test"]
+COCO = CAPTIONS[:3] + ["{tree}/captions_val.json", "--out", "{tree}/new", "--split", "test", "--format", "coco"]
+
+
+def karpathy(changes: list[dict]) -> Callable[[Path], None]:
+    """dataset_flickr8k.json: one test image per change, each a good image with ``change`` applied."""
+    images = [{**dict(filename=f"p{n}.jpg", split="test", sentences=[dict(raw="a dog .")] * 5), **change}
+              for n, change in enumerate(changes)]
+    return write("dataset_flickr8k.json", json.dumps(dict(dataset="flickr8k", images=images)).encode())
+
+
+def coco(images: list[dict] | None = None, annotations: list[dict] | None = None) -> Callable[[Path], None]:
+    """captions_val.json: a good image 1 and its annotation, unless replaced."""
+    data = dict(images=images or [dict(id=1, file_name="a.jpg")],
+                annotations=annotations or [dict(image_id=1, caption="a dog")])
+    return write("captions_val.json", json.dumps(data).encode())
 
 
 def unfinished_other_extraction(tree: Path) -> None:
@@ -84,9 +106,18 @@ CASES = [
          r"it out \(--skip_bad\)$", write("photos/c.jpg", b"")),
     Case("text file named .jpg", FEATURES, r"photo {tree}/photos/notes.jpg is not an image Pillow can read",
          write("photos/notes.jpg", b"shopping list: milk, eggs\n")),
-    Case("decompression bomb PNG", FEATURES, r"photo {tree}/photos/huge.png has 400,000,000 pixels, over Pillow's "
-         r"decompression-bomb limit of 178,956,970; shrink it .* or leave it out \(--skip_bad\)$",
-         write("photos/huge.png", bomb_png)),
+    Case("decompression bomb PNG", FEATURES, r"photo {tree}/photos/huge.png has 400,000,000 pixels, over the limit "
+         r"of 89,478,485 \(Pillow's decompression-bomb threshold\); shrink it .* or leave it out \(--skip_bad\)$",
+         write("photos/huge.png", bomb_png(20_000))),
+    Case("13,000 x 13,000 PNG (under Pillow's own error, 0.7 GB decoded)", FEATURES,
+         r"photo {tree}/photos/huge.png has 169,000,000 pixels, over the limit of 89,478,485",
+         write("photos/huge.png", bomb_png(13_000))),
+    Case("photo name holding a line break", FEATURES, r"photo folder {tree}/photos: photo name 'a\\nb.jpg' holds the "
+         r"control character '\\n', which {{split}}_ids.txt \(one name a line\) cannot hold; rename the photo$",
+         lambda tree: shutil.copy(tree / "photos" / "a.jpg", tree / "photos" / "a\nb.jpg")),
+    Case("--list naming a photo outside the folder", FEATURES + ["--list", "{tree}/list.txt"],
+         r"{tree}/list.txt: photo name '../notes.txt' is not a relative path inside the photo folder",
+         write("list.txt", b"a.jpg\n../notes.txt\n")),
     Case("two bad photos are counted", FEATURES, r"photo {tree}/photos/a.jpg is an empty file \(0 bytes\); .*\(and 1 "
          r"more photos that cannot be read\)$", lambda tree: [write(f"photos/{n}", b"")(tree) for n in PHOTOS[:2]]),
     Case("duplicate id in --list", FEATURES + ["--list", "{tree}/list.txt"],
@@ -114,7 +145,16 @@ CASES = [
     # ---- options
     Case("unknown backbone", FEATURES + ["--backbone", "vgg16"],
          r"unknown backbone 'vgg16'; choose one of convnext_base, .*efficientnet_lite0, .*resnet152"),
-    Case("grid of 0", FEATURES + ["--grid", "0"], r"--grid must be an integer of at least 1, found 0$"),
+    Case("grid of 0", FEATURES + ["--grid", "0"], r"--grid must be an integer from 1 to 32, found 0$"),
+    Case("grid of 100,000", FEATURES + ["--grid", "100000"], r"--grid must be an integer from 1 to 32, found 100000$"),
+    Case("size of 100,000", FEATURES + ["--size", "100000"], r"--size must be an integer from 32 to 2048, found "
+         r"100000$"),
+    Case("negative workers", FEATURES + ["--workers", "-1"], r"--workers must be an integer from 0 to 256, found -1$"),
+    Case("split name leaving --out", FEATURES + ["--split", "../../evil"], r"--split '../../evil' is not a split "
+         r"name; use a plain name such as train, dev or test$"),
+    Case("output folder in use by another extraction", FEATURES + ["--out", "{tree}/out"],
+         r"^error: {tree}/out is in use by another process \(pid \d+ on \S+: .*sleep.*, started \S+\); wait for it "
+         r"to end or stop it, or choose another --out$", hold_lock("out")),
     # ---- captions
     Case("captions for a photo that does not exist", CAPTIONS + ["--images", "{tree}/photos"],
          r"1 captioned photos are not in photo folder {tree}/photos: 'zebra.jpg'; fix the captions file, or pass "
@@ -138,6 +178,42 @@ CASES = [
     Case("captions already imported, different", CAPTIONS + ["--out", "{tree}/out"],
          r"{tree}/out/test_caps.txt already exists with other captions; pass --overwrite to replace it",
          write("out/test_caps.txt", b"other\n" * 15)),
+    Case("captions split name leaving --out", CAPTIONS + ["--split", "../../evil"],
+         r"--split '../../evil' is not a split name; use a plain name such as train, dev or test$"),
+    Case("CSV photo name holding a line break (a quoted field)", CAPTIONS,
+         r"{tree}/captions.csv line \d+: photo name 'a\\nb.jpg' holds the control character '\\n'",
+         write("captions.csv", lambda t: (caption_rows(t) + '"a\nb.jpg",a dog .\n').encode())),
+    Case("CSV photo name with ..", CAPTIONS, r"{tree}/captions.csv line \d+: photo name '../../etc/x.jpg' is not a "
+         r"relative path inside the photo folder", write("captions.csv", lambda t: (caption_rows(t) + "../../etc/x.jpg,"
+                                                                                     "a dog .\n").encode())),
+    Case("Karpathy photo name holding a line break", KARPATHY, r"dataset_flickr8k.json images\[0\]: photo name "
+         r"'a\\nb.jpg' holds the control character", karpathy([dict(filename="a\nb.jpg")])),
+    Case("Karpathy photo name holding a NUL", KARPATHY, r"photo name 'a\\x00.jpg' holds the control character",
+         karpathy([dict(filename="a\x00.jpg")])),
+    Case("Karpathy file name as a number", KARPATHY, r"dataset_flickr8k.json: images\[0\].filename is a number, not "
+         r"text; expected Karpathy's layout$", karpathy([dict(filename=1234)])),
+    Case("Karpathy split as a list", KARPATHY, r"dataset_flickr8k.json: images\[0\].split is a list, not text",
+         karpathy([dict(split=["test"])])),
+    Case("Karpathy sentences as a number", KARPATHY, r"images\[0\] lacks filename, split or sentences\[\].raw",
+         karpathy([dict(sentences=5)])),
+    Case("COCO file_name as a number", COCO, r"captions_val.json: images\[0\] lacks id or file_name \(text\)$",
+         coco(images=[dict(id=1, file_name=7)])),
+    Case("COCO image id as a list", COCO, r"captions_val.json: images\[0\].id is a list; expected a number or text$",
+         coco(images=[dict(id=[1], file_name="a.jpg")])),
+    Case("COCO annotation image_id as a list", COCO, r"annotations\[0\].image_id is a list; expected the id of one "
+         r"of images$", coco(annotations=[dict(image_id=[1], caption="a dog")])),
+    Case("captions JSON nested 200,000 deep", CAPTIONS[:3] + ["{tree}/deep.json", "--out", "{tree}/new", "--split",
+                                                              "test"],
+         r"captions file {tree}/deep.json nests 200,000 levels deep, more than the 100 that any JSON file of hsc_pyg "
+         r"needs; it is damaged or hostile, so it was not read$", write("deep.json", b"[" * 200_000 + b"]" * 200_000)),
+    Case("Karpathy JSON nested 200,000 deep", KARPATHY[:3] + ["{tree}/deep.json"] + KARPATHY[4:] + ["--format",
+                                                                                                    "karpathy"],
+         r"nests 200,001 levels deep", write("deep.json", b'{"images": ' + b"[" * 200_000 + b"]" * 200_000 + b"}")),
+    Case("captions file that is a folder, as --format coco", CAPTIONS[:3] + ["{tree}/photos", "--format", "coco",
+                                                                           "--split", "test", "--out", "{tree}/new"],
+         r"captions file {tree}/photos is a folder, not a file; check --captions$"),
+    Case("captions output folder in use", CAPTIONS + ["--out", "{tree}/out"],
+         r"^error: {tree}/out is in use by another process \(pid \d+", hold_lock("out")),
     Case("unknown caption format", CAPTIONS[:3] + ["{tree}/notes.json", "--out", "{tree}/new", "--split", "test"],
          r"cannot tell the format of {tree}/notes.json; pass --format karpathy, coco, csv or txt$",
          write("notes.json", b'{"hello": 1}')),

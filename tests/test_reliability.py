@@ -23,7 +23,8 @@ from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import Vocabulary
 from hsc_pyg.engine import train as train_module
 from hsc_pyg.engine.checkpoint import read_checkpoint
-from hsc_pyg.engine.train import BEST, CHECKPOINT, LOCK, Interrupted, RunLock, resume_config, train
+from hsc_pyg.engine.train import BEST, CHECKPOINT, Interrupted, resume_config, train
+from hsc_pyg.io import LOCK, FolderLock
 from hsc_pyg.errors import ConfigError, DataError, OutputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +111,11 @@ def test_temporary_files_of_dead_writers_are_removed_by_the_next_write(tmp_path)
 def test_a_second_run_into_a_locked_folder_is_refused_naming_the_first(data, tmp_path):
     folder = tmp_path / "run" / "ckpt"
     folder.mkdir(parents=True)
-    lock = RunLock.acquire(folder)
+    lock = FolderLock.acquire(folder)
     try:
-        with pytest.raises(ConfigError, match=rf"{folder} is in use by another training run \(pid {os.getpid()} on "
-                                              rf"{socket.gethostname()}, started \d{{4}}-\d\d-\d\dT"):
+        with pytest.raises(ConfigError, match=rf"{folder} is in use by another process \(pid {os.getpid()} on "
+                                              rf"{socket.gethostname()}: python\S* .*, started \d{{4}}-\d\d-\d\dT.*; "
+                                              r"wait for it to end or stop it, or choose another --model_name$"):
             train(short_config(data, tmp_path / "run"), max_iters=1)
     finally:
         lock.release()

@@ -132,7 +132,7 @@ GOOD = Vocabulary(["a", "dog"]).to_dict()
 
 
 @pytest.mark.parametrize("content, message", [
-    ("", r"^vocabulary file \S+v\.json is empty; expected the SCAN JSON layout \{word2idx, idx2word, idx\}; "),
+    ("", r"^vocabulary file \S+v\.json is empty; build one with `hsc-pyg vocab "),
     ("{bad json", r"^vocabulary file \S+v\.json is not valid JSON \(Expecting property name enclosed in double quotes "
                   r"at line 1 column 2\); "),
     ("[1, 2]", r"^vocabulary file \S+v\.json: expected a JSON object with keys word2idx, idx2word, idx; found list; "),

@@ -28,6 +28,7 @@ Paths in the grid are relative to the folder the command runs in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import threading
@@ -35,8 +36,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
-from ..engine.ablation import RunFailed, compare, load_grid, train_and_evaluate, write_study
+from ..engine.ablation import RunFailed, compare, load_grid, read_record, train_and_evaluate, write_study
 from ..errors import ConfigError
+from ..io import FolderLock, parse_json
 from ..options import integer
 from .common import OneLineParser, command_parser, exit_with, run_command
 
@@ -103,7 +105,7 @@ def _recorded(results: Path) -> list:
     if not results.is_file():
         return []
     try:
-        runs = json.loads(results.read_text())["runs"]
+        runs = parse_json(results.read_text(encoding="utf-8"))["runs"]
         if not all(isinstance(r, dict) and "config" in r and "seed" in r and "test_rsum" in r for r in runs):
             raise ValueError("a run without config, seed or test_rsum")
     except (ValueError, KeyError, TypeError) as e:
@@ -119,8 +121,12 @@ def _finished(runs: list, recorded: list) -> dict:
     done = {}
     for r in runs:
         if (r.folder / "run.json").is_file():
-            done[id(r)] = {**json.loads((r.folder / "run.json").read_text()), "name": r.name}
-            continue
+            record, why = read_record(r.folder / "run.json")
+            if record is not None:
+                done[id(r)] = {**record, "name": r.name}
+                continue
+            print(f"warning: {r.folder / 'run.json'} is damaged ({why}); {r.name} seed {r.seed} is evaluated again",
+                  file=sys.stderr)
         old = next((x for x in recorded if x["config"] == r.options and x["seed"] == r.seed), None)
         if old is not None:
             done[id(r)] = {**old, "name": r.name}
@@ -194,10 +200,11 @@ def ablate_command(args: argparse.Namespace) -> int:
         for run in todo:
             print(f"  {run.folder}  {json.dumps(run.options)}")
         return 0
-    failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
-    finished = _finished(runs, recorded)
-    if finished:
-        write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+    with contextlib.nullcontext() if args.report else FolderLock.acquire(out, "--out"):  # one runner per --out
+        failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
+        finished = _finished(runs, recorded)
+        if finished:
+            write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
         print(f"study of {len(finished)} runs: {results}, {results.with_suffix('.md')}, "
               f"{results.with_suffix('.png')}")
         if args.report:

@@ -43,6 +43,9 @@ def build_parser() -> OneLineParser:
     run.add_argument("--dry_run", action="store_true", help="build everything, run one batch, print its loss, write nothing")
     run.add_argument("--overwrite", action="store_true",
                      help="let --model_name hold another run's checkpoints (they are replaced)")
+    run.add_argument("--other_data", action="store_true",
+                     help="with --resume: continue although the train or dev data differ from the ones the checkpoint "
+                          "was trained on (its best model then compares rsums of two dev sets)")
     run.add_argument("--gather_negatives", action="store_true",
                      help="under torchrun: take the hardest negatives of the loss from every process's batch (the "
                           "global batch) instead of each process's own; each process then scores all the images of "
@@ -82,7 +85,7 @@ def train_command(args: argparse.Namespace) -> int:
         with torchrun_job(config.device):
             result = train(config, resume=checkpoint, dry_run=args.dry_run, overwrite=args.overwrite,
                            max_iters=args.max_iters or None, log=_log, progress=not args.no_progress,
-                           gather_negatives=args.gather_negatives)
+                           gather_negatives=args.gather_negatives, other_data=args.other_data)
             main_rank = is_main()
     except Interrupted as e:
         by = "" if e.signum == signal.SIGINT else f" by {signal.Signals(e.signum).name}"

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from ..errors import ConfigError, DataError, os_error_reason
-from ..io import atomic_files
+from ..errors import ConfigError, DataError
+from ..io import FolderLock, atomic_files, read_json
 from .precomp import read_lines
 
 #: file name endings that are photos (case-insensitive)
@@ -68,11 +67,33 @@ def _read_text(path: Path) -> str:
 
 
 def _read_json(path: Path) -> object:
-    text = _read_text(path)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    return read_json(path, "captions file", "check --captions")
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "list", str: "text", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def check_photo_id(photo: str, where: str) -> None:
+    """DataError for a photo id that would break the precomp layout: one id a line in ``{split}_ids.txt``, each a path
+    under the photo folder. Refused: line breaks and other control characters, NULs, an absolute path, a backslash,
+    ``.`` / ``..`` parts, empty parts."""
+    bad = next((c for c in photo if ord(c) < 32 or c in "\x7f\x85\u2028\u2029"), None)
+    if bad is not None:
+        raise DataError(f"{where}: photo name {photo!r} holds the control character {bad!r}, which "
+                        "{split}_ids.txt (one name a line) cannot hold; rename the photo")
+    parts = photo.split("/")
+    if "\\" in photo or photo.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise DataError(f"{where}: photo name {photo!r} is not a relative path inside the photo folder (no leading "
+                        "/, backslash, '.', '..' or empty part); fix the name")
+
+
+def check_split_name(split: str) -> None:
+    """ConfigError for a split name that is not a plain name: its files would leave the output folder (a path
+    separator, ``..``) or hide in it (a leading dot)."""
+    if not split or split.startswith(".") or any(c in split for c in "/\\") or any(ord(c) < 32 for c in split):
+        raise ConfigError(f"--split {split!r} is not a split name; use a plain name such as train, dev or test")
 
 
 def clean_caption(text: str) -> str:
@@ -81,6 +102,7 @@ def clean_caption(text: str) -> str:
 
 
 def _add(captions: Captions, photo: str, text: object, where: str) -> None:
+    check_photo_id(photo, where)
     if not isinstance(text, str) or not clean_caption(text):
         raise DataError(f"{where}: the caption of photo {photo!r} is empty or not text; write it or remove it")
     captions.setdefault(photo, []).append(clean_caption(text))
@@ -100,9 +122,13 @@ def read_karpathy(path: Path) -> dict[str, Captions]:
             photo = f"{image['filepath']}/{image['filename']}" if image.get("filepath") else image["filename"]
             split, sentences = image["split"], image["sentences"]
             raws = [s["raw"] for s in sentences]
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):
             raise DataError(f"{path}: images[{n}] lacks filename, split or sentences[].raw; expected Karpathy's "
                             "layout") from None
+        for key in ("filepath", "filename", "split"):
+            if image.get(key) is not None and not isinstance(image[key], str):
+                raise DataError(f"{path}: images[{n}].{key} is a {_json_type(image[key])}, not text; expected "
+                                "Karpathy's layout")
         if split not in KARPATHY_SPLITS:
             raise DataError(f"{path}: images[{n}] ({photo}) has split {split!r}; expected one of "
                             f"{', '.join(KARPATHY_SPLITS)}")
@@ -125,13 +151,18 @@ def read_coco(path: Path) -> Captions:
     names: dict[object, str] = {}
     for n, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
-            raise DataError(f"{path}: images[{n}] lacks id or file_name")
+            raise DataError(f"{path}: images[{n}] lacks id or file_name (text)")
+        if not isinstance(image["id"], (int, str)) or isinstance(image["id"], bool):
+            raise DataError(f"{path}: images[{n}].id is a {_json_type(image['id'])}; expected a number or text")
         if image["file_name"] in names.values() or image["id"] in names:
             raise DataError(f"{path}: images[{n}] repeats photo {image['file_name']!r} (id {image['id']}); remove "
                             "the duplicate")
         names[image["id"]] = image["file_name"]
     captions: Captions = {}
     for n, note in enumerate(data["annotations"]):
+        if isinstance(note, dict) and not isinstance(note.get("image_id"), (int, str, type(None))):
+            raise DataError(f"{path}: annotations[{n}].image_id is a {_json_type(note['image_id'])}; expected the "
+                            "id of one of images")
         if not isinstance(note, dict) or note.get("image_id") not in names:
             raise DataError(f"{path}: annotations[{n}] names image_id "
                             f"{note.get('image_id') if isinstance(note, dict) else None!r}, which is not in images")
@@ -315,6 +346,8 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
     if fmt != "karpathy" and not split and not lists:
         raise ConfigError(f"--split is needed for the {fmt} format (it holds no splits); for example --split train, "
                           "or --split_list train=FILE per split")
+    if split:
+        check_split_name(split)
 
     if fmt == "karpathy":
         splits = read_karpathy(source)
@@ -344,30 +377,27 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
                 raise DataError(f"{len(missing)} listed photos are not in {images}: {_listing(missing)}; fix the "
                                 "split lists or --images")
 
-    written: list[tuple[Path, bytes]] = []
-    reports = []
-    for name, caps in splits.items():
-        ids_file, caps_file = out / f"{name}_ids.txt", out / f"{name}_caps.txt"
-        ids = read_photo_names(ids_file) if ids_file.exists() else None
-        if ids is None and lists:
-            ids, source_name = lists[name], f"the split list {split_lists[name]}"
-        elif ids is None and images is not None and fmt != "karpathy":
-            ids, source_name = _photo_folder_names(images), f"photo folder {images}"
-        else:
-            source_name = str(ids_file) if ids is not None else f"the photos of split {name}"
-        order, lines, report = _align(name, caps, ids, source_name, images, per_image, fewer, ignore_extra)
-        caps_bytes = "".join(line + "\n" for line in lines).encode("utf-8")
-        if caps_file.exists() and not overwrite and caps_file.read_bytes() != caps_bytes:
-            raise ConfigError(f"{caps_file} already exists with other captions; pass --overwrite to replace it, or "
-                              "choose another --out")
-        if not ids_file.exists():
-            written.append((ids_file, "".join(p + "\n" for p in order).encode("utf-8")))
-        report.wrote_ids, report.unlisted = not ids_file.exists(), unlisted
-        written.append((caps_file, caps_bytes))
-        reports.append(report)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
-    atomic_files({path: (lambda f, data=data: f.write(data)) for path, data in written})  # every split or none
+    with FolderLock.acquire(out, "--out"):  # the files already there are compared under the lock
+        written: list[tuple[Path, bytes]] = []
+        reports = []
+        for name, caps in splits.items():
+            ids_file, caps_file = out / f"{name}_ids.txt", out / f"{name}_caps.txt"
+            ids = read_photo_names(ids_file) if ids_file.exists() else None
+            if ids is None and lists:
+                ids, source_name = lists[name], f"the split list {split_lists[name]}"
+            elif ids is None and images is not None and fmt != "karpathy":
+                ids, source_name = _photo_folder_names(images), f"photo folder {images}"
+            else:
+                source_name = str(ids_file) if ids is not None else f"the photos of split {name}"
+            order, lines, report = _align(name, caps, ids, source_name, images, per_image, fewer, ignore_extra)
+            caps_bytes = "".join(line + "\n" for line in lines).encode("utf-8")
+            if caps_file.exists() and not overwrite and caps_file.read_bytes() != caps_bytes:
+                raise ConfigError(f"{caps_file} already exists with other captions; pass --overwrite to replace it, "
+                                  "or choose another --out")
+            if not ids_file.exists():
+                written.append((ids_file, "".join(p + "\n" for p in order).encode("utf-8")))
+            report.wrote_ids, report.unlisted = not ids_file.exists(), unlisted
+            written.append((caps_file, caps_bytes))
+            reports.append(report)
+        atomic_files({path: (lambda f, data=data: f.write(data)) for path, data in written})  # every split or none
     return reports

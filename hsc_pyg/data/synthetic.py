@@ -29,8 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, os_error_reason
-from ..io import atomic_folder
+from ..errors import ConfigError
+from ..io import FolderLock, atomic_folder
 
 CLASSES = ("cube", "ball", "cone", "cylinder", "ring", "pyramid")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
@@ -216,35 +216,34 @@ def make_synthetic(out_dir: str | Path, seed: int = 0, num_train: int = DEFAULTS
     out = Path(out_dir)
     names = ["synthetic.json"] + [f"{s}_{suffix}" for s in SPLITS
                                   for suffix in ("ims.npy", "caps.txt", "boxes.npy", "ids.txt", "scenes.json")]
-    existing = [n for n in names if (out / n).exists()]
-    if existing and not overwrite:
-        raise ConfigError(f"{out} already holds a dataset ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); "
-                          "pass --overwrite to replace it or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"cannot write into {out} (the folder is not writable); choose a writable --out")
+    with FolderLock.acquire(out, "--out"):  # one writer; the files already there are checked under the lock
+        existing = [n for n in names if (out / n).exists()]
+        if existing and not overwrite:
+            raise ConfigError(f"{out} already holds a dataset ({', '.join(existing[:3])}"
+                              f"{', ...' if len(existing) > 3 else ''}); pass --overwrite to replace it or choose "
+                              "another --out")
+        if not os.access(out, os.W_OK):
+            raise ConfigError(f"cannot write into {out} (the folder is not writable); choose a writable --out")
 
-    protos = _Prototypes(np.random.default_rng([seed, 0]), img_dim, grid)
-    files: dict[str, bytes] = {}
-    first_id = 0
-    for k, split in enumerate(SPLITS):
-        rng = np.random.default_rng([seed, k + 1])  # a split does not change when another split's size does
-        ims, boxes, caps, ids, scenes = _split(rng, protos, sizes[split], img_dim, grid, first_id)
-        first_id += sizes[split]
-        files[f"{split}_caps.txt"] = ("\n".join(caps) + "\n").encode("utf-8")
-        files[f"{split}_ids.txt"] = ("\n".join(ids) + "\n").encode("utf-8")
-        files[f"{split}_boxes.npy"] = _npy_bytes(boxes)
-        files[f"{split}_scenes.json"] = (json.dumps(scenes) + "\n").encode("utf-8")
-        files[f"{split}_ims.npy"] = _npy_bytes(ims)
-    options = dict(generator="hsc_pyg.data.synthetic", version=1, seed=seed, img_dim=img_dim, num_regions=num_regions,
-                   captions_per_image=CAPTIONS_PER_IMAGE, **{f"num_{s}": n for s, n in sizes.items()})
-    files["synthetic.json"] = (json.dumps(options, indent=2) + "\n").encode("utf-8")
-    with atomic_folder(out) as folder:  # the whole dataset at once: never new captions beside old features
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
+        protos = _Prototypes(np.random.default_rng([seed, 0]), img_dim, grid)
+        files: dict[str, bytes] = {}
+        first_id = 0
+        for k, split in enumerate(SPLITS):
+            rng = np.random.default_rng([seed, k + 1])  # a split does not change when another split's size does
+            ims, boxes, caps, ids, scenes = _split(rng, protos, sizes[split], img_dim, grid, first_id)
+            first_id += sizes[split]
+            files[f"{split}_caps.txt"] = ("\n".join(caps) + "\n").encode("utf-8")
+            files[f"{split}_ids.txt"] = ("\n".join(ids) + "\n").encode("utf-8")
+            files[f"{split}_boxes.npy"] = _npy_bytes(boxes)
+            files[f"{split}_scenes.json"] = (json.dumps(scenes) + "\n").encode("utf-8")
+            files[f"{split}_ims.npy"] = _npy_bytes(ims)
+        options = dict(generator="hsc_pyg.data.synthetic", version=1, seed=seed, img_dim=img_dim,
+                       num_regions=num_regions, captions_per_image=CAPTIONS_PER_IMAGE,
+                       **{f"num_{s}": n for s, n in sizes.items()})
+        files["synthetic.json"] = (json.dumps(options, indent=2) + "\n").encode("utf-8")
+        with atomic_folder(out) as folder:  # the whole dataset at once: never new captions beside old features
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
     return out
 
 

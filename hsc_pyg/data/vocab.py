@@ -13,7 +13,6 @@ Build a vocabulary file from a dataset's train captions::
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,12 +20,14 @@ from typing import Any, Iterable
 from nltk.tokenize import NLTKWordTokenizer
 
 from ..errors import ConfigError, VocabError
-from ..io import write_json
+from ..io import read_json, write_json
 
 PAD, START, END, UNK = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 #: The byte order mark some editors put at the start of a UTF-8 file; it is not text, so readers drop it.
 BOM = "\ufeff"
+#: how to make a vocabulary file, for messages
+BUILD = "hsc-pyg vocab --data_path DIR --data_name NAME --out FILE"
 
 _WORD_TOKENIZER = NLTKWordTokenizer()
 
@@ -111,7 +112,7 @@ class Vocabulary:
     @classmethod
     def from_dict(cls, d: Any, source: str = "vocabulary") -> "Vocabulary":
         """Rebuild from the SCAN layout, checking it is complete and consistent (``source`` names it in errors)."""
-        fix = "rebuild it with `hsc-pyg vocab` or use the official SCAN file"
+        fix = f"rebuild it with `{BUILD}` or use the official SCAN file"
         if not isinstance(d, dict):
             raise VocabError(f"{source}: expected a JSON object with keys word2idx, idx2word, idx; "
                              f"found {type(d).__name__}; {fix}")
@@ -154,18 +155,8 @@ class Vocabulary:
     def load(cls, path: str | Path) -> "Vocabulary":
         """Read a vocabulary JSON file (hsc_pyg's or the official SCAN/SGRAF ones, unchanged)."""
         p = Path(path)
-        if not p.is_file():
-            raise VocabError(f"vocabulary file {p} does not exist; build one with `hsc-pyg vocab "
-                             f"--data_path DIR --data_name NAME --out {p}` or pass the official SCAN file")
-        text = p.read_bytes().decode("utf-8", errors="replace").removeprefix(BOM)  # editors on Windows add one
-        if not text.strip():
-            raise VocabError(f"vocabulary file {p} is empty; expected the SCAN JSON layout "
-                             "{word2idx, idx2word, idx}; rebuild it with `hsc-pyg vocab`")
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise VocabError(f"vocabulary file {p} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); "
-                             "rebuild it with `hsc-pyg vocab`") from None
+        d = read_json(p, "vocabulary file", f"build one with `{BUILD}` or pass the official SCAN file",
+                      error=VocabError)
         return cls.from_dict(d, source=f"vocabulary file {p}")
 
 

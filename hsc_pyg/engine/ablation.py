@@ -16,9 +16,9 @@ from itertools import product
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import PRESETS, Config
+from ..config import MAX_SEED, PRESETS, Config
 from ..errors import ConfigError, HSCError
-from ..io import atomic_files, write_json
+from ..io import atomic_files, parse_json, read_json, write_json
 
 #: the folder this package was imported from: a run's processes import the same package (not another install)
 IMPORTED_FROM = Path(__file__).resolve().parents[2]
@@ -72,12 +72,7 @@ def _where(path: Path, key: str) -> str:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file; one-line ConfigError for anything that would fail later."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise ConfigError(f"grid {path} does not exist; see hsc-pyg ablate --help for its layout") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"grid {path} is not valid JSON ({e}); fix the file") from None
+    raw = read_json(path, "grid", "see hsc-pyg ablate --help for its layout", ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"grid {path} holds a {type(raw).__name__}; expected a JSON object with 'configs'")
     unknown = sorted(set(raw) - GRID_KEYS)
@@ -86,8 +81,9 @@ def load_grid(path: str | Path) -> Grid:
                           f"{', '.join(sorted(GRID_KEYS))}")
     seeds = raw.get("seeds", [0])
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise ConfigError(f"{_where(path, 'seeds')} must be a list of distinct non-negative integers, found {seeds!r}")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < MAX_SEED for s in seeds)):
+        raise ConfigError(f"{_where(path, 'seeds')} must be a list of distinct non-negative integers below {MAX_SEED:,}, "
+                          f"found {seeds!r}")
     common = _options(raw.get("common", {}), _where(path, "common"))
     configs: dict[str, dict[str, Any]] = {}
     for name, options in _object(raw.get("configs", {}), _where(path, "configs")).items():
@@ -177,7 +173,7 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     config = grid.config(run)
     checkpoint = folder / "checkpoint" / "checkpoint.pth"
     timing_path = folder / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"train_seconds": 0.0, "attempts": 0}
+    timing = _read_timing(timing_path)
     if not (folder / "train_done.json").exists():
         if checkpoint.is_file():
             # the folders and data named again: the checkpoint's own paths may be relative to another working folder
@@ -210,9 +206,41 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     if status != 0:
         raise RunFailed(f"{run.name} seed {run.seed}: evaluation failed with status {status}: "
                         f"{_last_line(folder / 'eval.log')} (log {folder / 'eval.log'})")
-    result = _run_record(run, config, json.loads(report.read_text()), timing)
+    result = _run_record(run, config, read_json(report, "evaluation report", "evaluate the run again"), timing)
     write_json(folder / "run.json", result, indent=1)
     return result
+
+
+#: the fields of a run record (run.json) that the study reads
+RECORD_KEYS = ("config", "seed", "test_rsum")
+
+
+def read_record(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """A run's record (``run.json``) and "", or None and why it cannot be used (truncated, not an object, without
+    config, seed or a numeric test_rsum): such a run is evaluated again."""
+    try:
+        record = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, " ".join(str(e).split())[:120]
+    if not isinstance(record, dict):
+        return None, f"it holds a {type(record).__name__}, not a record"
+    missing = [k for k in RECORD_KEYS if k not in record]
+    if missing:
+        return None, f"no {', '.join(missing)}"
+    if not isinstance(record["test_rsum"], (int, float)) or isinstance(record["test_rsum"], bool):
+        return None, f"test_rsum is {record['test_rsum']!r}, not a number"
+    return record, ""
+
+
+def _read_timing(path: Path) -> dict[str, Any]:
+    """The training time and attempts recorded so far (none when the file is missing or damaged)."""
+    try:
+        timing = parse_json(path.read_text(encoding="utf-8"))
+        if isinstance(timing.get("train_seconds"), (int, float)) and type(timing.get("attempts")) is int:
+            return timing
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"train_seconds": 0.0, "attempts": 0}
 
 
 def _run_record(run: Run, config: Config, report: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pickle
+import pickletools
 import re
 import zipfile
 from pathlib import Path
@@ -27,9 +28,10 @@ import torch
 from torch import Tensor
 
 from ..config import PART_OF, Config, DataConfig, ModelConfig, TrainConfig, model_config_from_dict
+from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write
+from ..io import atomic_write, file_fingerprint, file_kind_problem
 from ..nn.model import HSCModel
 
 FORMAT = "hsc_pyg"
@@ -113,29 +115,74 @@ def run_config_of(ckpt: dict[str, Any], source: str = "checkpoint") -> Config:
     return Config(model_config_of(ckpt, source), **parts)
 
 
+# --------------------------------------------------------------------------- the data a run trains on
+#: the files of a split that the data fingerprint covers (what training reads)
+FINGERPRINT_FILES = ("ims.npy", "caps.txt", "boxes.npy")
+
+
+def data_fingerprint(*splits: PrecompSplit) -> dict[str, Any]:
+    """What identifies the data of a run, stored in its checkpoints: per split (train, dev) its image and caption
+    counts and, per file it reads, the size and the SHA-256 of sampled blocks (as the gallery cache: cheap for
+    files of gigabytes). Paths and modification times are left out: the same data moved or copied is the same."""
+    def file(path: Path) -> dict[str, Any]:
+        found = file_fingerprint(path)
+        return {"size": found["size"], "sample_sha256": found["sample_sha256"]}
+
+    return {split.split: {"images": split.num_images, "captions": split.num_captions,
+                          "files": {suffix: file(split.file(suffix)) for suffix in FINGERPRINT_FILES
+                                    if split.file(suffix).is_file()}}
+            for split in splits}
+
+
+def check_same_data(checkpoint: dict[str, Any], fingerprint: dict[str, Any], source: str) -> None:
+    """ConfigError when the run of ``checkpoint`` was trained on other data than ``fingerprint`` describes: a
+    resumed run would then mix two datasets (and choose its best model by comparing the rsums of two dev sets).
+    Checkpoints written before the fingerprint was stored are not checked."""
+    saved = checkpoint.get("data_fingerprint")
+    if not isinstance(saved, dict):
+        return
+    changes = []
+    for split, now in fingerprint.items():
+        before = saved.get(split) if isinstance(saved.get(split), dict) else {}
+        for count in ("images", "captions"):
+            if before.get(count) != now[count]:
+                changes.append(f"{split} has {now[count]} {count}, {before.get(count)} before")
+        if not any(c.startswith(split) for c in changes):
+            changed = [s for s in sorted(set(now["files"]) | set(before.get("files") or {}))
+                       if (before.get("files") or {}).get(s) != now["files"].get(s)]
+            changes += [f"{split}_{suffix} changed" for suffix in changed]
+    if changes:
+        raise ConfigError(f"{source} was trained on other data than the data found now ({'; '.join(changes[:3])}); "
+                          "resume on the data it was trained on, or pass --other_data to continue on this data "
+                          "anyway")
+
+
 # --------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Load a checkpoint file safely and return it in this project's dict layout (converting official ones)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a .pth/.pth.tar file")
+    problem = file_kind_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}; pass the path of a .pth/.pth.tar file")
     check_expansion(path)
+    check_header(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             raw = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        text = str(e)
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if refused:
-            raise CheckpointError(f"checkpoint {path} was refused: it needs code outside the safe list to load "
-                                  f"({refused.group(1)}); it may be malicious, so it was not unpickled") from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint "
-                              f"({(detail.group(1) if detail else type(e).__name__).strip()[:160]})") from None
+    except pickle.UnpicklingError:
+        # torch's safe unpickler raises this both for a global outside its safe list and for damaged bytes, in
+        # wordings that change between versions: which one it was is read from the pickle itself
+        refused = unsafe_globals(path)
+        if refused is None:
+            raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt "
+                                  "pickle data); re-download or re-save it") from None
+        named = f" ({', '.join(refused[:3])})" if refused else ""
+        raise CheckpointError(f"checkpoint {path} was refused: it needs code outside the safe list to load{named}; "
+                              "it may be malicious, so it was not unpickled") from None
     except Exception as e:  # the unpickler raises many kinds of errors on garbage: any of them means unreadable
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _first_words(str(e)) or type(e).__name__
         raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint (truncated or corrupt: "
-                              f"{msg[:160]}); re-download or re-save it") from None
+                              f"{msg}); re-download or re-save it") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(raw).__name__}, not a checkpoint dict")
     if raw.get("format") == FORMAT:
@@ -145,6 +192,68 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         return convert_official(raw, source=str(path))
     raise CheckpointError(f"checkpoint {path} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint "
                           f"(top-level keys: {', '.join(sorted(map(str, raw))[:8]) or 'none'})")
+
+
+def _first_words(text: str, limit: int = 160) -> str:
+    """The first line of ``text``, cut at a word boundary to at most ``limit`` characters."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+#: how files that ``torch.load`` reads begin: a zip archive (``torch.save`` since 1.6) or a pickle of protocol 2+
+#: (the legacy format, official checkpoints of that time)
+HEADERS = (b"PK\x03\x04", b"\x80")
+
+
+def check_header(path: Path) -> None:
+    """CheckpointError for a file that begins as neither a zip archive nor a pickle (checked on its first bytes, so
+    a multi-gigabyte file of zeros is refused at once)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not any(head.startswith(h) for h in HEADERS):
+        kind = "an empty file" if not head else f"starts with bytes {head.hex(' ')}"
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint ({kind}, not a zip archive "
+                              "or a pickle); re-download or re-save it")
+
+
+def unsafe_globals(path: Path) -> list[str] | None:
+    """The globals (``module.name``) that the pickle inside ``path`` asks for, outside torch's safe list, or None
+    when the pickle is not well formed (damaged, not hostile). A well-formed pickle that the safe unpickler refused
+    asked for something outside its list (an empty list: it refused something else, such as a ``__reduce__``)."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                data = archive.read(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(64 * 2**20)
+        found, strings = [], []
+        for opcode, arg, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif opcode.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, UnicodeDecodeError):
+        return None
+    safe = set(_safe_global_names())
+    return [g for g in dict.fromkeys(found) if g not in safe]
+
+
+def _safe_global_names() -> list[str]:
+    """``module.name`` of every global torch's safe unpickler accepts, plus this project's allow list."""
+    from torch import _weights_only_unpickler as unpickler
+
+    names = ["argparse.Namespace"]
+    names += list(getattr(unpickler, "_get_allowed_globals", dict)())
+    for obj in torch.serialization.get_safe_globals():
+        obj = obj[0] if isinstance(obj, tuple) else obj
+        names.append(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return names
 
 
 def check_expansion(path: Path) -> None:

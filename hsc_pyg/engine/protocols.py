@@ -24,7 +24,7 @@ from ..config import EvaluateConfig
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, os_error_reason
-from ..io import atomic_files, write_json
+from ..io import atomic_files, parse_json, write_json
 from . import distributed
 from .checkpoint import load_checkpoint
 from .device import autocast, resolve_device
@@ -47,6 +47,8 @@ def check_output(path: str, flag: str, overwrite: bool, make_folder: bool = Fals
         except OSError as e:
             raise ConfigError(f"{flag} {target}: cannot create folder {target.parent} ({os_error_reason(e)}); "
                               "choose another file") from None
+    if target.is_dir():
+        raise ConfigError(f"{flag} {target} is a folder, not a file; choose a file name")
     if target.exists() and not overwrite:
         raise ConfigError(f"{flag} {target} already exists; pass --overwrite to replace it or choose another file")
     if not target.parent.is_dir():
@@ -81,8 +83,8 @@ def load_sims(path: str, shape: tuple[int, int], data_name: str, split: str, war
     meta_path = sims_metadata_path(file)
     if meta_path.is_file():
         try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = parse_json(meta_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):  # JSONDecodeError, UnicodeDecodeError and a too deep file are ValueErrors
             meta = {}
         saved = (meta.get("data_name"), meta.get("split")) if isinstance(meta, dict) else (None, None)
         if None not in saved and saved != (data_name, split):
@@ -127,6 +129,8 @@ def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[s
     single process), None on the other ranks. Writes ``--save_sims`` and ``--json`` when asked; progress bars on
     stderr when ``progress``."""
     save_path = check_output(p.save_sims, "--save_sims", p.overwrite)
+    if save_path is not None:  # the matrix and its metadata are one output, under one overwrite rule
+        check_output(str(sims_metadata_path(save_path)), "--save_sims (its metadata)", p.overwrite)
     json_path = check_output(p.json, "--json", overwrite=True, make_folder=True)
     main_rank = distributed.is_main()  # under torchrun the other ranks only score their rows of each matrix
     progress = progress and main_rank

@@ -33,7 +33,7 @@ from ..data.graphs import caption_graph, collate_graphs
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary, tokenize
 from ..errors import ConfigError, HSCError
-from ..io import atomic_files, atomic_folder
+from ..io import FolderLock, atomic_files, atomic_folder, create_npy, file_fingerprint, parse_json
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from .device import eval_mode
 from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
@@ -41,9 +41,6 @@ from .vector_index import IndexSettings, Shortlister, build_faiss_index, configu
 
 CACHE_VERSION = 1
 META = "gallery.json"
-#: Sampled blocks of a file's fingerprint: this many blocks of BLOCK bytes, evenly spread (plus the file's size and
-#: modification time). Hashing whole feature files (GBs) would make every query wait.
-SAMPLES, BLOCK = 32, 1 << 16
 
 
 class CacheError(HSCError):
@@ -51,20 +48,6 @@ class CacheError(HSCError):
 
 
 # --------------------------------------------------------------------------- fingerprints
-def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """Size, modification time and a SHA-256 of :data:`SAMPLES` evenly spread blocks of ``path``."""
-    path = Path(path)
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        positions = sorted({int(i * max(stat.st_size - BLOCK, 0) / max(SAMPLES - 1, 1)) for i in range(SAMPLES)})
-        for pos in positions:
-            f.seek(pos)
-            digest.update(f.read(BLOCK))
-    return {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sample_sha256": digest.hexdigest()}
-
-
 def model_fingerprint(model: HSCModel) -> str:
     """SHA-256 of the model's configuration, every parameter and buffer, and its vocabulary."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str).encode())
@@ -211,7 +194,7 @@ def _first_stage(gallery: Gallery, kind: str, settings: IndexSettings) -> Shortl
 
 def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = parse_json(path.read_text(encoding="utf-8"))
         if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), dict):
             raise ValueError("not a gallery description")
         return meta
@@ -235,6 +218,7 @@ def _load(folder: Path, meta: dict[str, Any]) -> Gallery:
             raise CacheError(f"the gallery cache file {path} is damaged or truncated (its shape, type or content "
                              f"differs from {META}); pass --rebuild to make the cache again")
         arrays[name] = torch.from_numpy(array)
+    _check_lists(folder, meta, arrays)
     images = ImageEncoding(arrays["img_regions"], arrays["img_glo"])
     captions = caption_vectors = None
     if "cap_words" in arrays:
@@ -244,13 +228,28 @@ def _load(folder: Path, meta: dict[str, Any]) -> Gallery:
                    meta.get("captions"), meta)
 
 
+def _check_lists(folder: Path, meta: dict[str, Any], arrays: dict[str, torch.Tensor]) -> None:
+    """CacheError unless the cache's id list has one text per image row and its caption list one per caption row
+    (a list that does not match its arrays would give wrong ids, or an IndexError, later)."""
+    rows = {"ids": len(arrays["img_regions"]) if "img_regions" in arrays else None,
+            "captions": len(arrays["cap_lengths"]) if "cap_lengths" in arrays else None}
+    for key, count in rows.items():
+        values = meta.get(key)
+        if count is None and values is None:
+            continue
+        if not isinstance(values, list) or len(values) != count or not all(isinstance(v, str) for v in values):
+            found = f"{len(values)} entries" if isinstance(values, list) else f"a {type(values).__name__}"
+            raise CacheError(f"the gallery cache file {folder / META} is damaged: its {key!r} holds {found} for "
+                             f"{count} rows; pass --rebuild to make the cache again")
+
+
 def _build(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, folder: Path,
            fingerprint: dict[str, Any], store_dtype: str, batch_size: int, progress: bool) -> None:
     """Encode ``split`` into a new folder that replaces ``folder`` only once it is complete
     (:func:`hsc_pyg.io.atomic_folder`: a failure leaves the old cache whole)."""
     dtype = np.dtype(store_dtype)
     device, _ = _model_device(model)
-    with atomic_folder(folder) as work, eval_mode(model), torch.no_grad():
+    with FolderLock.acquire(folder, "--cache"), atomic_folder(folder) as work, eval_mode(model), torch.no_grad():
         arrays: dict[str, np.ndarray] = {}
         images = ImageDataset(split, img_edges=model.config.img_edges)
         batches = [list(range(i, min(i + batch_size, split.num_images))) for i in range(0, split.num_images, batch_size)]
@@ -262,9 +261,8 @@ def _build(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, folde
                 for name, value in (("img_regions", enc.regions), ("img_glo", enc.glo), ("img_vectors", vec)):
                     if name not in arrays:    # written into memory-mapped files as they come: bounded memory
                         shape = (split.num_images,) + tuple(value.shape[1:])
-                        arrays[name] = np.lib.format.open_memmap(
-                            work / f"{name}.npy", mode="w+", shape=shape,
-                            dtype=np.float32 if name == "img_vectors" else dtype)
+                        arrays[name] = create_npy(work / f"{name}.npy", np.float32 if name == "img_vectors" else dtype,
+                                                  shape)  # its size reserved: a full disk fails here, not in a write
                     arrays[name][ids[0]:ids[-1] + 1] = value.float().cpu().numpy()
                 bar.update(len(ids))
         for array in arrays.values():

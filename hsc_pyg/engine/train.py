@@ -9,17 +9,18 @@ step:
   ``batch_size`` batches (the last partial batch is dropped). The checkpoint saves the generator's state at the start
   of the epoch and the number of items (captions) already taken, so a resumed run sees exactly the batches it has not
   seen.
-- **Checkpoints**: at every validation (every ``val_step`` iterations and at each epoch end) ``model_best.pth`` when
-  the dev rsum improved, then ``checkpoint.pth`` (last, recording that best), both written atomically with the config,
-  the vocabulary, the optimizer / scheduler / grad-scaler state and every RNG state (torch, CUDA, numpy, python,
-  sampler). A kill between the two leaves a checkpoint that does not yet know the new best: resuming repeats that
-  validation and writes the same best model again. A checkpoint alone is enough to evaluate (``evaluate.py``) or to
-  continue exactly (``--resume``); validation runs on its own RNG state (saved and restored around it), so it never
-  changes the training's random draws, and a checkpoint saved before a due validation ran makes the resumed run
-  validate first.
-- **One run per folder**: an advisory lock (``flock`` on ``.train.lock`` in ``model_name``, naming its holder) keeps a
-  second run out; checkpoints carry a ``run_id``, and a run resumed into a folder that holds another run's checkpoints
-  needs ``overwrite``.
+- **Checkpoints**: at every validation (every ``val_step`` iterations and at each epoch end) ``model_best.pth`` when the
+  dev rsum improved (weights, config, vocabulary and counters: not resumable, so that a resume cannot rewind the run),
+  then ``checkpoint.pth`` (last, recording that best) with also the optimizer / scheduler / grad-scaler state and every
+  RNG state (torch, CUDA, numpy, python, sampler), both written atomically and both carrying the data fingerprint of the
+  train and dev splits (a resume on other data is refused). A kill between the two leaves a checkpoint that does not yet
+  know the new best: resuming repeats that validation and writes the same best model again. A checkpoint alone is enough
+  to evaluate (``evaluate.py``) or to continue exactly (``--resume``); validation runs on its own RNG state (saved and
+  restored around it), so it never changes the training's random draws, and a checkpoint saved before a due validation
+  ran makes the resumed run validate first.
+- **One run per folder**: the folder's lock (:class:`hsc_pyg.io.FolderLock`, naming its holder) keeps a second run (or
+  any other command) out; checkpoints carry a ``run_id``, and a run resumed into a folder that holds another run's
+  checkpoints needs ``overwrite``.
 - **Ctrl-C, SIGTERM, SIGUSR1** are deferred while a step or a save is in progress, then save a resumable
   ``checkpoint.pth`` (a second signal during that save waits for it) and raise :class:`Interrupted`.
 - **NaN / inf loss**: ``nan_policy="stop"`` raises :class:`~hsc_pyg.errors.TrainingError` without saving (the last
@@ -37,15 +38,9 @@ step:
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import fcntl
-import json
 import math
-import os
 import random
 import signal
-import socket
 import threading
 import time
 import uuid
@@ -63,19 +58,18 @@ from ..data.precomp import CaptionDataset, PrecompSplit
 from ..data.vocab import Vocabulary, build_vocab
 from ..data.word_vectors import init_word_embedding, load_word_vectors
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError, os_error_reason
-from ..io import remove_stale_temps
+from ..io import FolderLock, remove_stale_temps
 from ..nn.layers import check_boxes
 from ..nn.loss import ContrastiveLoss, ImageTextContrastive
 from ..nn.model import HSCModel, build_model
 from . import distributed
-from .checkpoint import read_checkpoint, run_config_of, save_checkpoint
+from .checkpoint import check_same_data, data_fingerprint, read_checkpoint, run_config_of, save_checkpoint
 from .device import autocast, resolve_device
 from .evaluation import evaluate
 from .metrics import RECALL_KEYS
 
 CHECKPOINT = "checkpoint.pth"
 BEST = "model_best.pth"
-LOCK = ".train.lock"
 #: The signals that stop a run with a resumable checkpoint: Ctrl-C, what schedulers send before a kill (SIGTERM), and
 #: Slurm's pre-emption warning (SIGUSR1). The command line exits with 128 + the signal's number.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -133,8 +127,14 @@ def training_state_problem(checkpoint: dict[str, Any]) -> str | None:
         return "the optimizer state has no parameter groups"
     if checkpoint["iteration"] > 0 and not optimizer["state"]:
         return f"the optimizer state is empty after {checkpoint['iteration']} iterations"
-    if not isinstance(checkpoint.get("scheduler"), dict):
+    scheduler = checkpoint.get("scheduler")
+    if not isinstance(scheduler, dict):
         return "no learning-rate schedule state"
+    groups = len(optimizer["param_groups"])
+    if type(scheduler.get("last_epoch")) is not int or scheduler["last_epoch"] < 0 \
+            or not isinstance(scheduler.get("base_lrs"), list) or len(scheduler["base_lrs"]) != groups \
+            or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in scheduler["base_lrs"]):
+        return "the learning-rate schedule state is damaged (last_epoch, base_lrs)"
     sampler = checkpoint["sampler"]
     if not isinstance(sampler, dict) or not isinstance(sampler.get("epoch_start"), torch.Tensor) \
             or sampler["epoch_start"].dtype != torch.uint8 or type(sampler.get("position")) is not int \
@@ -244,13 +244,13 @@ def _run_id(path: Path) -> str | None:
 
 
 def prepare_output(folder: Path, overwrite: bool, run_id: str | None, resuming: bool,
-                   log_folder: Path | None = None) -> tuple["RunLock", list[Path]]:
+                   log_folder: Path | None = None) -> tuple[FolderLock, list[Path]]:
     """Lock ``folder`` for this run and return the lock and the checkpoints of other runs there (to be removed once
     the inputs have been checked). ConfigError when another process holds the lock, when the folder holds another
     run's checkpoints and not ``overwrite`` (a resumed run's own checkpoints, same ``run_id``, are not another run's),
     or when it or the TensorBoard folder ``log_folder`` cannot be written."""
     _probe(folder, "checkpoints", "--model_name")
-    lock = RunLock.acquire(folder)
+    lock = FolderLock.acquire(folder, "--model_name")
     try:
         existing = [folder / name for name in (BEST, CHECKPOINT) if (folder / name).exists()]
         foreign = [p for p in existing if not resuming or _run_id(p) != run_id]
@@ -268,61 +268,6 @@ def prepare_output(folder: Path, overwrite: bool, run_id: str | None, resuming: 
         lock.release()
         raise
     return lock, foreign
-
-
-class RunLock:
-    """One run per folder: an advisory lock (``fcntl.flock``) on ``folder/.train.lock``, whose text names the holder
-    (pid, host, start time) for the message another run gets. The lock goes with the process, even on ``kill -9``."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
-
-    @classmethod
-    def acquire(cls, folder: Path) -> "RunLock":
-        path = folder / LOCK
-        while True:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as e:
-                raise ConfigError(f"cannot create the lock file {path} ({os_error_reason(e)}); choose a writable "
-                                  "--model_name") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
-                os.close(fd)
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise ConfigError(f"cannot lock {path} ({os_error_reason(e)}); choose a --model_name on a file "
-                                      "system with locks") from None
-                raise ConfigError(f"{folder} is in use by another training run ({cls.describe(holder)}); wait for it "
-                                  "to end or stop it, or choose another --model_name") from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # else the holder removed the file as we opened it: take the new one
-                break
-            os.close(fd)
-        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
-        return cls(path, fd)
-
-    @staticmethod
-    def describe(text: str) -> str:
-        try:
-            holder = json.loads(text)
-            return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-        except (ValueError, TypeError, KeyError):
-            return "a process that is starting"
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()  # while still held: a waiting process then retries on a fresh file
-        os.close(self.fd)
-        self.fd = -1
 
 
 class Scalars:
@@ -491,11 +436,12 @@ class Run:
     last_saved: int | None = None                # the iteration of the last checkpoint.pth
     resumed: bool = False
     timer: tuple[float, int] = (0.0, 0)          # (time, iteration) of the last steps-per-second measurement
+    data_fingerprint: dict[str, Any] = field(default_factory=dict)   # of the train and dev splits, saved
 
 
 def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, dry_run: bool = False,
           overwrite: bool = False, max_iters: int | None = None, log: Log | None = None,
-          progress: bool = False, gather_negatives: bool = False) -> TrainResult:
+          progress: bool = False, gather_negatives: bool = False, other_data: bool = False) -> TrainResult:
     """Train ``config`` (presets already applied); see the module docstring.
 
     Args:
@@ -509,14 +455,15 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
         progress: show a tqdm bar per epoch.
         gather_negatives: with several processes, the hardest negatives of the loss come from the global batch
             (every rank's captions and images) instead of each rank's own batch.
+        other_data: resume although the train or dev data differ from the checkpoint's (its data fingerprint).
 
     Under torchrun every process calls it (inside :func:`~hsc_pyg.engine.distributed.process_group`, as the command
     line does); each process takes ``config.batch_size`` captions per step.
     """
-    locks: list[RunLock] = []  # the run folder's lock, held until the run ends whichever way
+    locks: list[FolderLock] = []  # the run folder's lock, held until the run ends whichever way
     try:
         run = start(config, resume, locks, dry_run=dry_run, overwrite=overwrite, log=log,
-                    gather_negatives=gather_negatives)
+                    gather_negatives=gather_negatives, other_data=other_data)
         return loop(run, dry_run=dry_run, max_iters=max_iters, progress=progress)
     finally:
         for lock in locks:
@@ -524,8 +471,8 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
 
 
 # --------------------------------------------------------------------------- set up: data, model, resume
-def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: list[RunLock], *, dry_run: bool,
-          overwrite: bool, log: Log | None, gather_negatives: bool) -> Run:
+def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: list[FolderLock], *, dry_run: bool,
+          overwrite: bool, log: Log | None, gather_negatives: bool, other_data: bool = False) -> Run:
     """Check the inputs, lock the output folder, open the data, build the model and its optimizer, restore a resumed
     run's state and write the run's config and vocabulary: a :class:`Run` at its first (or resumed) step."""
     main = distributed.is_main()
@@ -544,6 +491,9 @@ def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: lis
         locks.append(lock)
     seed_everything(config.seed + distributed.get_rank(), config.deterministic)  # rank 0's weights go to all (DDP)
     config, dataset, dev_split, vocab = open_training_data(config, checkpoint)
+    fingerprint = data_fingerprint(dataset.split, dev_split)
+    if checkpoint is not None and not other_data:
+        check_same_data(checkpoint, fingerprint, "the checkpoint" if isinstance(resume, dict) else str(resume))
     model = build_model(config).to(device)
     model.vocab = vocab
     if checkpoint is None and config.word_vectors:  # a resumed run's embedding comes from its checkpoint
@@ -561,7 +511,8 @@ def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: lis
               torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_update, gamma=0.1),
               torch.amp.GradScaler(device.type, enabled=config.amp == "fp16"), dataset,
               distributed.DistributedBatchSampler(len(dataset), config.batch_size), sampler_generator,
-              SamplerState(sampler_generator.get_state()), dev_split, vocab, device, out, run_id, log, main)
+              SamplerState(sampler_generator.get_state()), dev_split, vocab, device, out, run_id, log, main,
+              data_fingerprint=fingerprint)
     if run.batch_sampler.steps_per_epoch() == 0:
         raise ConfigError(f"--batch_size {config.batch_size} x {run.batch_sampler.world} processes is more than the "
                           f"{len(dataset)} captions of {dataset.split.file('caps.txt')}; use a smaller "
@@ -624,14 +575,16 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- save, validate, record
 def save(run: Run, path: Path) -> None:
-    """Write ``path`` (checkpoint.pth or model_best.pth) with everything a resume needs (rank 0 only)."""
+    """Write ``path`` (rank 0 only): checkpoint.pth with everything a resume needs; model_best.pth with the weights,
+    configs, vocabulary and counters only, so that ``--resume`` refuses it (it would rewind the run)."""
     if run.main:
+        state = dict(optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                     scaler=run.scaler.state_dict(), rng=rng_state(), world_size=run.batch_sampler.world,
+                     sampler={"epoch_start": run.sampler.epoch_start, "position": run.sampler.position}
+                     ) if path.name == CHECKPOINT else {}
         save_checkpoint(path, run.model, run.config, epoch=run.epoch, iteration=run.iteration,
-                        best_rsum=run.best_rsum, optimizer=run.optimizer.state_dict(),
-                        scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(), rng=rng_state(),
-                        world_size=run.batch_sampler.world,
-                        sampler={"epoch_start": run.sampler.epoch_start, "position": run.sampler.position},
-                        run_id=run.run_id, validated=run.validated)
+                        best_rsum=run.best_rsum, run_id=run.run_id, validated=run.validated,
+                        data_fingerprint=run.data_fingerprint, **state)
     if path.name == CHECKPOINT:
         run.last_saved = run.iteration
 

@@ -30,15 +30,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ConfigError, DataError, os_error_reason
-from ..data.importers import read_photo_names
-from ..io import write_bytes
+from ..errors import ConfigError, DataError
+from ..data.importers import check_photo_id, check_split_name, read_photo_names
+from ..io import FolderLock, create_npy, parse_json, write_bytes
 from .backbones import Backbone, Normalization, build_backbone, normalization
 from .images import PHOTO_SUFFIXES, open_photo, photo_tensor
 
 FORMAT = "hsc_pyg.features"
 VERSION = 1
 DTYPES = ("float16", "float32")
+#: Bounds of the options that size the work: a photo side of 2,048 px is 4.5 times the default's; a 32 x 32 grid is
+#: 1,024 regions per photo (the model's graphs grow with its square).
+MAX_SIZE, MAX_GRID = 2048, 32
 
 #: called with (rows done, rows in all) once at the start and after every batch
 Progress = Callable[[int, int], None]
@@ -144,7 +147,7 @@ def _identity(backbone_name: str, backbone: Backbone, normalize: str, size: int,
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -155,23 +158,18 @@ def _differences(found: dict, wanted: dict) -> str:
 
 
 def _check_options(split: str, grid: int, size: int, dtype: str, batch_size: int, workers: int) -> None:
-    if not split or any(c in split for c in "/\\\0") or split.startswith("."):
-        raise ConfigError(f"--split {split!r} is not a split name; use a plain name such as train, dev or test")
-    for flag, value, least in (("--grid", grid, 1), ("--size", size, 32), ("--batch_size", batch_size, 1),
-                               ("--workers", workers, 0)):
-        if type(value) is not int or value < least:
-            raise ConfigError(f"{flag} must be an integer of at least {least}, found {value!r}")
+    check_split_name(split)
+    for flag, value, least, most in (("--grid", grid, 1, MAX_GRID), ("--size", size, 32, MAX_SIZE),
+                                     ("--batch_size", batch_size, 1, 4096), ("--workers", workers, 0, 256)):
+        if type(value) is not int or not least <= value <= most:
+            raise ConfigError(f"{flag} must be an integer from {least} to {most}, found {value!r}")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r} is not supported; choose float16 or float32")
 
 
 def _prepare_out(files: _Files, out: Path, identity: dict, ids_text: bytes, overwrite: bool) -> int | None:
     """Rows already done of this extraction (0 for a fresh start), or None when ``out`` already holds it finished.
-    ConfigError when ``out`` holds another extraction and not ``overwrite``."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot write into {out} ({os_error_reason(e)}); choose a writable --out") from None
+    ConfigError when ``out`` (locked, so existing) holds another extraction and not ``overwrite``."""
     state = _read_json(files.state) if files.state.exists() else None
     if state is not None and state.get("identity") == identity:
         return int(state["rows_done"]) if files.partial.exists() else 0
@@ -225,11 +223,6 @@ def _write_state(files: _Files, identity: dict, rows_done: int, skipped: dict[in
     write_bytes(files.state, (json.dumps(state, indent=1) + "\n").encode("utf-8"))
 
 
-def _create_npy(path: Path, dtype: str, shape: tuple[int, ...]) -> None:
-    """A zero-filled ``.npy`` of ``shape`` at ``path`` (sparse on disk until written)."""
-    np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape).flush()
-
-
 def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
     """Rows ``[start, start + len(rows))`` into the ``.npy`` at ``path``, flushed; the mapping is closed again so that
     the pages written do not accumulate in this process."""
@@ -242,7 +235,7 @@ def _write_rows(path: Path, start: int, rows: np.ndarray) -> None:
 def _copy_rows(source: Path, target: Path, keep: np.ndarray, shape: tuple[int, ...], dtype: str,
                chunk: int = 256) -> None:
     """``target`` = ``source[keep]``, ``chunk`` rows at a time (bounded memory)."""
-    _create_npy(target, dtype, (len(keep), *shape[1:]))
+    create_npy(target, dtype, (len(keep), *shape[1:]))
     rows = np.load(source, mmap_mode="r")
     for start in range(0, len(keep), chunk):
         _write_rows(target, start, np.asarray(rows[keep[start:start + chunk]]))
@@ -255,8 +248,7 @@ def _finish(files: _Files, identity: dict, names: list[str], skipped: dict[int, 
     if skipped:
         features = files.partial.with_name(files.partial.name + ".kept")
         _copy_rows(files.partial, features, keep, (len(names), grid * grid, identity["dim"]), dtype)
-    boxes = np.lib.format.open_memmap(files.boxes.with_name(files.boxes.name + ".partial"), mode="w+", dtype=dtype,
-                                      shape=(len(keep), grid * grid, 4))
+    boxes = create_npy(files.boxes.with_name(files.boxes.name + ".partial"), dtype, (len(keep), grid * grid, 4))
     boxes[:] = cell_boxes(grid).astype(dtype)
     boxes.flush()
     boxes_partial = Path(boxes.filename)
@@ -307,66 +299,66 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
     _check_options(split, grid, size, dtype, batch_size, workers)
     folder, out = Path(images), Path(out)
     names = list_photos(folder, list_file)
-    bad_name = next((n for n in names if "\n" in n or "\r" in n), None)
-    if bad_name is not None:
-        raise DataError(f"photo name {bad_name!r} holds a line break, which {split}_ids.txt cannot hold; rename it")
+    for name in names:
+        check_photo_id(name, f"photo folder {folder}" if list_file is None else str(list_file))
     net = build_backbone(backbone, pretrained=pretrained)
     normalize = net.normalize if normalize == "backbone" else normalize
     scaling = normalization(normalize)
     identity = _identity(backbone, net, normalize, size, grid, dtype, names)
     files = _Files(out, split)
     ids_text = "".join(n + "\n" for n in names).encode("utf-8")
-    start = _prepare_out(files, out, identity, ids_text, overwrite)
-    regions = grid * grid
-    if start is None:
-        manifest = _read_json(files.manifest)
-        if progress is not None:
-            progress(len(names), len(names))
-        return Extraction(out, split, len(names), manifest["num_rows"], regions, net.dim, len(names))
-
-    skipped = _check_headers(folder, names)
-    if skipped and not skip_bad:
-        first = skipped[min(skipped)]
-        more = f" (and {len(skipped) - 1} more photos that cannot be read)" if len(skipped) > 1 else ""
-        raise DataError(first + more)
-    if start == 0:
-        _create_npy(files.partial, dtype, (len(names), regions, net.dim))
-        _write_state(files, identity, 0, skipped)
-    else:
-        state = _read_json(files.state)
-        skipped.update({int(i): why for i, why in state["skipped"].items()})
-
-    device = torch.device(device)
-    net = net.to(device)
-    loader = DataLoader(_Photos(folder, names, size, scaling), batch_size=batch_size, num_workers=workers,
-                        sampler=range(start, len(names)), collate_fn=_collate)
-    if progress is not None:
-        progress(start, len(names))
-    done = start
-    with torch.no_grad():
-        for batch in loader:
-            rows = np.zeros((len(batch), regions, net.dim), dtype=dtype)
-            good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
-            for i, _, error in batch:
-                if error and not skip_bad:
-                    if done == 0:  # nothing worth resuming: leave the folder as it was
-                        files.state.unlink()
-                        files.partial.unlink()
-                        raise DataError(error)
-                    raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to "
-                                    "resume")
-                if error:
-                    skipped[i] = error
-            if good:
-                photos = torch.stack([batch[k][1] for k in good]).to(device)
-                values = grid_features(net(photos), grid).float().cpu().numpy()
-                _check_range(values, dtype, [names[batch[k][0]] for k in good])
-                rows[good] = values.astype(dtype)
-            _write_rows(files.partial, done, rows)
-            done += len(batch)
-            _write_state(files, identity, done, skipped)
+    with FolderLock.acquire(out, "--out"):  # one extraction writes into a folder at a time
+        start = _prepare_out(files, out, identity, ids_text, overwrite)
+        regions = grid * grid
+        if start is None:
+            manifest = _read_json(files.manifest)
             if progress is not None:
-                progress(done, len(names))
-    num_rows = _finish(files, identity, names, skipped, grid, dtype)
-    skipped_list = [(names[i], why) for i, why in sorted(skipped.items())]
-    return Extraction(out, split, len(names), num_rows, regions, net.dim, start, skipped_list)
+                progress(len(names), len(names))
+            return Extraction(out, split, len(names), manifest["num_rows"], regions, net.dim, len(names))
+
+        skipped = _check_headers(folder, names)
+        if skipped and not skip_bad:
+            first = skipped[min(skipped)]
+            more = f" (and {len(skipped) - 1} more photos that cannot be read)" if len(skipped) > 1 else ""
+            raise DataError(first + more)
+        if start == 0:
+            create_npy(files.partial, dtype, (len(names), regions, net.dim))
+            _write_state(files, identity, 0, skipped)
+        else:
+            state = _read_json(files.state)
+            skipped.update({int(i): why for i, why in state["skipped"].items()})
+
+        device = torch.device(device)
+        net = net.to(device)
+        loader = DataLoader(_Photos(folder, names, size, scaling), batch_size=batch_size, num_workers=workers,
+                            sampler=range(start, len(names)), collate_fn=_collate)
+        if progress is not None:
+            progress(start, len(names))
+        done = start
+        with torch.no_grad():
+            for batch in loader:
+                rows = np.zeros((len(batch), regions, net.dim), dtype=dtype)
+                good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
+                for i, _, error in batch:
+                    if error and not skip_bad:
+                        if done == 0:  # nothing worth resuming: leave the folder as it was
+                            files.state.unlink()
+                            files.partial.unlink()
+                            raise DataError(error)
+                        raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to "
+                                        "resume")
+                    if error:
+                        skipped[i] = error
+                if good:
+                    photos = torch.stack([batch[k][1] for k in good]).to(device)
+                    values = grid_features(net(photos), grid).float().cpu().numpy()
+                    _check_range(values, dtype, [names[batch[k][0]] for k in good])
+                    rows[good] = values.astype(dtype)
+                _write_rows(files.partial, done, rows)
+                done += len(batch)
+                _write_state(files, identity, done, skipped)
+                if progress is not None:
+                    progress(done, len(names))
+        num_rows = _finish(files, identity, names, skipped, grid, dtype)
+        skipped_list = [(names[i], why) for i, why in sorted(skipped.items())]
+        return Extraction(out, split, len(names), num_rows, regions, net.dim, start, skipped_list)

@@ -20,7 +20,12 @@ from ..data.importers import PHOTO_SUFFIXES
 from ..errors import ConfigError, DataError
 from .backbones import Normalization
 
-__all__ = ["PHOTO_SUFFIXES", "open_photo", "photo_tensor", "to_rgb"]
+__all__ = ["MAX_PHOTO_PIXELS", "PHOTO_SUFFIXES", "open_photo", "photo_tensor", "to_rgb"]
+
+#: The most pixels a photo may have, checked from its header before anything is decoded: Pillow's own
+#: decompression-bomb threshold (``PIL.Image.MAX_IMAGE_PIXELS``' default, 89.5 megapixels: 268 MB as RGB and up to
+#: 0.7 GB while a 16-bit photo is scaled). Real photos are far smaller (a 50-megapixel camera: 8,688 x 5,792).
+MAX_PHOTO_PIXELS = 89_478_485
 
 
 def _pil():
@@ -33,28 +38,36 @@ def _pil():
 
 def open_photo(path: str | Path):
     """The photo at ``path``, opened lazily (header only): DataError for an empty file, a file that is not a photo
-    Pillow reads, or one over Pillow's decompression-bomb limit, naming the file."""
+    Pillow reads, or one of more than :data:`MAX_PHOTO_PIXELS` pixels, naming the file."""
     Image, _ = _pil()
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise DataError(f"photo {path} is an empty file (0 bytes); replace it or leave it out (--skip_bad)")
         with warnings.catch_warnings():
-            # above MAX_IMAGE_PIXELS Pillow only warns; photos up to twice that (about 179 megapixels) are read
+            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: both are refused below, by size
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(path)
+            image = Image.open(path)
     except Image.DecompressionBombError as e:
         found = re.search(r"\((\d+) pixels\)", str(e))  # Pillow's message: "Image size (N pixels) exceeds ..."
-        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise DataError(f"photo {path} has {pixels}, over Pillow's decompression-bomb limit of "
-                        f"{2 * Image.MAX_IMAGE_PIXELS:,}; shrink it (for example to 4,000 px on the long side) or "
-                        "leave it out (--skip_bad)") from None
+        raise _too_large(path, int(found.group(1)) if found else None) from None
     except Image.UnidentifiedImageError:
         raise DataError(f"photo {path} is not an image Pillow can read (JPEG, PNG, WebP, GIF, BMP, TIFF); replace it "
                         "or leave it out (--skip_bad)") from None
     except OSError as e:
         raise DataError(f"photo {path} cannot be read ({e.strerror or e}); replace it or leave it out "
                         "(--skip_bad)") from None
+    width, height = image.size
+    if width * height > MAX_PHOTO_PIXELS:
+        image.close()
+        raise _too_large(path, width * height)
+    return image
+
+
+def _too_large(path: Path, pixels: int | None) -> DataError:
+    found = f"{pixels:,} pixels" if pixels else "too many pixels"
+    return DataError(f"photo {path} has {found}, over the limit of {MAX_PHOTO_PIXELS:,} (Pillow's decompression-bomb "
+                     "threshold); shrink it (for example to 4,000 px on the long side) or leave it out (--skip_bad)")
 
 
 def to_rgb(image) -> "PIL.Image.Image":  # noqa: F821

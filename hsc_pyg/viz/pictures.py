@@ -27,6 +27,8 @@ from .draw import check_free, graph_files, load_photo, make_folder, output_paths
 from .relations import (
     RANKINGS,
     check_edge_weights,
+    check_finite_weights,
+    check_index,
     depths,
     mark_strongest,
     pair_graph,
@@ -94,6 +96,11 @@ def plan_pictures(model: HSCModel, split: PrecompSplit, out: str | Path, image: 
         raise ConfigError(f"--rank {ranking!r} is unknown; choose one of {', '.join(RANKINGS)}")
     if image_root is not None and image is None:
         raise ConfigError("--image_root draws region graphs over the photo; it needs --image")
+    if image is not None:
+        check_index("image", image, split.num_images, split)
+    if caption is not None:
+        check_index("caption", caption, split.num_captions, split)
+    check_finite_weights(model)
     config = model.config
     if caption is not None:
         vocab = check_compatible(model, split, vocab)

@@ -147,18 +147,28 @@ class CaptionItem:
     states: GraphStates         # levels: [1, L, d] each, mask [1, L]
 
 
-def _check_index(what: str, index: int, count: int, split: PrecompSplit) -> int:
+def check_index(what: str, index: int, count: int, split: PrecompSplit) -> int:
+    """``index`` as an int; DataError unless it numbers one of the ``count`` items (``what``) of ``split``."""
     if not isinstance(index, (int, np.integer)) or not 0 <= index < count:
         raise DataError(f"{what} {index!r} is out of range: {split.path.name}/{split.split} has {count} "
                         f"{what}s, numbered 0..{count - 1}")
     return int(index)
 
 
+def check_finite_weights(model: HSCModel, source: str = "the model") -> None:
+    """VizError when a weight of ``model`` is NaN or inf: every relation drawn from it would be NaN."""
+    bad = next((name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()),
+               None)
+    if bad is not None:
+        raise VizError(f"{source} has NaN or inf weights ({bad}), so its relations cannot be drawn; draw another "
+                       "checkpoint (the run's model_best.pth, saved before the values broke)")
+
+
 @torch.no_grad()
 def encode_image_item(model: HSCModel, split: PrecompSplit, image: int) -> ImageItem:
     """Run the region-graph encoder on image ``image`` of ``split`` alone, keeping every level and every layer's
     edge weights."""
-    image = _check_index("image", image, split.num_images, split)
+    image = check_index("image", image, split.num_images, split)
     check_features(model, split)
     boxes = split.box_tensor(image)
     graph = image_graph(split.features(image), boxes, model.config.img_edges)
@@ -172,7 +182,7 @@ def encode_image_item(model: HSCModel, split: PrecompSplit, image: int) -> Image
 @torch.no_grad()
 def encode_caption_item(model: HSCModel, split: PrecompSplit, caption: int, vocab: Vocabulary) -> CaptionItem:
     """Run the word-graph encoder on caption ``caption`` of ``split`` alone (see :func:`encode_image_item`)."""
-    caption = _check_index("caption", caption, split.num_captions, split)
+    caption = check_index("caption", caption, split.num_captions, split)
     return encode_text_item(model, split.captions[caption], vocab, caption)
 
 
