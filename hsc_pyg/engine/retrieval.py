@@ -171,7 +171,7 @@ def _first_stage(gallery: Gallery, kind: str, settings: IndexSettings) -> Shortl
             gallery.meta["arrays"]["img_vectors"]["sample_sha256"], "build": build, "faiss": faiss.__version__}
     path, description = gallery.folder / f"index-{kind}.faiss", gallery.folder / f"index-{kind}.json"
     try:
-        current = json.loads(description.read_text(encoding="utf-8")) == want and path.is_file()
+        current = parse_json(description.read_text(encoding="utf-8")) == want and path.is_file()
     except (OSError, ValueError):
         current = False
     if current:
