@@ -145,11 +145,12 @@ CASES = [
     # ---- options
     Case("unknown backbone", FEATURES + ["--backbone", "vgg16"],
          r"unknown backbone 'vgg16'; choose one of convnext_base, .*efficientnet_lite0, .*resnet152"),
-    Case("grid of 0", FEATURES + ["--grid", "0"], r"--grid must be an integer from 1 to 32, found 0$"),
+    Case("grid of 0", FEATURES + ["--grid", "0"], r"argument --grid: expected an integer >= 1, got 0"),
     Case("grid of 100,000", FEATURES + ["--grid", "100000"], r"--grid must be an integer from 1 to 32, found 100000$"),
     Case("size of 100,000", FEATURES + ["--size", "100000"], r"--size must be an integer from 32 to 2048, found "
          r"100000$"),
-    Case("negative workers", FEATURES + ["--workers", "-1"], r"--workers must be an integer from 0 to 256, found -1$"),
+    Case("negative workers", FEATURES + ["--workers", "-1"], r"argument --workers: expected an integer >= 0 and < 257, "
+         r"got -1"),
     Case("split name leaving --out", FEATURES + ["--split", "../../evil"], r"--split '../../evil' is not a split "
          r"name; use a plain name such as train, dev or test$"),
     Case("output folder in use by another extraction", FEATURES + ["--out", "{tree}/out"],
