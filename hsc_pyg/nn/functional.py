@@ -7,7 +7,7 @@ from torch import Tensor
 
 def l2norm(x: Tensor, dim: int = -1, eps: float = 1e-8) -> Tensor:
     """``x / (sqrt(sum x^2) + eps)`` along ``dim`` (the original's form, eps outside the root)."""
-    return x / (x.pow(2).sum(dim=dim, keepdim=True).sqrt() + eps)
+    return x / (torch.linalg.vector_norm(x, dim=dim, keepdim=True) + eps)
 
 
 def masked_softmax(x: Tensor, mask: Tensor, dim: int = -1) -> Tensor:

@@ -7,13 +7,13 @@ for *every image against every caption* of a block in layouts that suit matrix p
   ``torch.ops.mkldnn._linear_pointwise`` exists and passes a self-check (exact float32 arithmetic; 2.0-2.2x MKL's
   speed on the AMD EPYC of benchmarks/NOTES.md, the same speed as MKL on Intel Xeons). Any torch without the op, or
   where it fails the check, gets ``F.linear``.
-* :meth:`Kernels.cross_attention`: the word-region products of all pairs as ONE matrix product
-  ``[A*R, d] @ [d, C*L]`` (no operand expanded per pair).
+* :meth:`Kernels.pair_products`: the word-region products of cross attention for all pairs as ONE matrix product
+  ``[A*R, d] @ [d, C*L]`` (no operand expanded per pair); ``similarity.cross_attention`` does the rest.
 * :meth:`Kernels.alignment_nodes`: the attended context, the local alignment and the similarity-graph nodes. Without
   autograd, one image (CPU) or the whole block (elsewhere) at a time in buffers owned by the call, in place; with
   autograd, :class:`LocalAlignment`, which recomputes the context in the backward pass instead of keeping it.
 * :meth:`Kernels.packed_alignment_nodes`: the same nodes for a list of given pairs (re-ranking, re-scoring), the
-  words of their captions back to back without padding: one product per image for the attention, one for the
+  words of their captions back to back without padding: one product per image for the context, one for the
   projection of all words.
 * :meth:`Kernels.sgr_logits`: SGR's edge logits with the two projections folded into one.
 
@@ -130,24 +130,22 @@ class Kernels:
         return F.linear(x, weight, bias)
 
     # ------------------------------------------------------------------ MODEL.md §2 steps 1-4, all pairs of a block
-    def cross_attention(self, regions: Tensor, words: Tensor, mask: Tensor, lambda_softmax: float) -> Tensor:
-        """``similarity.cross_attention`` of every image with every caption: ``regions [A, R, d]``,
-        ``words [C, L, d]``, ``mask [C, L]`` -> ``[A, C, L, R]`` (a strided view of an ``[A, R, C, L]`` tensor, so
-        that the l2norm over the words runs over the contiguous axis)."""
-        n_img, n_reg, dim = regions.shape
-        n_cap, length = mask.shape
+    def pair_products(self, regions: Tensor, words: Tensor) -> Tensor:
+        """``regions @ words^T`` of every image with every caption (the products of ``similarity.cross_attention``)
+        as ONE matrix product ``[A*R, d] @ [d, C*L]``: ``regions [A, 1, R, d]``, ``words [1, C, L, d]`` ->
+        ``[A, C, R, L]`` (a strided view of an ``[A, R, C, L]`` tensor, no operand expanded per pair)."""
+        n_img, _, n_reg, dim = regions.shape
+        _, n_cap, length, _ = words.shape
         s = self.linear(regions.reshape(n_img * n_reg, dim), words.reshape(n_cap * length, dim))
-        s = F.leaky_relu(s.view(n_img, n_reg, n_cap, length), 0.1) * mask.to(s.dtype)
-        s = s / (torch.linalg.vector_norm(s, dim=-1, keepdim=True) + EPS)        # over each caption's words
-        return torch.softmax(lambda_softmax * s, dim=1).permute(0, 2, 3, 1)        # over the regions
+        return s.view(n_img, n_reg, n_cap, length).transpose(1, 2)
 
     def alignment_nodes(self, attn: Tensor, regions: Tensor, words: Tensor, sim_glo: Tensor,
                         proj: nn.Linear) -> Tensor:
         """The similarity-graph nodes ``[sim_glo; sim_loc]`` of every pair: ``attn [A, C, L, R]`` (from
-        :meth:`cross_attention`), ``regions [A, R, d]``, ``words [C, L, d]``, ``sim_glo [A, C, m]``, ``proj`` the
-        local alignment's ``Linear(d -> m)`` -> ``[A, C, L+1, m]`` (node 0 the global alignment)."""
+        ``similarity.cross_attention``), ``regions [A, R, d]``, ``words [C, L, d]``, ``sim_glo [A, C, m]``, ``proj``
+        the local alignment's ``Linear(d -> m)`` -> ``[A, C, L+1, m]`` (node 0 the global alignment)."""
         n_img, n_cap, length, n_reg = attn.shape
-        attn = attn.reshape(n_img, n_cap * length, n_reg)                 # a view: (C, L) are adjacent in memory
+        attn = attn.reshape(n_img, n_cap * length, n_reg)
         words = words.reshape(n_cap * length, -1)
         if not torch.is_grad_enabled():
             return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj, compute_dtype(regions))
@@ -183,39 +181,27 @@ class Kernels:
             torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=nodes[a0:a1, :, 1:])
         return nodes
 
-    def packed_alignment_nodes(self, regions: Tensor, words: Tensor, images: Tensor, lengths: Tensor,
-                               sim_glo: Tensor, proj: nn.Linear, lambda_softmax: float) -> tuple[Tensor, Tensor]:
-        """The similarity-graph nodes of P given pairs, without padding: ``regions [N, R, d]`` (all images),
-        ``words [T, d]`` the words of the pairs' captions back to back (pair p has ``lengths[p]`` of them),
-        ``images [P]`` each pair's image (pairs of one image should be adjacent: each run of them is one matrix
-        product), ``sim_glo [P, m]`` -> ``nodes [P, L+1, m]`` (L the longest caption; node 0 the global alignment) and
-        their mask ``[P, L+1]``. No autograd.
+    def packed_alignment_nodes(self, attn: Tensor, regions: Tensor, words: Tensor, runs: list[tuple[int, ...]],
+                               lengths: Tensor, sim_glo: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
+        """The similarity-graph nodes of P given pairs, without padding: ``attn [T, R]`` the cross attention of
+        every word of the pairs' captions (back to back, pair p has ``lengths[p]`` of them), ``regions [N, R, d]``
+        (all images), ``words [T, d]``, ``runs`` the runs of one image's pairs (:func:`image_runs`),
+        ``sim_glo [P, m]`` -> ``nodes [P, L+1, m]`` (L the longest caption; node 0 the global alignment) and their
+        mask ``[P, L+1]``. No autograd.
 
-        Per run of one image's pairs: the word-region products of all its words in one product ``[R, d] @ [d, t]``,
-        each word's l2norm over its own caption's words (a segment sum), the softmax over the regions, the context
-        ``attn^T @ regions`` and ``(words - l2norm(context))^2`` into one buffer; then the local alignment's
-        projection of every word of every pair as one product, and the nodes scattered into the padded layout."""
+        Per run: the context ``attn @ regions`` and ``(words - l2norm(context))^2`` into one buffer; then the local
+        alignment's projection of every word of every pair as one product, and the nodes scattered into the padded
+        layout."""
         n_pairs, n_words = lengths.numel(), words.size(0)
-        pair_of_word = torch.repeat_interleave(torch.arange(n_pairs, device=words.device), lengths)
-        ends = lengths.cumsum(0)
-        starts = ends - lengths
-        new_run = torch.ones(n_pairs, dtype=torch.bool, device=images.device)
-        new_run[1:] = images[1:] != images[:-1]
-        bounds = new_run.nonzero().flatten().tolist() + [n_pairs]
-        word_start, word_end, image_of = starts.tolist(), ends.tolist(), images.tolist()
         x = self._buffer("packed", (n_words, words.size(1)), words)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            t0, t1 = word_start[a], word_end[b - 1]
-            reg, w, caption = regions[image_of[a]], words[t0:t1], pair_of_word[t0:t1] - a
-            s = F.leaky_relu(self.linear(reg, w), 0.1)                                  # [R, t]
-            norm = torch.zeros(reg.size(0), b - a, dtype=s.dtype, device=s.device).index_add_(1, caption, s * s)
-            s = s / norm.sqrt_().add_(EPS).index_select(1, caption)                      # over each caption's words
-            attn = torch.softmax(lambda_softmax * s, dim=0).to(reg.dtype)                # over the regions
-            context = torch.mm(attn.t(), reg, out=x[t0:t1])
+        for image, _, _, t0, t1 in runs:
+            context = torch.mm(attn[t0:t1].to(regions.dtype), regions[image], out=x[t0:t1])
             inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
-            torch.addcmul(w, context, inv, value=-1, out=context).square_()               # (l2norm(ctx) - w)^2
+            torch.addcmul(words[t0:t1], context, inv, value=-1, out=context).square_()     # (l2norm(ctx) - w)^2
         local = l2norm(self.linear(x, proj.weight, proj.bias))
         longest = int(lengths.max()) if n_pairs else 0
+        pair_of_word = torch.repeat_interleave(torch.arange(n_pairs, device=words.device), lengths)
+        starts = lengths.cumsum(0) - lengths
         nodes = local.new_zeros(n_pairs, longest + 1, local.size(-1))
         nodes[:, 0] = sim_glo
         nodes[pair_of_word, torch.arange(n_words, device=words.device) - starts[pair_of_word] + 1] = local
@@ -278,6 +264,18 @@ class LocalAlignment(torch.autograd.Function):
         g_attn = torch.bmm(g, regions.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         g_regions = torch.bmm(attn.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
         return g_attn, g_regions, g_words, g_weight, g_bias, None
+
+
+def image_runs(images: Tensor, lengths: Tensor) -> list[tuple[int, int, int, int, int]]:
+    """The runs of adjacent pairs of one image: ``images [P]`` (each pair's image), ``lengths [P]`` (its caption's
+    word count) -> ``(image, first pair, end pair, first word, end word)`` per run (words counted back to back)."""
+    new_run = torch.ones(images.numel(), dtype=torch.bool, device=images.device)
+    new_run[1:] = images[1:] != images[:-1]
+    bounds = new_run.nonzero().flatten().tolist() + [images.numel()]
+    ends = lengths.cumsum(0).tolist()
+    starts = [end - n for end, n in zip(ends, lengths.tolist())]
+    image_of = images.tolist()
+    return [(image_of[a], a, b, starts[a], ends[b - 1]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

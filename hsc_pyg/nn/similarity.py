@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import Registry
 from .functional import l2norm, masked_mean, masked_softmax
-from .kernels import Kernels
+from .kernels import Kernels, image_runs
 from .init import xavier_linear
 
 #: Similarity heads by name (``head=name``): :class:`SimilarityHead` subclasses.
@@ -80,16 +80,33 @@ class TextSA(nn.Module):
 
 
 # --------------------------------------------------------------------------- per pair: steps 1-4
-def cross_attention(regions: Tensor, words: Tensor, mask: Tensor, lambda_softmax: float) -> Tensor:
+def cross_attention(regions: Tensor, words: Tensor, mask: Tensor, lambda_softmax: float,
+                    kernels: Kernels | None = None) -> Tensor:
     """Step 1, words attend to regions (SCAN text-to-image): ``regions [..., R, d]``, ``words [..., L, d]``,
     ``mask [..., L]`` -> attention ``[..., L, R]`` (each word's row sums to 1 over the regions).
 
     ``s = LeakyReLU_0.1(regions @ words^T)`` ``[..., R, L]`` over the real words, l2-normalised over the words, then
-    ``softmax_regions(lambda * s)``.
+    ``softmax_regions(lambda * s)``. With fused ``kernels`` and every image against every caption
+    (``regions [A, 1, R, d]``, ``words [1, C, L, d]``), the products are one matrix product
+    (:meth:`Kernels.pair_products`); the rest is the same.
     """
-    s = F.leaky_relu(regions @ words.transpose(-1, -2), 0.1) * mask.unsqueeze(-2).to(regions.dtype)
+    if kernels is not None and kernels.fused:
+        s = kernels.pair_products(regions, words)
+    else:
+        s = regions @ words.transpose(-1, -2)
+    s = F.leaky_relu(s, 0.1) * mask.unsqueeze(-2).to(s.dtype)
     s = l2norm(s, dim=-1)
     return torch.softmax(lambda_softmax * s, dim=-2).transpose(-1, -2)
+
+
+def pad_words(words: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Captions' words back to back ``[T, d]`` (caption p has ``lengths[p]``) -> padded ``[P, L, d]`` (zero at
+    padding) and the mask ``[P, L]``, L the longest caption."""
+    longest = int(lengths.max()) if lengths.numel() else 0
+    mask = torch.arange(longest, device=lengths.device)[None] < lengths[:, None]
+    padded = words.new_zeros(*mask.shape, words.size(-1))
+    padded[mask] = words
+    return padded, mask
 
 
 def attended_context(attn: Tensor, regions: Tensor) -> Tensor:
@@ -288,11 +305,12 @@ class SimilarityModule(nn.Module):
         sim_glo = global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0), self.glo_proj)     # [A, C, m]
         if self.kernels.fused:
             words = words.contiguous()       # (a trimmed block is a strided view; the kernels flatten it twice)
-            attn = self.kernels.cross_attention(regions, words, mask, self.lambda_softmax)       # [A, C, L, R]
+        attn = cross_attention(regions.unsqueeze(1), words.unsqueeze(0), mask.unsqueeze(0), self.lambda_softmax,
+                               self.kernels)                                                      # [A, C, L, R]
+        if self.kernels.fused:
             nodes = self.kernels.alignment_nodes(attn, regions, words, sim_glo, self.loc_proj)   # [A, C, L+1, m]
         else:
             regions, words = regions.unsqueeze(1), words.unsqueeze(0)                            # the A x C pairs
-            attn = cross_attention(regions, words, mask.unsqueeze(0), self.lambda_softmax)
             sim_loc = local_alignment(attended_context(attn, regions), words, self.loc_proj)
             nodes = similarity_nodes(sim_glo, sim_loc)
         node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)                   # [C, L+1]
@@ -306,19 +324,26 @@ class SimilarityModule(nn.Module):
         caption's words, back to back), ``lengths [P]``, ``images [P]`` (each pair's image index into ``regions``;
         keep one image's pairs adjacent), ``cap_glo [P, d]`` -> ``[P]``."""
         sim_glo = global_alignment(img_glo, cap_glo, self.glo_proj)                              # [P, m]
-        if self.kernels.fused:
-            nodes, node_mask = self.kernels.packed_alignment_nodes(regions, words, images, lengths, sim_glo,
-                                                                   self.loc_proj, self.lambda_softmax)
+        if self.kernels.fused:                 # each run of one image's pairs: one product, words kept packed
+            runs = image_runs(images, lengths)
+            attn = torch.cat([self._run_attention(regions[image], words[t0:t1], lengths[a:b])
+                              for image, a, b, t0, t1 in runs])                                  # [T, R]
+            nodes, node_mask = self.kernels.packed_alignment_nodes(attn, regions, words, runs, lengths, sim_glo,
+                                                                   self.loc_proj)
         else:                                    # the pairs padded, each with its own image: MODEL.md's formulas
-            longest = int(lengths.max()) if lengths.numel() else 0
-            mask = torch.arange(longest, device=lengths.device)[None] < lengths[:, None]         # [P, L]
-            padded = words.new_zeros(*mask.shape, words.size(-1))
-            padded[mask] = words
+            padded, mask = pad_words(words, lengths)
             attn = cross_attention(regions[images], padded, mask, self.lambda_softmax)
             nodes = similarity_nodes(sim_glo, local_alignment(attended_context(attn, regions[images]), padded,
                                                               self.loc_proj))
             node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)
         return self.final_score(self.head(nodes, node_mask, self.kernels))
+
+    def _run_attention(self, region: Tensor, words: Tensor, lengths: Tensor) -> Tensor:
+        """:func:`cross_attention` of one image ``region [R, d]`` with n captions, their words back to back
+        ``[t, d]``, ``lengths [n]`` -> the real words' rows ``[t, R]``."""
+        padded, mask = pad_words(words, lengths)
+        attn = cross_attention(region[None, None], padded[None], mask[None], self.lambda_softmax, self.kernels)[0]
+        return attn[mask]
 
     def final_score(self, vec: Tensor) -> Tensor:
         """Step 6: ``sigmoid(Linear(m -> 1)(vec))``, ``[..., m] -> [...]``, in float32 even under autocast: bf16 has ~3
