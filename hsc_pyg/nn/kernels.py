@@ -11,7 +11,9 @@ for *every image against every caption* of a block in layouts that suit matrix p
   ``[A*R, d] @ [d, C*L]`` (no operand expanded per pair); ``similarity.cross_attention`` does the rest.
 * :meth:`Kernels.alignment_nodes`: the attended context, the local alignment and the similarity-graph nodes. Without
   autograd, one image (CPU) or the whole block (elsewhere) at a time in buffers owned by the call, in place; with
-  autograd, :class:`LocalAlignment`, which recomputes the context in the backward pass instead of keeping it.
+  autograd (outside autocast, see :meth:`Kernels.fuses_alignment`), :class:`LocalAlignment`, which recomputes the
+  context in the backward pass instead of keeping it. All three write ``(l2norm(context) - words)^2`` with one
+  function, :func:`difference_squared_`.
 * :meth:`Kernels.packed_alignment_nodes`: the same nodes for a list of given pairs (re-ranking, re-scoring), the
   words of their captions back to back without padding: one product per image for the context, one for the
   projection of all words.
@@ -139,6 +141,11 @@ class Kernels:
         s = self.linear(regions.reshape(n_img * n_reg, dim), words.reshape(n_cap * length, dim))
         return s.view(n_img, n_reg, n_cap, length).transpose(1, 2)
 
+    def fuses_alignment(self, regions: Tensor) -> bool:
+        """Whether :meth:`alignment_nodes` replaces the attended context and the local alignment for ``regions``:
+        in fused mode without autograd (in place) or with autograd outside autocast (:class:`LocalAlignment`)."""
+        return self.fused and not (torch.is_grad_enabled() and torch.is_autocast_enabled(regions.device.type))
+
     def alignment_nodes(self, attn: Tensor, regions: Tensor, words: Tensor, sim_glo: Tensor,
                         proj: nn.Linear) -> Tensor:
         """The similarity-graph nodes ``[sim_glo; sim_loc]`` of every pair: ``attn [A, C, L, R]`` (from
@@ -149,11 +156,7 @@ class Kernels:
         words = words.reshape(n_cap * length, -1)
         if not torch.is_grad_enabled():
             return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj, compute_dtype(regions))
-        if torch.is_autocast_enabled(regions.device.type):
-            context = torch.bmm(attn, regions)
-            local = l2norm(F.linear((l2norm(context) - words).square(), proj.weight, proj.bias))
-        else:
-            local = l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
+        local = l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
         local = local.view(n_img, n_cap, length, -1)
         return torch.cat([sim_glo.unsqueeze(-2).to(local.dtype), local], dim=-2)
 
@@ -173,10 +176,7 @@ class Kernels:
         buffer = self._buffer("context", (step, n_words, regions.size(-1)), regions)
         for a0 in range(0, n_img, step):
             a1 = min(a0 + step, n_img)
-            context = torch.bmm(attn[a0:a1], regions[a0:a1], out=buffer[:a1 - a0])
-            inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
-            # words - context * inv = -(l2norm(context) - words), the same rounding; its square is the same number
-            x = torch.addcmul(words, context, inv, value=-1, out=context).square_()
+            x = difference_squared_(torch.bmm(attn[a0:a1], regions[a0:a1], out=buffer[:a1 - a0]), words)
             local = self.linear(x, proj.weight, proj.bias).view(a1 - a0, n_cap, -1, nodes.size(-1))
             torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=nodes[a0:a1, :, 1:])
         return nodes
@@ -195,9 +195,7 @@ class Kernels:
         n_pairs, n_words = lengths.numel(), words.size(0)
         x = self._buffer("packed", (n_words, words.size(1)), words)
         for image, _, _, t0, t1 in runs:
-            context = torch.mm(attn[t0:t1].to(regions.dtype), regions[image], out=x[t0:t1])
-            inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
-            torch.addcmul(words[t0:t1], context, inv, value=-1, out=context).square_()     # (l2norm(ctx) - w)^2
+            difference_squared_(torch.mm(attn[t0:t1].to(regions.dtype), regions[image], out=x[t0:t1]), words[t0:t1])
         local = l2norm(self.linear(x, proj.weight, proj.bias))
         longest = int(lengths.max()) if n_pairs else 0
         pair_of_word = torch.repeat_interleave(torch.arange(n_pairs, device=words.device), lengths)
@@ -237,7 +235,7 @@ class LocalAlignment(torch.autograd.Function):
         context = torch.bmm(attn, regions)
         norm = torch.linalg.vector_norm(context, dim=-1, keepdim=True)
         inv = 1.0 / (norm + EPS)
-        x = torch.addcmul(words, context, inv, value=-1, out=context).square_()     # (l2norm(context) - words)^2
+        x = difference_squared_(context, words, inv)
         ctx.save_for_backward(attn, regions, words, weight, norm, inv)
         ctx.has_bias = bias is not None
         ctx.kernels = kernels
@@ -264,6 +262,16 @@ class LocalAlignment(torch.autograd.Function):
         g_attn = torch.bmm(g, regions.transpose(1, 2)) if ctx.needs_input_grad[0] else None
         g_regions = torch.bmm(attn.transpose(1, 2), g) if ctx.needs_input_grad[1] else None
         return g_attn, g_regions, g_words, g_weight, g_bias, None
+
+
+def difference_squared_(context: Tensor, words: Tensor, inv: Tensor | None = None) -> Tensor:
+    """``(l2norm(context) - words)^2`` written over ``context`` (``similarity.attended_context``'s normalisation and
+    the input of ``similarity.local_alignment``'s projection without a temporary): ``context [..., P, d]``,
+    ``words [P, d]``; ``inv`` the context's ``1 / (|context| + eps)`` when known."""
+    if inv is None:
+        inv = 1.0 / (torch.linalg.vector_norm(context, dim=-1, keepdim=True) + EPS)
+    # words - context * inv = -(l2norm(context) - words), the same rounding; its square is the same number
+    return torch.addcmul(words, context, inv, value=-1, out=context).square_()
 
 
 def image_runs(images: Tensor, lengths: Tensor) -> list[tuple[int, int, int, int, int]]:

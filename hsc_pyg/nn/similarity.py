@@ -307,12 +307,13 @@ class SimilarityModule(nn.Module):
             words = words.contiguous()       # (a trimmed block is a strided view; the kernels flatten it twice)
         attn = cross_attention(regions.unsqueeze(1), words.unsqueeze(0), mask.unsqueeze(0), self.lambda_softmax,
                                self.kernels)                                                      # [A, C, L, R]
-        if self.kernels.fused:
+        if self.kernels.fuses_alignment(regions):
             nodes = self.kernels.alignment_nodes(attn, regions, words, sim_glo, self.loc_proj)   # [A, C, L+1, m]
-        else:
-            regions, words = regions.unsqueeze(1), words.unsqueeze(0)                            # the A x C pairs
-            sim_loc = local_alignment(attended_context(attn, regions), words, self.loc_proj)
-            nodes = similarity_nodes(sim_glo, sim_loc)
+        else:                                    # the words of all captions as one axis: one product per image
+            n_img, n_cap, length, n_reg = attn.shape
+            context = attended_context(attn.reshape(n_img, n_cap * length, n_reg), regions)     # [A, C*L, d]
+            sim_loc = local_alignment(context, words.reshape(n_cap * length, -1), self.loc_proj)
+            nodes = similarity_nodes(sim_glo, sim_loc.view(n_img, n_cap, length, -1))
         node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)                   # [C, L+1]
         vec = self.head(nodes, node_mask, self.kernels)                                         # [A, C, m]
         return self.final_score(vec)
