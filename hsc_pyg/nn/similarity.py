@@ -96,7 +96,7 @@ def cross_attention(regions: Tensor, words: Tensor, mask: Tensor, lambda_softmax
         s = regions @ words.transpose(-1, -2)
     s = F.leaky_relu(s, 0.1) * mask.unsqueeze(-2).to(s.dtype)
     s = l2norm(s, dim=-1)
-    return torch.softmax(lambda_softmax * s, dim=-2).transpose(-1, -2)
+    return torch.softmax(lambda_softmax * s.transpose(-1, -2), dim=-1)
 
 
 def pad_words(words: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
