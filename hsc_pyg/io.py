@@ -41,7 +41,6 @@ import shlex
 import shutil
 import socket
 import stat
-import sys
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
@@ -427,7 +426,7 @@ class FolderLock:
             os.close(fd)
         self.fd = fd
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        command = shlex.join([Path(sys.executable).name, *sys.argv])
+        command = this_command()
         text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command[:300],
                            "started": started}).encode()
         try:
@@ -463,6 +462,18 @@ class FolderLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def this_command() -> str:
+    """This process's command line as the kernel records it (the library reads no ``sys.argv``); "" off Linux."""
+    try:
+        parts = [part.decode("utf-8", "replace") for part in Path("/proc/self/cmdline").read_bytes().split(b"\0")
+                 if part]
+    except OSError:
+        return ""
+    if parts:
+        parts[0] = Path(parts[0]).name
+    return shlex.join(parts)
 
 
 # --------------------------------------------------------------------------- fingerprints of input files

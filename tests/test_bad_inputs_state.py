@@ -118,6 +118,8 @@ def test_the_lock_names_its_holder_and_goes_with_it(tmp_path):
     with io.FolderLock.acquire(tmp_path / "out") as lock:
         holder = json.loads(lock.path.read_text())
         assert holder["pid"] == os.getpid() and "command" in holder
+        if Path("/proc/self/cmdline").exists():      # the command this process was started with (pytest here)
+            assert "pytest" in holder["command"]
         with pytest.raises(ConfigError, match=rf"out is in use by another process \(pid {os.getpid()} on .*; wait "
                                               r"for it to end or stop it, or choose another --out$"):
             io.FolderLock.acquire(tmp_path / "out")
