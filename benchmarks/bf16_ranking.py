@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 from hsc_pyg import load_checkpoint  # noqa: E402
 from hsc_pyg.data.precomp import PrecompSplit  # noqa: E402
 from hsc_pyg.engine.device import cpu_bf16_instructions, resolve_device  # noqa: E402
-from hsc_pyg.engine.evaluation import encode_split, pair_scores, rescore_ranking, score_matrix  # noqa: E402
+from hsc_pyg.engine.scoring import encode_split, pair_scores, rescore_ranking, score_matrix  # noqa: E402
 from hsc_pyg.engine.metrics import recall_metrics  # noqa: E402
 from hsc_pyg.io import write_json  # noqa: E402
 

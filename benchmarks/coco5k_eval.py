@@ -8,7 +8,7 @@
 COCO 5K (``testall``) is 5,000 images x 25,000 captions = 125M exact pair scores. This writes a synthetic split of
 that shape in the SCAN precomp format (``testall_ims.npy`` float32 ``[N, 36, 2048]``, written in chunks;
 ``testall_caps.txt`` from the real COCO test captions when ``../shared`` has them, cycled to 5 per image), builds a
-full-size model with random weights, and runs ``hsc_pyg.engine.evaluation``: :func:`encode_split` (encodings kept on
+full-size model with random weights, and runs ``hsc_pyg.engine.scoring``: :func:`encode_split` (encodings kept on
 the host in float16 by default), :func:`score_matrix` (the float32 ``[N, 5N]`` host matrix) and the recall metrics,
 timing each stage and sampling the process's resident memory every 2 ms (anonymous memory separately from the
 memory-mapped feature file).
@@ -19,7 +19,7 @@ about 1.5 hours on 2 cores). When
 linear in pairs (the rate measured here), memory = what was measured + the analytic growth of the encodings and the
 score matrix.
 
-``--rerank_k K`` adds retrieve-then-rerank (:func:`hsc_pyg.engine.evaluation.rerank`: the first-stage cosine of all
+``--rerank_k K`` adds retrieve-then-rerank (:func:`hsc_pyg.engine.scoring.rerank`: the first-stage cosine of all
 pairs, then each query's top K scored exactly, both directions) on the same encodings, timed the same way.
 ``--exact_fraction f`` scores exactly only the first ``f`` of the images against the first ``f`` of the captions (the
 full-size exact scoring takes about 1.5 hours on 2 CPU cores) and extrapolates that stage to all pairs (scoring is
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from hsc_pyg.data.precomp import PrecompSplit
     from hsc_pyg.data.vocab import Vocabulary, build_vocab
-    from hsc_pyg.engine import evaluation as ev
+    from hsc_pyg.engine import scoring as ev
     from hsc_pyg.engine.metrics import recall_metrics
     from hsc_pyg.io import write_text
 

@@ -308,8 +308,8 @@ def _steps(walls: list[float], cpus: list[float]) -> dict[str, Any]:
 
 
 def worker_rerank(spec: dict[str, Any]) -> dict[str, Any]:
-    """Retrieve-then-rerank through the real evaluation code (``hsc_pyg.engine.evaluation.rerank``)."""
-    from hsc_pyg.engine import evaluation as ev
+    """Retrieve-then-rerank through the real evaluation code (``hsc_pyg.engine.scoring.rerank``)."""
+    from hsc_pyg.engine import scoring as ev
 
     device = _setup(spec)
     quick, dtype, k = spec["quick"], spec["dtype"], spec["k"]
@@ -382,7 +382,7 @@ def worker_bf16(spec: dict[str, Any]) -> dict[str, Any]:
     ``--amp bf16``) through the real evaluation code, side by side with the original-style loop (asserted equal to
     float32 first) on the same encodings, interleaved; the machine's float32 and bf16 GEMM rates; encoding, ours vs
     the original-style encoders (asserted equal first)."""
-    from hsc_pyg.engine import evaluation as ev
+    from hsc_pyg.engine import scoring as ev
     from hsc_pyg.engine.device import cpu_bf16_instructions
     from hsc_pyg.engine.metrics import recall_metrics
     from hsc_pyg.config import DEFAULT_RESCORE_K

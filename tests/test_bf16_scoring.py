@@ -15,7 +15,7 @@ from hsc_pyg.data.precomp import PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.engine import device as device_module
 from hsc_pyg.engine.checkpoint import load_checkpoint
-from hsc_pyg.engine.evaluation import BAND_FACTOR, encode_split, pair_scores, rescore_ranking, score_matrix
+from hsc_pyg.engine.scoring import BAND_FACTOR, encode_split, pair_scores, rescore_ranking, score_matrix
 from hsc_pyg.engine.metrics import recall_metrics
 from hsc_pyg.config import DEFAULT_RESCORE_K
 from hsc_pyg.engine.train import train

@@ -27,7 +27,7 @@ from hsc_pyg.data.vocab import build_vocab
 from hsc_pyg.engine import distributed
 from hsc_pyg.engine.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from hsc_pyg.engine.distributed import DistributedBatchSampler, GatheredNegatives
-from hsc_pyg.engine.evaluation import encode_split, evaluate, score_matrix, score_matrix_distributed
+from hsc_pyg.engine.scoring import encode_split, evaluate, score_matrix, score_matrix_distributed
 from hsc_pyg.engine.train import CHECKPOINT, resume_config, seed_everything, train
 from hsc_pyg.nn.loss import ContrastiveLoss, ImageTextContrastive
 from hsc_pyg.nn.model import ImageEncoding, build_model

@@ -16,7 +16,7 @@ from hsc_pyg.data.graphs import (
 )
 from hsc_pyg.data.precomp import CaptionDataset, PrecompSplit
 from hsc_pyg.data.vocab import Vocabulary
-from hsc_pyg.engine.evaluation import check_features
+from hsc_pyg.engine.scoring import check_features
 from hsc_pyg.errors import ConfigError, DataError
 from hsc_pyg.nn.encoders import RelationalStack
 from hsc_pyg.nn.layers import build_layer

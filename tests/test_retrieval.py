@@ -18,7 +18,7 @@ from hsc_pyg.data.precomp import CaptionDataset, PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
 from hsc_pyg.engine.checkpoint import save_checkpoint
-from hsc_pyg.engine.evaluation import encode_split, score_matrix
+from hsc_pyg.engine.scoring import encode_split, score_matrix
 from hsc_pyg.engine.retrieval import CacheError, encode_query, open_gallery, search_image, search_text
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn.loss import ContrastiveLoss, ImageTextContrastive

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hsc_pyg.config import Config
-from hsc_pyg.engine.evaluation import pair_scores
+from hsc_pyg.engine.scoring import pair_scores
 from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
 
 D, M_DIM, R = 16, 8, 6

@@ -15,7 +15,7 @@ from hsc_pyg.data.precomp import PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.engine import train as train_module
 from hsc_pyg.engine.checkpoint import load_checkpoint, read_checkpoint
-from hsc_pyg.engine.evaluation import evaluate
+from hsc_pyg.engine.scoring import evaluate
 from hsc_pyg.engine.train import BEST, CHECKPOINT, resume_config, train
 from hsc_pyg.errors import ConfigError, TrainingError
 

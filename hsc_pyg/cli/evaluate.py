@@ -9,7 +9,7 @@ ensemble of several, or saved score matrices.
 Under torchrun the image rows of each score matrix are split across the processes (one per GPU) and gathered on
 rank 0, which alone prints and writes; the numbers are those of one process.
 
-The work is done by :mod:`hsc_pyg.engine.protocols` (over :mod:`hsc_pyg.engine.evaluation` and
+The work is done by :mod:`hsc_pyg.engine.evaluate` (over :mod:`hsc_pyg.engine.scoring` and
 :mod:`hsc_pyg.engine.metrics`); this module parses flags, prints and exits (status 2 with a one-line message on an
 expected error).
 """
@@ -91,7 +91,7 @@ def print_report(report: dict[str, Any]) -> None:
 def evaluate_command(args: argparse.Namespace) -> int:
     config = EvaluateConfig(**given(args, [EvaluateConfig]))
     from ..engine.distributed import torchrun_job
-    from ..engine.protocols import run_protocol
+    from ..engine.evaluate import run_protocol
 
     with torchrun_job(config.device):
         report = run_protocol(config, warn=_warn, progress=not args.no_progress)

@@ -9,7 +9,7 @@ Training (:mod:`hsc_pyg.engine.train`) wraps the model in ``DistributedDataParal
 gradients and broadcasts the BatchNorm running statistics from rank 0 at every forward) and draws the data order with
 :class:`DistributedBatchSampler`. The hinge loss's negatives are either each rank's own batch (the default; each rank
 computes the original ``[B, B]`` loss of its ``B`` captions) or, with ``gather_negatives``, every rank's batch
-(:class:`GatheredNegatives`). Evaluation (:mod:`hsc_pyg.engine.evaluation`) splits the image rows of the score matrix
+(:class:`GatheredNegatives`). Evaluation (:mod:`hsc_pyg.engine.scoring`) splits the image rows of the score matrix
 with :func:`shard_rows` and collects them on rank 0 with :func:`gather_rows`.
 """
 from __future__ import annotations

@@ -36,7 +36,7 @@ from ..errors import ConfigError, HSCError
 from ..io import FolderLock, atomic_files, atomic_folder, create_npy, file_fingerprint, parse_json
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from .device import eval_mode
-from .evaluation import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
+from .scoring import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
 from .vector_index import IndexSettings, Shortlister, build_faiss_index, configure, import_faiss, resolve_kind, top_n
 
 CACHE_VERSION = 1

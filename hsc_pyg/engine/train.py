@@ -65,7 +65,7 @@ from ..nn.model import HSCModel, build_model
 from . import distributed
 from .checkpoint import check_same_data, data_fingerprint, read_checkpoint, run_config_of, save_checkpoint
 from .device import autocast, resolve_device
-from .evaluation import evaluate
+from .scoring import evaluate
 from .metrics import RECALL_KEYS
 
 CHECKPOINT = "checkpoint.pth"

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
 from ..engine.device import eval_mode
-from ..engine.evaluation import check_features
+from ..engine.scoring import check_features
 from ..engine.retrieval import unknown_query_words
 from ..errors import ConfigError
 from ..nn import similarity

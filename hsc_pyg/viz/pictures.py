@@ -19,7 +19,7 @@ import networkx as nx
 
 from ..data.precomp import PrecompSplit
 from ..data.vocab import Vocabulary
-from ..engine.evaluation import check_compatible
+from ..engine.scoring import check_compatible
 from ..errors import ConfigError, DataError
 from ..nn.model import HSCModel
 from ..io import atomic_files

@@ -35,7 +35,7 @@ from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..data.precomp import PrecompSplit
 from ..data.vocab import SPECIALS, Vocabulary
 from ..engine.device import eval_mode
-from ..engine.evaluation import check_compatible, check_features
+from ..engine.scoring import check_compatible, check_features
 from ..errors import ConfigError, DataError, HSCError
 from ..nn import similarity
 from ..nn.encoders import GraphStates, level_index

@@ -3,7 +3,7 @@ averaged, the whole matrix or COCO's five 1K folds, optionally re-ranked; saved 
 
 ``--amp bf16`` (or fp16) scores every pair in that precision, then re-scores in float32 each query's top
 ``rescore_k`` in both directions, the ground-truth pairs and the pairs whose score is near a ground-truth score
-(:func:`~hsc_pyg.engine.evaluation.rescore_ranking`), so that the recall table is float32's
+(:func:`~hsc_pyg.engine.scoring.rescore_ranking`), so that the recall table is float32's
 (``benchmarks/bf16_ranking.py`` measures it).
 
 :func:`run_protocol` does the work and returns a report dict; the command line only parses flags and prints it. Under
@@ -28,8 +28,8 @@ from ..io import atomic_files, parse_json, write_json
 from . import distributed
 from .checkpoint import load_checkpoint
 from .device import autocast, resolve_device
-from .evaluation import (STORE_DTYPES, check_compatible, encode_split, pair_scores, rerank_ensemble,
-                         rescore_ranking, score_matrix_distributed)
+from .scoring import (STORE_DTYPES, check_compatible, encode_split, pair_scores, rerank_ensemble,
+                      rescore_ranking, score_matrix_distributed)
 from .metrics import fold_slices, protocol_metrics, recall_metrics
 
 Warn = Callable[[str], None]
@@ -204,7 +204,7 @@ def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[s
 def _rescore(p: EvaluateConfig, members: list[tuple], sims: list[np.ndarray], scores: np.ndarray, rows: slice,
              cols: slice, per_image: int, progress: bool):
     """One block's ``scores`` (the average of the sources at ``--amp``) with float32 scores where they decide the
-    ranking (:func:`~hsc_pyg.engine.evaluation.rescore_ranking`): the models' float32 pair scores averaged with the
+    ranking (:func:`~hsc_pyg.engine.scoring.rescore_ranking`): the models' float32 pair scores averaged with the
     saved matrices' entries."""
 
     def float32_scores(r: np.ndarray, c: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Evaluation library: packed captions, block scoring, retrieve-then-rerank and the whole protocol on a tiny model."""
+"""Scoring library: packed captions, block scoring, retrieve-then-rerank and the whole protocol on a tiny model."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,8 +10,8 @@ from hsc_pyg.data.graphs import collate_graphs
 from hsc_pyg.data.precomp import ImageDataset, PrecompSplit, TextDataset
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
-from hsc_pyg.engine.evaluation import (PackedCaptions, Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
-                                       rerank, rerank_scores, score_matrix)
+from hsc_pyg.engine.scoring import (PackedCaptions, Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
+                                    rerank, rerank_scores, score_matrix)
 from hsc_pyg.engine.metrics import METRIC_KEYS, i2t_ranks, recall_metrics, t2i_ranks
 from hsc_pyg.errors import ConfigError, DataError, VocabError
 from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
@@ -248,13 +248,13 @@ def test_rerank_of_the_real_model_with_k_all_equals_exact_scoring(model, split):
 
 
 def test_several_rerank_k_score_the_largest_shortlist_once_and_equal_each_k_alone(model, split, monkeypatch):
-    from hsc_pyg.engine import evaluation
+    from hsc_pyg.engine import scoring
     images, captions = encode_split(model, split, batch_size=8, progress=False)
     alone = {k: rerank(model, images, captions, k=k) for k in (2, 5)}
     calls = []
-    real = evaluation.pair_scores
-    monkeypatch.setattr(evaluation, "pair_scores", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
-    both = evaluation.rerank_ensemble([(model, images, captions)], [2, 5])
+    real = scoring.pair_scores
+    monkeypatch.setattr(scoring, "pair_scores", lambda *a, **kw: calls.append(len(a[3])) or real(*a, **kw))
+    both = scoring.rerank_ensemble([(model, images, captions)], [2, 5])
     assert len(calls) == 1 and calls[0] == alone[5].num_exact_pairs          # one pass, the K = 5 shortlist
     for k, result in zip((2, 5), both):
         assert result.k == k and result.num_exact_pairs == alone[k].num_exact_pairs

@@ -1,6 +1,6 @@
-"""Evaluation: encode every image and caption once, score all pairs exactly and densely, or retrieve-then-rerank.
+"""Scoring: encode every image and caption once, score all pairs exactly and densely, or retrieve-then-rerank.
 
-The pipeline of ``evaluate.py`` and of training's validation (MODEL.md §4):
+The pipeline of ``hsc-pyg evaluate`` (:mod:`hsc_pyg.engine.evaluate`) and of training's validation (MODEL.md §4):
 
 1. :func:`encode_split` runs the encoders once per image and once per caption, in batches (captions grouped by length),
    and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions
