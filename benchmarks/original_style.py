@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from hsc_pyg.engine import blocking
+
 LABEL = "original-style per-caption loop, re-implemented"
 
 
@@ -226,7 +228,7 @@ def train_step(model, optimizer, images: Tensor, tokens: Tensor, lengths: Tensor
 
 # --------------------------------------------------------------------------- checks
 def check_scores_match(model, img_enc, cap_enc, atol: float = 1e-5) -> float:
-    """Assert the per-caption loop gives ``model.score``'s matrix (eval mode, single alignment level) within ``atol``;
+    """Assert the per-caption loop gives ``blocking.score``'s matrix (eval mode, single alignment level) within ``atol``;
     return the largest difference."""
     if img_enc.regions.size(1) != 1:
         raise ValueError("the original-style loop aligns one level only (align_levels=higher)")
@@ -235,12 +237,12 @@ def check_scores_match(model, img_enc, cap_enc, atol: float = 1e-5) -> float:
     model.eval()
     try:
         with torch.no_grad():
-            ours = model.score(img_enc, cap_enc).double()
+            ours = blocking.score(model, img_enc, cap_enc).double()
             theirs = torch.from_numpy(shard_scores(model.similarity, img_enc.regions[:, 0], cap_enc.words[:, 0],
                                                    lengths, shard_size=7))
     finally:
         model.train(was_training)
     diff = float((ours - theirs).abs().max())
     if not math.isfinite(diff) or diff > atol:
-        raise AssertionError(f"{LABEL}: scores differ from model.score by {diff:.3g} (> {atol})")
+        raise AssertionError(f"{LABEL}: scores differ from blocking.score by {diff:.3g} (> {atol})")
     return diff

@@ -43,6 +43,8 @@ import torch  # noqa: E402
 
 import common as cm  # noqa: E402
 import original_style as og  # noqa: E402
+from hsc_pyg.config import SCORE_CHUNK_MB  # noqa: E402
+from hsc_pyg.engine import blocking  # noqa: E402
 from hsc_pyg.nn.layers import LAYERS  # noqa: E402
 
 SECTIONS = ("scoring", "baseline", "encoding", "training", "layers", "rerank", "bf16")
@@ -83,7 +85,7 @@ def _timed_runs(fn, device: str, repeats: int) -> tuple[list[float], list[float]
 
 
 def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
-    """Exact scoring of ``n_img`` x ``n_cap`` (``model.score``), optionally against the original-style loop."""
+    """Exact scoring of ``n_img`` x ``n_cap`` (``blocking.score``), optionally against the original-style loop."""
     device = _setup(spec)
     quick, dtype, repeats = spec["quick"], spec["dtype"], spec["repeats"]
     n_img, n_cap = spec["n_img"], spec["n_cap"]
@@ -99,10 +101,10 @@ def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
 
     def ours():
         with torch.no_grad(), cm.amp_context(device, dtype):
-            return model.score(img, cap, chunk_mb=spec.get("chunk_mb"))
+            return blocking.score(model, img, cap, chunk_mb=spec.get("chunk_mb") or SCORE_CHUNK_MB)
 
     with torch.no_grad(), cm.amp_context(device, dtype):   # warm-up: every caption block's shapes, one image block
-        model.score(img[:min(n_img, 16)], cap, chunk_mb=spec.get("chunk_mb"))
+        blocking.score(model, img[:min(n_img, 16)], cap, chunk_mb=spec.get("chunk_mb") or SCORE_CHUNK_MB)
     if not spec.get("original"):
         with cm.PeakMemory(device) as mem:
             walls, cpus = _timed_runs(ours, device, repeats)
@@ -213,7 +215,7 @@ def check_training_matches(device: str, preset: str = "hsc", batch: int = 6, len
     result_lengths = lengths.tolist()
     images = images.to(dtype)
     pairs.images.x = pairs.images.x.to(dtype)
-    loss_ours = ContrastiveLoss(0.2, True)(ours(pairs).scores)
+    loss_ours = ContrastiveLoss(0.2, True)(blocking.BatchScores(ours)(pairs).scores)
     loss_ours.backward()
     loss_theirs = og.forward_loss(theirs, images, tokens, lengths)
     loss_theirs.backward()
@@ -267,10 +269,11 @@ def worker_train(spec: dict[str, Any]) -> dict[str, Any]:
                            "parameters": sum(p.numel() for p in model.parameters()),
                            "mean_caption_tokens": float(lengths.float().mean()), "threads": torch.get_num_threads()}
     cpu_amp = dtype == "bf16" and not device.startswith("cuda")
+    net = blocking.BatchScores(model, config.score_chunk_mb)
 
     def ours():
         with cm.amp_context(device, "bf16" if cpu_amp else "fp32"):
-            train_step(model, pairs, criterion, optimizer, scaler, config, dev, True)
+            train_step(net, pairs, criterion, optimizer, scaler, config, dev, True)
 
     if spec.get("original"):
         out["check_float64"] = check_training_matches(device, spec["preset"], dtype=torch.float64)
@@ -337,8 +340,8 @@ def worker_rerank(spec: dict[str, Any]) -> dict[str, Any]:
         # the exact alternative, from the scoring rate on a slice of the same encodings
         sub_i, sub_c = min(n_img, 100), min(n_cap, 500)
         with torch.no_grad():
-            model.score(img[:16], cap[:sub_c])
-            ws, cs = cm.time_call(lambda: model.score(img[:sub_i], cap[:sub_c]), device)
+            blocking.score(model, img[:16], cap[:sub_c])
+            ws, cs = cm.time_call(lambda: blocking.score(model, img[:sub_i], cap[:sub_c]), device)
     exact_pairs = int(box["result"].num_exact_pairs)
     full_rate = sub_i * sub_c / ws
     return {"preset": spec["preset"], "n_img": n_img, "n_cap": n_cap, "k": k, "threads": torch.get_num_threads(),
@@ -347,7 +350,7 @@ def worker_rerank(spec: dict[str, Any]) -> dict[str, Any]:
             "rerank_exact_pairs_per_s": exact_pairs / w,
             "full_exact_scoring_pairs_per_s": full_rate,
             "full_exact_scoring_estimated_s": n_img * n_cap / full_rate,
-            "full_exact_estimate_from": f"model.score on {sub_i} x {sub_c} of the same encodings",
+            "full_exact_estimate_from": f"blocking.score on {sub_i} x {sub_c} of the same encodings",
             "peak_memory": mem.result}
 
 
@@ -726,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--train_steps", type=int, default=3, help="timed steps at batch 32 (one fewer at 128)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own)")
-    parser.add_argument("--chunk_mb", type=int, default=None, help="score_chunk_mb for model.score (default: config)")
+    parser.add_argument("--chunk_mb", type=int, default=None, help="score_chunk_mb of blocking.score (default: config)")
     parser.add_argument("--max_seconds", type=float, default=420.0,
                         help="skip a scoring size whose estimated time (from the previous size) exceeds this")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement subprocess")

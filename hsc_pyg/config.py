@@ -42,6 +42,8 @@ DEFAULT_RESCORE_K = 15
 #: Items of the first stage a search scores exactly when ``--shortlist`` is not given.
 DEFAULT_SHORTLIST = 50
 STORE_DTYPES = ("float32", "float16")
+#: Working memory of one block of the pair scorer, in MiB, when a run does not say (hsc_pyg/engine/blocking.py).
+SCORE_CHUNK_MB = 512
 #: How a gallery's first stage finds its shortlist: brute force, or a FAISS index (engine/vector_index.py).
 INDEX_KINDS = ("auto", "brute", "flat", "ivf", "hnsw")
 
@@ -119,7 +121,7 @@ class TrainConfig:
                                       "for example infonce+hinge", choices=ITC_KINDS)
     nan_policy: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint) or skip the batch",
                              choices=("stop", "skip"))
-    score_chunk_mb: int = option(512, "memory bound of one chunk of the dense pair scorer, in MiB", low=1)
+    score_chunk_mb: int = option(SCORE_CHUNK_MB, "memory bound of one chunk of the dense pair scorer, in MiB", low=1)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -166,9 +168,8 @@ class EvaluateConfig:
                                          "ties count against the query)", low=0, metavar="K")
     batch_size: int = _batch_size("images or captions per encoder call")
     workers: int = _workers()
-    score_chunk_mb: int = option(0, "memory bound of one chunk of the pair scorer in MiB (0: the checkpoint's "
-                                    "score_chunk_mb, 512); on a GPU with room, 4096 scores about 1.4x faster", low=0,
-                                 metavar="MB")
+    score_chunk_mb: int = option(SCORE_CHUNK_MB, "memory bound of one chunk of the pair scorer in MiB; on a GPU with "
+                                                 "room, 4096 scores about 1.4x faster", low=1, metavar="MB")
     store_dtype: str = option("float32", "precision the encodings are kept in between encoding and scoring (float16 "
                                          "halves their memory)", choices=STORE_DTYPES)
 

@@ -107,7 +107,6 @@ def test_weights_that_do_not_fit_the_config(tmp_path):
     (lambda c: c.update(model_config=[1, 2]), r"m\.pth: 'model_config' must be a dict but the checkpoint holds a "
                                               r"list"),
     (lambda c: c.update(model=[1, 2]), r"m\.pth: 'model' must be a dict but the checkpoint holds a list"),
-    (lambda c: c.update(train_config={"score_chunk_mb": -5}), r"m\.pth: train_config: score_chunk_mb=-5 is invalid"),
 ])
 def test_damaged_configs_in_a_checkpoint_are_one_line_errors(tmp_path, damage, message):
     path = tmp_path / "m.pth"
@@ -117,6 +116,20 @@ def test_damaged_configs_in_a_checkpoint_are_one_line_errors(tmp_path, damage, m
     torch.save(ckpt, path)
     with pytest.raises(HSCError, match=message) as err:
         load_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_damaged_train_config_stops_a_resume_but_not_loading_the_model(tmp_path):
+    """The model is built from its model config alone (no run option of the train config reaches it); the train
+    config is checked where a resume reads it."""
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny_model(), Config(**SMALL))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["train_config"] = {"score_chunk_mb": -5}
+    torch.save(ckpt, path)
+    assert load_checkpoint(path).config == Config(**SMALL).model
+    with pytest.raises(HSCError, match=r"m\.pth: train_config: score_chunk_mb=-5 is invalid") as err:
+        run_config_of(read_checkpoint(path), str(path))
     assert "\n" not in str(err.value)
 
 

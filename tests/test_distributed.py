@@ -24,7 +24,7 @@ from hsc_pyg.config import Config
 from hsc_pyg.data.precomp import CaptionDataset, PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
-from hsc_pyg.engine import distributed
+from hsc_pyg.engine import blocking, distributed
 from hsc_pyg.engine.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from hsc_pyg.engine.distributed import DistributedBatchSampler, GatheredNegatives
 from hsc_pyg.engine.scoring import encode_split, evaluate, score_matrix, score_matrix_distributed
@@ -203,7 +203,7 @@ def per_rank_steps(model, optimizer, dataset, config: Config, start: int, steps:
         grads, rank_losses = [], []
         for r, items in enumerate(rank_shards(start + step * BATCH * world, world)):
             model.load_state_dict(before, strict=False)
-            loss = criterion(model(collate(dataset, items)).scores)
+            loss = criterion(blocking.BatchScores(model)(collate(dataset, items)).scores)
             grads.append(torch.autograd.grad(loss, params))
             rank_losses.append(loss.item())
             if r == 0:
@@ -223,7 +223,7 @@ def global_batch_scores(model, dataset, shards: list[torch.Tensor]) -> torch.Ten
     batches = [collate(dataset, items) for items in shards]
     images = [model.encode_images(b.images) for b in batches]
     all_images = ImageEncoding.cat(images)
-    columns = torch.cat([model.score(all_images, model.encode_captions(b.captions)) for b in batches], 1)
+    columns = torch.cat([blocking.score(model, all_images, model.encode_captions(b.captions)) for b in batches], 1)
     offsets = np.cumsum([0] + [len(i) for i in images[:-1]])
     return columns[torch.cat([b.img_index + int(o) for b, o in zip(batches, offsets)])]
 

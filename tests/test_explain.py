@@ -43,7 +43,7 @@ def test_score_is_the_models_score_of_the_pair_and_the_mean_of_its_levels(model,
     img = collate_graphs([image_graph(split.features(1), split.box_tensor(1), model.config.img_edges)])
     cap = collate_graphs([caption_graph(model.vocab.encode(text), model.config.txt_edges)])
     with torch.no_grad():
-        want = float(model.score(model.encode_images(img), model.encode_captions(cap))[0, 0])
+        want = float(model.score_block(model.encode_images(img), model.encode_captions(cap))[0, 0])
     assert e["score"] == pytest.approx(want, abs=1e-6)
     assert set(e["alignment"]) == {"relational", "higher"}
     assert e["score"] == pytest.approx(sum(a["score"] for a in e["alignment"].values()) / 2, abs=1e-7)

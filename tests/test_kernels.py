@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hsc_pyg.config import Config
+from hsc_pyg.engine import blocking
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn import similarity as S
 from hsc_pyg.nn.functional import masked_softmax
@@ -96,16 +97,14 @@ def test_cross_attention_kernel_equals_reference(dtype):
     torch.testing.assert_close(alone.sum(-1), torch.ones(LENGTHS[3], dtype=dtype))
 
 
-def reference_nodes(sim, regions, img_glo, words, mask, cap_glo):
+def reference_local_alignment(sim, regions, words, mask):
     regions, words = regions.unsqueeze(1), words.unsqueeze(0)
     attn = S.cross_attention(regions, words, mask.unsqueeze(0), sim.lambda_softmax)
-    sim_loc = S.local_alignment(S.attended_context(attn, regions), words, sim.loc_proj)
-    sim_glo = S.global_alignment(img_glo.unsqueeze(1), cap_glo.unsqueeze(0), sim.glo_proj)
-    return S.similarity_nodes(sim_glo, sim_loc), attn, sim_glo
+    return S.local_alignment(S.attended_context(attn, regions), words, sim.loc_proj), attn
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["in_place", "fused_backward"])
-def test_alignment_nodes_kernel_equals_reference(grad):
+def test_local_alignment_kernel_equals_reference(grad):
     sim = similarity_module()
     img, cap = encodings(4, LENGTHS)
     regions, img_glo, words, mask, cap_glo = block(img, cap)
@@ -113,12 +112,13 @@ def test_alignment_nodes_kernel_equals_reference(grad):
     words = words.clone().requires_grad_(grad)
     kernels = Kernels()
     with torch.set_grad_enabled(grad):
-        expected, attn, sim_glo = reference_nodes(sim, regions, img_glo, words, mask, cap_glo)
-        got = kernels.alignment_nodes(attn, regions, words, sim_glo, sim.loc_proj)
-    real = torch.cat([torch.ones(len(LENGTHS), 1, dtype=torch.bool), mask], 1)           # padded nodes are masked
-    torch.testing.assert_close(got[:, real], expected[:, real], atol=2e-6, rtol=0)
+        expected, attn = reference_local_alignment(sim, regions, words, mask)                 # [A, C, L, m]
+        n_img, n_cap, length, n_reg = attn.shape
+        got = kernels.local_alignment(attn.reshape(n_img, n_cap * length, n_reg), regions,
+                                      words.reshape(n_cap * length, -1), sim.loc_proj).view(expected.shape)
+    torch.testing.assert_close(got[:, mask], expected[:, mask], atol=2e-6, rtol=0)        # padded words are masked
     if grad:
-        up = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2)) * real[..., None]
+        up = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2)) * mask[..., None]
         params = (regions, words, sim.loc_proj.weight, sim.loc_proj.bias)
         # the weight and bias gradients are sums over every pair's words, whose terms cancel: rounding errors scale
         # with the largest entry, not with each entry
@@ -202,9 +202,9 @@ def test_model_switch_reaches_the_scorer():
     assert model.similarity.kernels.mode == "reference"
     img, cap = encodings(3, LENGTHS, dim=16)
     with torch.no_grad():
-        expected = model.score(img, cap)
+        expected = blocking.score(model, img, cap)
         model.set_kernels("auto")
-        torch.testing.assert_close(model.score(img, cap), expected, atol=1e-6, rtol=0)
+        torch.testing.assert_close(blocking.score(model, img, cap), expected, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- threads
@@ -221,7 +221,7 @@ def test_two_models_in_two_threads_score_as_one_after_the_other():
     lengths = [5 + (7 * k) % 19 for k in range(40)]
     jobs = [(full_size_saf_model(seed), *encodings(8, lengths, seed=seed + 10)) for seed in (0, 1)]
     with torch.no_grad():
-        alone = [model.score(img, cap) for model, img, cap in jobs]
+        alone = [blocking.score(model, img, cap) for model, img, cap in jobs]
     rounds = 4
     together: list[list] = [[None] * rounds for _ in jobs]
     start = threading.Barrier(len(jobs))
@@ -231,7 +231,7 @@ def test_two_models_in_two_threads_score_as_one_after_the_other():
         with torch.no_grad():
             for r in range(rounds):
                 start.wait()
-                together[k][r] = model.score(img, cap)
+                together[k][r] = blocking.score(model, img, cap)
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
     for t in threads:

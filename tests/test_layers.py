@@ -10,6 +10,7 @@ from torch_geometric.utils import to_dense_batch
 
 from hsc_pyg.config import Config, ModelConfig
 from hsc_pyg.data.graphs import PairBatch, caption_graph, collate_graphs, dense_adjacency, edge_values, image_graph
+from hsc_pyg.engine.blocking import BatchScores
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn.encoders import RelationalStack
 from hsc_pyg.nn.layers import LAYERS, RelationalLayer, build_layer, register_layer
@@ -151,7 +152,7 @@ def test_every_layer_type_trains_on_both_graphs(name):
     captions = [caption_graph(torch.randint(4, 30, (n,), generator=g)) for n in (5, 3, 8, 4)]
     pairs = PairBatch(images=collate_graphs(images), captions=collate_graphs(captions),
                       img_index=torch.tensor([0, 1, 2, 0]), img_ids=torch.arange(3), cap_ids=torch.arange(4))
-    out = model(pairs)
+    out = BatchScores(model)(pairs)
     assert out.scores.shape == out.cosine.shape == (4, 4)
     (out.scores.sum() + (out.scale * out.cosine).sum()).backward()   # the hinge's and the first stage's inputs
     for pname, p in model.named_parameters():

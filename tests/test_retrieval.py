@@ -17,6 +17,7 @@ from hsc_pyg.data.graphs import collate_pairs
 from hsc_pyg.data.precomp import CaptionDataset, PrecompSplit
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
+from hsc_pyg.engine.blocking import BatchScores
 from hsc_pyg.engine.checkpoint import save_checkpoint
 from hsc_pyg.engine.scoring import encode_split, score_matrix
 from hsc_pyg.engine.retrieval import CacheError, encode_query, open_gallery, search_image, search_text
@@ -124,7 +125,7 @@ def a_batch(data_path, model, size=6):
 def test_the_training_forward_gives_first_stage_cosines_of_the_model_vectors(data_path, model):
     pairs = a_batch(data_path, model)
     with torch.no_grad():
-        out = model(pairs)
+        out = BatchScores(model)(pairs)
         img = model.first_stage.image_vectors(model.encode_images(pairs.images).glo)[pairs.img_index]
         cap = model.first_stage.caption_vectors(model.encode_captions(pairs.captions).glo)
     assert out.scores.shape == out.cosine.shape == (6, 6)
@@ -136,7 +137,7 @@ def test_the_training_forward_gives_first_stage_cosines_of_the_model_vectors(dat
 def test_the_joint_loss_sends_gradient_to_both_stages(data_path, dim):
     model = small_model(data_path, first_stage_dim=dim).train()
     pairs = a_batch(data_path, model)
-    out = model(pairs)
+    out = BatchScores(model)(pairs)
     loss = ContrastiveLoss()(out.scores) + 0.5 * ImageTextContrastive()(out.cosine, out.scale)
     loss.backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
@@ -152,7 +153,7 @@ def test_the_joint_loss_sends_gradient_to_both_stages(data_path, dim):
 
 def test_the_contrastive_loss_alone_reaches_the_encoders(data_path):
     model = small_model(data_path).train()
-    out = model(a_batch(data_path, model))
+    out = BatchScores(model)(a_batch(data_path, model))
     ImageTextContrastive()(out.cosine, out.scale).backward()
     for side in ("image_encoder.", "text_encoder."):
         grads = [p.grad for n, p in model.named_parameters() if n.startswith(side) and p.grad is not None]

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from hsc_pyg.config import Config
+from hsc_pyg.config import Config, ModelConfig
 from hsc_pyg.data.graphs import collate_graphs
 from hsc_pyg.data.precomp import ImageDataset, PrecompSplit, TextDataset
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
+from hsc_pyg.engine import blocking
 from hsc_pyg.engine.scoring import (PackedCaptions, Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
                                     rerank, rerank_scores, score_matrix)
 from hsc_pyg.engine.metrics import METRIC_KEYS, i2t_ranks, recall_metrics, t2i_ranks
@@ -66,10 +67,11 @@ class FakeScorer(torch.nn.Module):
     """Scores a pair by ``img.glo . masked mean of the caption's words`` (level 0): cheap, exact, and sensitive to the
     padding and to the order of captions."""
 
+    config = ModelConfig(img_dim=4, vocab_size=10, embed_size=4, sim_dim=2, num_regions=3)
+
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(()))
-        self.score_calls = 0
         self.pair_calls = []
 
     @staticmethod
@@ -77,12 +79,8 @@ class FakeScorer(torch.nn.Module):
         mask = cap.mask[:, :, None].to(cap.words.dtype)
         return (cap.words[:, 0] * mask).sum(1) / mask.sum(1)
 
-    def score(self, img, cap, chunk_mb=None):
-        self.score_calls += 1
+    def score_block(self, img, cap, positions=None):
         return self.weight * img.glo[:, 0] @ self._caption_vectors(cap).T
-
-    def words_per_call(self, chunk_mb=None, device="cpu"):
-        return 12
 
     def score_pairs(self, img, words, lengths, images, cap_glo):
         """The same score from packed words: ``img.glo . mean of the pair's words``."""
@@ -122,18 +120,20 @@ def test_packed_subsets_are_trimmed_to_their_own_longest_caption():
 
 # ---- block scoring -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("blocks", [(3, 4), (100, 1000), (1, 1)])
-def test_score_matrix_equals_one_dense_call_whatever_the_blocks(blocks):
+def test_score_matrix_equals_one_dense_call_whatever_the_blocks(blocks, monkeypatch):
     images, captions = fake_encodings(7)
     scorer = FakeScorer()
-    want = scorer.score(images, captions).detach().numpy()
-    got = score_matrix(scorer, images, captions, block_images=blocks[0], block_captions=blocks[1], progress=False)
+    want = scorer.score_block(images, captions).detach().numpy()
+    monkeypatch.setattr(blocking, "CPU_BLOCK_CAPTIONS", blocks[1])
+    got = score_matrix(scorer, images, captions, block_images=blocks[0], progress=False)
     assert got.dtype == np.float32 and got.shape == (7, 35)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-def test_pair_scores_follow_the_given_pairs():
+def test_pair_scores_follow_the_given_pairs(monkeypatch):
     images, captions = fake_encodings(6)
-    full = FakeScorer().score(images, captions).detach().numpy()
+    full = FakeScorer().score_block(images, captions).detach().numpy()
+    monkeypatch.setattr(blocking, "words_per_call", lambda config, chunk_mb, device: 12)
     rng = np.random.default_rng(0)
     rows, cols = rng.integers(0, 6, 50), rng.integers(0, 30, 50)
     scorer = FakeScorer()
@@ -276,11 +276,12 @@ def test_encode_split_equals_encoding_everything_at_once(model, split):
     torch.testing.assert_close(back.glo, want_captions.glo, rtol=0, atol=1e-6)
 
 
-def test_score_matrix_equals_the_model_dense_scorer(model, split):
+def test_score_matrix_equals_the_model_dense_scorer(model, split, monkeypatch):
     images, captions = encode_split(model, split, progress=False)
-    got = score_matrix(model, images, captions, block_images=6, block_captions=17, progress=False)
+    monkeypatch.setattr(blocking, "CPU_BLOCK_CAPTIONS", 17)
+    got = score_matrix(model, images, captions, block_images=6, progress=False)
     with torch.no_grad():
-        want = model.score(*direct_encodings(model, split)).numpy()
+        want = blocking.score(model, *direct_encodings(model, split)).numpy()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
@@ -300,8 +301,8 @@ def test_evaluate_on_the_first_images_keeps_the_model_mode(model, split):
         model.eval()
     images, captions = direct_encodings(model, split)
     with torch.no_grad():
-        want = model.score(images[:8], CaptionEncoding(*(t[:40] for t in (captions.words, captions.mask,
-                                                                           captions.glo))))
+        first = CaptionEncoding(*(t[:40] for t in (captions.words, captions.mask, captions.glo)))
+        want = blocking.score(model, images[:8], first)
     assert metrics == recall_metrics(want.numpy())
 
 
@@ -326,13 +327,13 @@ def test_features_of_another_size_are_refused(model, tmp_path):
 def test_fold5_scores_only_the_diagonal_blocks_with_the_metrics_of_the_full_matrix(model, split, monkeypatch):
     # 20 test images in folds of 4: five diagonal blocks of 4 x 20 pairs = a fifth of the 20 x 100 matrix
     scored = []
-    real_score = type(model).score
+    real_score = type(model).score_block
 
-    def counting_score(self, img, cap, chunk_mb=None):
+    def counting_score(self, img, cap, positions=None):
         scored.append(len(img) * len(cap))
-        return real_score(self, img, cap, chunk_mb)
+        return real_score(self, img, cap, positions)
 
-    monkeypatch.setattr(type(model), "score", counting_score)
+    monkeypatch.setattr(type(model), "score_block", counting_score)
     folds = evaluate(model, split, fold5=True, fold_size=4)
     fold_pairs, scored[:] = sum(scored), []
     full = score_matrix(model, *encode_split(model, split, progress=False), progress=False)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hsc_pyg.config import Config
+from hsc_pyg.engine import blocking
 from hsc_pyg.engine.scoring import pair_scores
 from hsc_pyg.nn.model import CaptionEncoding, ImageEncoding, build_model
 
@@ -104,7 +105,7 @@ def test_dense_chunked_scores_equal_one_pair_reference(head, levels, device):
         expected = reference_matrix(model, img, cap)                # float64, on the CPU
         model, img, cap = model.to(device), img.to(device=device), cap.to(device=device)
         for chunk_mb in (1e-6, 0.002, 0.02, 512):   # one pair per block ... everything in one block
-            got = model.score(img, cap, chunk_mb=chunk_mb).cpu()
+            got = blocking.score(model, img, cap, chunk_mb=chunk_mb).cpu()
             assert got.shape == (5, len(LENGTHS))
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         g = torch.Generator().manual_seed(0)
@@ -129,7 +130,7 @@ def test_given_pairs_of_one_image_need_not_be_adjacent():
     with torch.no_grad():
         got = model.similarity.score_pairs(img.regions[:, 0], img.glo[images, 0], words, lengths, images,
                                            cap.glo[captions, 0])
-        expected = model.score(img, cap)[images, captions]
+        expected = blocking.score(model, img, cap)[images, captions]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -137,8 +138,8 @@ def test_score_of_a_pair_does_not_depend_on_the_other_captions():
     model = random_model("saf", "higher")
     img, cap = random_encodings(3, LENGTHS, 1)
     with torch.no_grad():
-        full = model.score(img, cap)
-        alone = model.score(img, cap[3:4].trimmed())
+        full = blocking.score(model, img, cap)
+        alone = blocking.score(model, img, cap[3:4].trimmed())
     torch.testing.assert_close(full[:, 3:4], alone, atol=1e-12, rtol=0)
 
 
@@ -172,9 +173,9 @@ def test_bf16_autocast_scores_stay_float32_and_close(device):
     img, cap = random_encodings(4, LENGTHS, 1)
     img, cap = img.to(device=device, dtype=torch.float32), cap.to(device=device, dtype=torch.float32)
     with torch.no_grad():
-        exact = model.score(img, cap)
+        exact = blocking.score(model, img, cap)
         with torch.autocast(device, dtype=torch.bfloat16):
-            low = model.score(img, cap)
+            low = blocking.score(model, img, cap)
     assert low.dtype == torch.float32
     assert (low - exact).abs().max() < 2e-2
     assert low.unique().numel() == low.numel()  # no ties from a bf16 output

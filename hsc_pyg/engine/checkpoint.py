@@ -286,12 +286,9 @@ def check_layout(ckpt: dict[str, Any], source: str) -> None:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], source: str = "checkpoint") -> HSCModel:
-    """Build the model a checkpoint dict describes (from its ModelConfig alone) and load its weights (strictly); the
-    scorer's memory bound comes from its train config when it has one."""
+    """Build the model a checkpoint dict describes (from its ModelConfig alone) and load its weights (strictly)."""
     config = model_config_of(ckpt, source)
     model = HSCModel(config)
-    if isinstance(ckpt.get("train_config"), dict) and "score_chunk_mb" in ckpt["train_config"]:
-        model.score_chunk_mb = run_config_of(ckpt, source).score_chunk_mb
     if not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{source}: its 'model' is a {type(ckpt.get('model')).__name__}, not a state dict; the "
                               "file is damaged")

@@ -25,7 +25,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ..config import SCORE_CHUNK_MB
 from ..nn.model import HSCModel, ImageEncoding, TrainingScores
+from . import blocking
 from .device import resolve_device
 
 #: Bound of the rank-0 receive buffer of one :func:`gather_rows` call, in MiB.
@@ -280,16 +282,17 @@ class GatheredNegatives(nn.Module):
     gradient) and each rank computes the whole ``[W*B, W*B]`` cosine matrix.
     """
 
-    def __init__(self, model: HSCModel) -> None:
+    def __init__(self, model: HSCModel, chunk_mb: float = SCORE_CHUNK_MB) -> None:
         super().__init__()
         self.model = model
+        self.chunk_mb = chunk_mb
 
     def forward(self, pairs) -> TrainingScores:
         images = self.model.encode_images(pairs.images)
         captions = self.model.encode_captions(pairs.captions)
         regions, glo = all_gather_with_grad(images.regions), all_gather_with_grad(images.glo)
         all_images = ImageEncoding(torch.cat(regions), torch.cat(glo))
-        columns = self.model.score(all_images, captions)                         # [images of all ranks, B]
+        columns = blocking.score(self.model, all_images, captions, self.chunk_mb)  # [images of all ranks, B]
         scores = torch.cat(all_gather_with_grad(columns), 1)                     # [images of all ranks, W*B]
         offsets = np.cumsum([0] + [len(r) for r in regions[:-1]])
         img_index = torch.cat([index + int(offset)

@@ -181,7 +181,7 @@ def run_protocol(p: EvaluateConfig, warn: Warn, progress: bool = True) -> dict[s
         amp = "off" if p.rescored_k() else p.amp       # exact ranking: the re-ranked pairs' scores in float32
         start = time.perf_counter()
         by_block = [rerank_ensemble([(model, img[rows], cap[cols]) for model, img, cap in members], p.rerank_k,
-                                    chunk_mb=p.score_chunk_mb or None, amp=amp, progress=progress)
+                                    chunk_mb=p.score_chunk_mb, amp=amp, progress=progress)
                     for rows, cols in blocks]
         seconds["rerank"] = time.perf_counter() - start        # every K: the exact scores of the largest K's shortlist
         for i, k in enumerate(p.rerank_k):
@@ -210,7 +210,7 @@ def _rescore(p: EvaluateConfig, members: list[tuple], sims: list[np.ndarray], sc
     def float32_scores(r: np.ndarray, c: np.ndarray) -> np.ndarray:
         total = np.zeros(len(r), dtype=np.float32)
         for model, img, cap in members:
-            total += pair_scores(model, img[rows], cap[cols], r, c, chunk_mb=p.score_chunk_mb or None,
+            total += pair_scores(model, img[rows], cap[cols], r, c, chunk_mb=p.score_chunk_mb,
                                  progress=progress)
         for matrix in sims:
             total += matrix[r, c]
@@ -239,7 +239,7 @@ def _score_models(p: EvaluateConfig, split: PrecompSplit, blocks: list[tuple[sli
         seconds["encode"] = seconds.get("encode", 0.0) + time.perf_counter() - start
         start = time.perf_counter()
         parts = [score_matrix_distributed(model, img_enc[rows], captions[cols], amp=p.amp, progress=progress,
-                                          chunk_mb=p.score_chunk_mb or None) for rows, cols in blocks]
+                                          chunk_mb=p.score_chunk_mb) for rows, cols in blocks]
         seconds["score"] = seconds.get("score", 0.0) + time.perf_counter() - start
         if distributed.is_main():
             average.add(parts, owned=True)

@@ -35,6 +35,7 @@ from ..data.vocab import Vocabulary, tokenize
 from ..errors import ConfigError, HSCError
 from ..io import FolderLock, atomic_files, atomic_folder, create_npy, file_fingerprint, parse_json
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
+from . import blocking
 from .device import eval_mode
 from .scoring import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
 from .vector_index import IndexSettings, Shortlister, build_faiss_index, configure, import_faiss, resolve_kind, top_n
@@ -387,8 +388,9 @@ def search_text(model: HSCModel, gallery: Gallery, text: str, k: int = 5, shortl
     top = shortlister.search(query[0].numpy(), shortlist)
     first = (gallery.image_vectors[torch.from_numpy(top)].float() @ query[0]).numpy()
     device, dtype = _model_device(model)
-    with eval_mode(model):          # the one query stays where the model encoded it (model.score bounds the memory)
-        exact = model.score(gallery.images[torch.from_numpy(top)].to(device, dtype), enc)[:, 0].float().cpu().numpy()
+    with eval_mode(model):          # the one query stays where the model encoded it (blocking.score bounds the memory)
+        shortlisted = gallery.images[torch.from_numpy(top)].to(device, dtype)
+        exact = blocking.score(model, shortlisted, enc)[:, 0].float().cpu().numpy()
     order = np.argsort(-exact, kind="stable")[:k]
     hits = [Hit(int(top[o]), gallery.ids[top[o]], float(exact[o]), float(first[o])) for o in order]
     return SearchResult(text, "text", hits, len(top), len(gallery), time.perf_counter() - start, unknown, clamped,

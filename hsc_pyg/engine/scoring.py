@@ -6,8 +6,9 @@ The pipeline of ``hsc-pyg evaluate`` (:mod:`hsc_pyg.engine.evaluate`) and of tra
    and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions
    packed without padding as a :class:`PackedCaptions` (COCO test captions: 13 tokens on average, up to 40; padding
    every caption to the longest would take 3x the memory).
-2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length with the model's dense
-   chunked scorer and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K), with a progress bar and an ETA.
+2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length (the blocks, chunks and
+   memory limits of :mod:`hsc_pyg.engine.blocking`) and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K),
+   with a progress bar and an ETA.
    Under ``torchrun``, :func:`score_matrix_distributed` splits the image rows across the processes and gathers the
    matrix on rank 0, with the same numbers.
 3. :mod:`hsc_pyg.engine.metrics` turns the matrix into recalls.
@@ -25,13 +26,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..config import SCORE_CHUNK_MB
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, VocabError
 from ..nn.functional import l2norm
 from ..nn.layers import check_boxes
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
-from . import distributed
+from . import blocking, distributed
 from .device import autocast, eval_mode, resolve_device
 from .metrics import FOLD_SIZE, fold_slices, protocol_metrics, recall_metrics
 
@@ -210,36 +212,34 @@ def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
 
 # --------------------------------------------------------------------------- exact scoring
 def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
-                 block_images: int = 128, block_captions: int = 1024, chunk_mb: int | None = None, amp: str = "off",
+                 block_images: int = 128, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                  progress: bool = True) -> np.ndarray:
     """Exact scores of every image against every caption, ``[N, M]`` float32 on the host.
 
-    Captions are taken in order of length, ``block_captions`` at a time (each block padded only to its own longest
-    caption), against ``block_images`` images at a time; each block goes through ``model.score`` (whose working memory
-    stays under ``chunk_mb`` MiB, default ``config.score_chunk_mb``) and is copied to the host. ``amp``: the precision
-    of the products (autocast; ``bf16`` also on CPUs with native bf16 matrix instructions). The progress bar counts
-    pairs.
+    The captions are cut into the blocks of :func:`~hsc_pyg.engine.blocking.caption_blocks` (in order of length, each
+    padded only to its own longest caption); each block is unpacked on the model's device and scored by
+    :func:`~hsc_pyg.engine.blocking.score` (within ``chunk_mb`` MiB of working memory) against ``block_images``
+    images at a time, and copied to the host. ``amp``: the precision of the products (autocast; ``bf16`` also on CPUs
+    with native bf16 matrix instructions). The progress bar counts pairs.
     """
     captions = _as_packed(captions)
     device, dtype = _model_device(model)
     n, m = len(img_enc), len(captions)
     out = np.empty((n, m), dtype=np.float32)
-    by_length = torch.argsort(captions.lengths.cpu(), stable=True)
     with eval_mode(model), autocast(device, amp, cpu_bf16=True), _bar(n * m, "scoring", "pair", progress) as bar:
-        for c0 in range(0, m, block_captions):
-            columns = by_length[c0:c0 + block_captions]
+        for columns in blocking.caption_blocks(captions.lengths.cpu(), blocking.eval_block_captions(device)):
             cap = captions[columns].unpack().to(device, dtype)
             columns = columns.numpy()
             for i0 in range(0, n, block_images):
                 img = img_enc[i0:i0 + block_images].to(device, dtype)
-                out[i0:i0 + len(img), columns] = model.score(img, cap, chunk_mb=chunk_mb).float().cpu().numpy()
+                out[i0:i0 + len(img), columns] = blocking.score(model, img, cap, chunk_mb).float().cpu().numpy()
                 bar.update(len(img) * len(columns))
     return out
 
 
 def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
-                             block_images: int = 128, block_captions: int = 1024, chunk_mb: int | None = None,
-                             amp: str = "off", progress: bool = True) -> np.ndarray | None:
+                             block_images: int = 128, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
+                             progress: bool = True) -> np.ndarray | None:
     """:func:`score_matrix` with the image rows split across the processes of ``torch.distributed``.
 
     Every rank holds all the encodings (encoding is linear and cheap; scoring is quadratic); rank ``r`` scores the
@@ -250,18 +250,19 @@ def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: 
     (:func:`~hsc_pyg.engine.distributed.broadcast_buffers` after training steps).
     """
     rows = distributed.shard_rows(len(img_enc), block_images)
-    part = score_matrix(model, img_enc[rows.start:rows.stop], captions, block_images, block_captions, chunk_mb, amp,
+    part = score_matrix(model, img_enc[rows.start:rows.stop], captions, block_images, chunk_mb, amp,
                         progress and distributed.is_main())
     return distributed.gather_rows(part, len(img_enc), block_images)
 
 
 def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
-                rows: np.ndarray, cols: np.ndarray, chunk_mb: int | None = None, amp: str = "off",
+                rows: np.ndarray, cols: np.ndarray, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                 progress: bool = False) -> np.ndarray:
     """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32.
 
     The pairs are taken image by image and handed to :meth:`HSCModel.score_pairs` in pieces of at most
-    ``model.words_per_call(chunk_mb)`` caption words, their captions' words gathered back to back (no padding)."""
+    :func:`blocking.words_per_call(model.config, chunk_mb) <hsc_pyg.engine.blocking.words_per_call>` caption words,
+    their captions' words gathered back to back (no padding)."""
     captions = _as_packed(captions)
     device, dtype = _model_device(model)
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
@@ -270,7 +271,7 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
         return out
     order = np.lexsort((cols, rows))                    # by image, then caption
     lengths = captions.lengths.cpu().numpy()[cols[order]]
-    budget = model.words_per_call(chunk_mb, device)
+    budget = blocking.words_per_call(model.config, chunk_mb, device)
     ends = np.cumsum(lengths)
     with (eval_mode(model), autocast(device, amp, cpu_bf16=True),
           _bar(len(out), "scoring pairs", "pair", progress) as bar):
@@ -457,7 +458,7 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
 Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
 
 
-def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int | None = None, amp: str = "off",
+def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                     progress: bool = False) -> list[Reranked]:
     """:func:`rerank_scores` for the average of several models (first-stage scores averaged, exact pair scores
     averaged), for each K of ``ks``: the first-stage matrix is computed once, and the exact scores once, for the largest
@@ -495,7 +496,7 @@ def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int 
 
 
 def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
-           chunk_mb: int | None = None, amp: str = "off", progress: bool = False) -> Reranked:
+           chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off", progress: bool = False) -> Reranked:
     """Rank all captions per image and all images per caption by the model's first stage, then score each query's
     top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""
     return rerank_ensemble([(model, img_enc, captions)], [k], chunk_mb, amp, progress)[0]
@@ -504,7 +505,7 @@ def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | 
 # --------------------------------------------------------------------------- the whole protocol
 def evaluate(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None = None, max_images: int | None = None,
              fold5: bool = False, batch_size: int = 128, device: str | torch.device | None = None, amp: str = "off",
-             chunk_mb: int | None = None, progress: bool = False, fold_size: int = FOLD_SIZE) -> dict[str, Any]:
+             chunk_mb: int = SCORE_CHUNK_MB, progress: bool = False, fold_size: int = FOLD_SIZE) -> dict[str, Any]:
     """Recall metrics of ``model`` on ``split`` (all of it, or its first ``max_images`` images and their captions;
     training's validation passes ``--val_images``); ``fold5``: COCO 1K protocol, which scores only the diagonal
     blocks of ``fold_size`` images x their captions (a fifth of the pairs of the whole matrix on COCO testall) and

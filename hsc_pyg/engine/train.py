@@ -63,6 +63,7 @@ from ..nn.layers import check_boxes
 from ..nn.loss import ContrastiveLoss, ImageTextContrastive
 from ..nn.model import HSCModel, build_model
 from . import distributed
+from .blocking import BatchScores
 from .checkpoint import check_same_data, data_fingerprint, read_checkpoint, run_config_of, save_checkpoint
 from .device import autocast, resolve_device
 from .scoring import evaluate
@@ -372,8 +373,9 @@ def train_step(model: torch.nn.Module, pairs, criterion: ContrastiveLoss, optimi
     The loss is the hinge loss of the exact scores plus ``config.itc_weight`` times the first stage's contrastive
     loss ``itc`` (not computed at all when the weight is 0: the papers' loss exactly).
 
-    ``model`` maps a PairBatch to scores: the HSCModel, or its DistributedDataParallel wrapper; with several processes
-    the loss returned is the mean over the ranks, so that all of them skip a non-finite step together."""
+    ``model`` maps a PairBatch to scores: a :class:`~hsc_pyg.engine.blocking.BatchScores` (or
+    :class:`~hsc_pyg.engine.distributed.GatheredNegatives`), or its DistributedDataParallel wrapper; with several
+    processes the loss returned is the mean over the ranks, so that all of them skip a non-finite step together."""
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, config.amp):
         out = model(pairs)
@@ -411,7 +413,7 @@ class Run:
 
     config: Config
     model: HSCModel
-    net: torch.nn.Module                        # the model, or its DistributedDataParallel wrapper
+    net: torch.nn.Module                        # the model's training forward, or its DistributedDataParallel wrapper
     criterion: ContrastiveLoss
     itc: ImageTextContrastive
     optimizer: torch.optim.Optimizer
@@ -524,8 +526,10 @@ def start(config: Config, resume: str | Path | dict[str, Any] | None, locks: lis
         log(f"{config.preset}: {model.num_parameters():,} parameters, vocabulary {len(vocab)}, {len(dataset)} train "
             f"captions ({run.batch_sampler.steps_per_epoch()} batches of {config.batch_size}{processes}), "
             f"{dev_split.num_images} dev images, on {device}")
-    # several processes: DDP over the model (or over its forward with the global batch's negatives)
-    run.net = distributed.wrap_model(distributed.GatheredNegatives(model) if gather_negatives else model, device)
+    # the training forward (blocks within --score_chunk_mb); several processes: DDP over it (or over the forward with
+    # the global batch's negatives)
+    forward = (distributed.GatheredNegatives if gather_negatives else BatchScores)(model, config.score_chunk_mb)
+    run.net = distributed.wrap_model(forward, device)
     if not dry_run and main:
         vocab.save(out / "vocab.json")
         config.save(out / "config.json")

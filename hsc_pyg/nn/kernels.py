@@ -9,14 +9,14 @@ for *every image against every caption* of a block in layouts that suit matrix p
   where it fails the check, gets ``F.linear``.
 * :meth:`Kernels.pair_products`: the word-region products of cross attention for all pairs as ONE matrix product
   ``[A*R, d] @ [d, C*L]`` (no operand expanded per pair); ``similarity.cross_attention`` does the rest.
-* :meth:`Kernels.alignment_nodes`: the attended context, the local alignment and the similarity-graph nodes. Without
-  autograd, one image (CPU) or the whole block (elsewhere) at a time in buffers owned by the call, in place; with
-  autograd (outside autocast, see :meth:`Kernels.fuses_alignment`), :class:`LocalAlignment`, which recomputes the
-  context in the backward pass instead of keeping it. All three write ``(l2norm(context) - words)^2`` with one
-  function, :func:`difference_squared_`.
-* :meth:`Kernels.packed_alignment_nodes`: the same nodes for a list of given pairs (re-ranking, re-scoring), the
-  words of their captions back to back without padding: one product per image for the context, one for the
-  projection of all words.
+* :meth:`Kernels.local_alignment`: the attended context and the local alignment fused (the similarity graph's nodes
+  are then made by ``similarity.similarity_nodes``, as without kernels). Without autograd, one image (CPU) or the
+  whole block (elsewhere) at a time in buffers owned by the call, in place; with autograd (outside autocast, see
+  :meth:`Kernels.fuses_alignment`), :class:`LocalAlignment`, which recomputes the context in the backward pass instead
+  of keeping it. All three write ``(l2norm(context) - words)^2`` with one function, :func:`difference_squared_`.
+* :meth:`Kernels.packed_local_alignment`: the same for a list of given pairs (re-ranking, re-scoring), the words of
+  their captions back to back without padding: one product per image for the context, one for the projection of all
+  words.
 * :meth:`Kernels.sgr_logits`: SGR's edge logits with the two projections folded into one.
 
 A :class:`Kernels` object is the switch: ``Kernels("auto")`` uses these, ``Kernels("reference")`` makes the similarity
@@ -142,69 +142,49 @@ class Kernels:
         return s.view(n_img, n_reg, n_cap, length).transpose(1, 2)
 
     def fuses_alignment(self, regions: Tensor) -> bool:
-        """Whether :meth:`alignment_nodes` replaces the attended context and the local alignment for ``regions``:
+        """Whether :meth:`local_alignment` replaces the attended context and the local alignment for ``regions``:
         in fused mode without autograd (in place) or with autograd outside autocast (:class:`LocalAlignment`)."""
         return self.fused and not (torch.is_grad_enabled() and torch.is_autocast_enabled(regions.device.type))
 
-    def alignment_nodes(self, attn: Tensor, regions: Tensor, words: Tensor, sim_glo: Tensor,
-                        proj: nn.Linear) -> Tensor:
-        """The similarity-graph nodes ``[sim_glo; sim_loc]`` of every pair: ``attn [A, C, L, R]`` (from
-        ``similarity.cross_attention``), ``regions [A, R, d]``, ``words [C, L, d]``, ``sim_glo [A, C, m]``, ``proj``
-        the local alignment's ``Linear(d -> m)`` -> ``[A, C, L+1, m]`` (node 0 the global alignment)."""
-        n_img, n_cap, length, n_reg = attn.shape
-        attn = attn.reshape(n_img, n_cap * length, n_reg)
-        words = words.reshape(n_cap * length, -1)
+    def local_alignment(self, attn: Tensor, regions: Tensor, words: Tensor, proj: nn.Linear) -> Tensor:
+        """``similarity.local_alignment(similarity.attended_context(attn, regions), words, proj)`` of every pair of
+        a block, the two steps fused: ``attn [A, P, R]`` (the cross attention of the P words of the block's captions,
+        back to back), ``regions [A, R, d]``, ``words [P, d]`` (the same for every image) -> ``[A, P, m]``."""
         if not torch.is_grad_enabled():
-            return self._alignment_nodes_in_place(attn, regions, words, sim_glo, proj, compute_dtype(regions))
-        local = l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
-        local = local.view(n_img, n_cap, length, -1)
-        return torch.cat([sim_glo.unsqueeze(-2).to(local.dtype), local], dim=-2)
+            return self._local_alignment_in_place(attn, regions, words, proj, compute_dtype(regions))
+        return l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
 
-    def _alignment_nodes_in_place(self, attn: Tensor, regions: Tensor, words: Tensor, sim_glo: Tensor,
-                                  proj: nn.Linear, dtype: torch.dtype) -> Tensor:
+    def _local_alignment_in_place(self, attn: Tensor, regions: Tensor, words: Tensor, proj: nn.Linear,
+                                  dtype: torch.dtype) -> Tensor:
         """No autograd: the context of a step of images (one on the CPU, where it then stays in cache; all of them
         elsewhere) goes into a scratch buffer, is normalised, differenced and squared there, projected, and its
-        l2-normalised projection written straight into the node tensor (also scratch, valid until this thread's next
-        call): no stack, no concatenation. Everything is computed in ``dtype`` (the inputs' own, or bf16 under
-        autocast: the "out=" products do not autocast, so their operands are cast here)."""
-        attn, regions, words, sim_glo = (t.to(dtype) for t in (attn, regions, words, sim_glo))
-        n_img, n_words, n_reg = attn.shape
-        n_cap = sim_glo.size(1)
+        l2-normalised projection written into the result (also scratch, valid until this thread's next call). Everything
+        is computed in ``dtype`` (the inputs' own, or bf16 under autocast: the "out=" products do not autocast, so their
+        operands are cast here)."""
+        attn, regions, words = (t.to(dtype) for t in (attn, regions, words))
+        n_img, n_words, _ = attn.shape
         step = 1 if regions.device.type == "cpu" else n_img
-        nodes = self._buffer("nodes", (n_img, n_cap, n_words // n_cap + 1, sim_glo.size(-1)), sim_glo)
-        nodes[:, :, 0] = sim_glo
+        out = self._buffer("local", (n_img, n_words, proj.out_features), regions)
         buffer = self._buffer("context", (step, n_words, regions.size(-1)), regions)
         for a0 in range(0, n_img, step):
             a1 = min(a0 + step, n_img)
             x = difference_squared_(torch.bmm(attn[a0:a1], regions[a0:a1], out=buffer[:a1 - a0]), words)
-            local = self.linear(x, proj.weight, proj.bias).view(a1 - a0, n_cap, -1, nodes.size(-1))
-            torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=nodes[a0:a1, :, 1:])
-        return nodes
+            local = self.linear(x, proj.weight, proj.bias)
+            torch.div(local, torch.linalg.vector_norm(local, dim=-1, keepdim=True).add_(EPS), out=out[a0:a1])
+        return out
 
-    def packed_alignment_nodes(self, attn: Tensor, regions: Tensor, words: Tensor, runs: list[tuple[int, ...]],
-                               lengths: Tensor, sim_glo: Tensor, proj: nn.Linear) -> tuple[Tensor, Tensor]:
-        """The similarity-graph nodes of P given pairs, without padding: ``attn [T, R]`` the cross attention of
-        every word of the pairs' captions (back to back, pair p has ``lengths[p]`` of them), ``regions [N, R, d]``
-        (all images), ``words [T, d]``, ``runs`` the runs of one image's pairs (:func:`image_runs`),
-        ``sim_glo [P, m]`` -> ``nodes [P, L+1, m]`` (L the longest caption; node 0 the global alignment) and their
-        mask ``[P, L+1]``. No autograd.
+    def packed_local_alignment(self, attn: Tensor, regions: Tensor, words: Tensor, runs: list[tuple[int, ...]],
+                               proj: nn.Linear) -> Tensor:
+        """:meth:`local_alignment` of given pairs, without padding: ``attn [T, R]`` the cross attention of every
+        word of the pairs' captions (back to back), ``regions [N, R, d]`` (all images), ``words [T, d]``, ``runs``
+        the runs of one image's pairs (:func:`image_runs`) -> ``[T, m]``. No autograd.
 
         Per run: the context ``attn @ regions`` and ``(words - l2norm(context))^2`` into one buffer; then the local
-        alignment's projection of every word of every pair as one product, and the nodes scattered into the padded
-        layout."""
-        n_pairs, n_words = lengths.numel(), words.size(0)
-        x = self._buffer("packed", (n_words, words.size(1)), words)
+        alignment's projection of every word of every pair as one product."""
+        x = self._buffer("packed", tuple(words.shape), words)
         for image, _, _, t0, t1 in runs:
             difference_squared_(torch.mm(attn[t0:t1].to(regions.dtype), regions[image], out=x[t0:t1]), words[t0:t1])
-        local = l2norm(self.linear(x, proj.weight, proj.bias))
-        longest = int(lengths.max()) if n_pairs else 0
-        pair_of_word = torch.repeat_interleave(torch.arange(n_pairs, device=words.device), lengths)
-        starts = lengths.cumsum(0) - lengths
-        nodes = local.new_zeros(n_pairs, longest + 1, local.size(-1))
-        nodes[:, 0] = sim_glo
-        nodes[pair_of_word, torch.arange(n_words, device=words.device) - starts[pair_of_word] + 1] = local
-        node_mask = torch.arange(longest + 1, device=lengths.device)[None] <= lengths[:, None]
-        return nodes, node_mask
+        return l2norm(self.linear(x, proj.weight, proj.bias))
 
     # ------------------------------------------------------------------ SGR
     def sgr_logits(self, x: Tensor, query: nn.Linear, key: nn.Linear) -> Tensor:

@@ -130,6 +130,12 @@ def similarity_nodes(sim_glo: Tensor, sim_loc: Tensor) -> Tensor:
     return torch.cat([sim_glo.unsqueeze(-2).to(sim_loc.dtype), sim_loc], dim=-2)
 
 
+def similarity_node_mask(mask: Tensor) -> Tensor:
+    """The real nodes of the similarity graph of captions whose real words are ``mask [..., L]``: ``[..., L+1]``
+    (the global node always, then the words)."""
+    return torch.cat([mask.new_ones(*mask.shape[:-1], 1), mask], dim=-1)
+
+
 # --------------------------------------------------------------------------- step 5: the heads
 class CaptionwiseBatchNorm(nn.BatchNorm1d):
     """``BatchNorm1d(1)`` of the SAF gate, with the original's training statistics.
@@ -307,16 +313,15 @@ class SimilarityModule(nn.Module):
             words = words.contiguous()       # (a trimmed block is a strided view; the kernels flatten it twice)
         attn = cross_attention(regions.unsqueeze(1), words.unsqueeze(0), mask.unsqueeze(0), self.lambda_softmax,
                                self.kernels)                                                      # [A, C, L, R]
+        # the words of all captions as one axis: one product per image
+        n_img, n_cap, length, n_reg = attn.shape
+        attn, words = attn.reshape(n_img, n_cap * length, n_reg), words.reshape(n_cap * length, -1)
         if self.kernels.fuses_alignment(regions):
-            nodes = self.kernels.alignment_nodes(attn, regions, words, sim_glo, self.loc_proj)   # [A, C, L+1, m]
-        else:                                    # the words of all captions as one axis: one product per image
-            n_img, n_cap, length, n_reg = attn.shape
-            context = attended_context(attn.reshape(n_img, n_cap * length, n_reg), regions)     # [A, C*L, d]
-            sim_loc = local_alignment(context, words.reshape(n_cap * length, -1), self.loc_proj)
-            nodes = similarity_nodes(sim_glo, sim_loc.view(n_img, n_cap, length, -1))
-        node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)                   # [C, L+1]
-        vec = self.head(nodes, node_mask, self.kernels)                                         # [A, C, m]
-        return self.final_score(vec)
+            sim_loc = self.kernels.local_alignment(attn, regions, words, self.loc_proj)
+        else:
+            sim_loc = local_alignment(attended_context(attn, regions), words, self.loc_proj)       # [A, C*L, m]
+        nodes = similarity_nodes(sim_glo, sim_loc.view(n_img, n_cap, length, -1))                # [A, C, L+1, m]
+        return self.final_score(self.head(nodes, similarity_node_mask(mask), self.kernels))
 
     def score_pairs(self, regions: Tensor, img_glo: Tensor, words: Tensor, lengths: Tensor, images: Tensor,
                     cap_glo: Tensor) -> Tensor:
@@ -329,15 +334,13 @@ class SimilarityModule(nn.Module):
             runs = image_runs(images, lengths)
             attn = torch.cat([self._run_attention(regions[image], words[t0:t1], lengths[a:b])
                               for image, a, b, t0, t1 in runs])                                  # [T, R]
-            nodes, node_mask = self.kernels.packed_alignment_nodes(attn, regions, words, runs, lengths, sim_glo,
-                                                                   self.loc_proj)
+            sim_loc, mask = pad_words(self.kernels.packed_local_alignment(attn, regions, words, runs, self.loc_proj),
+                                      lengths)                                                   # [P, L, m]
         else:                                    # the pairs padded, each with its own image: MODEL.md's formulas
             padded, mask = pad_words(words, lengths)
             attn = cross_attention(regions[images], padded, mask, self.lambda_softmax)
-            nodes = similarity_nodes(sim_glo, local_alignment(attended_context(attn, regions[images]), padded,
-                                                              self.loc_proj))
-            node_mask = torch.cat([mask.new_ones(mask.size(0), 1), mask], dim=-1)
-        return self.final_score(self.head(nodes, node_mask, self.kernels))
+            sim_loc = local_alignment(attended_context(attn, regions[images]), padded, self.loc_proj)
+        return self.final_score(self.head(similarity_nodes(sim_glo, sim_loc), similarity_node_mask(mask), self.kernels))
 
     def _run_attention(self, region: Tensor, words: Tensor, lengths: Tensor) -> Tensor:
         """:func:`cross_attention` of one image ``region [R, d]`` with n captions, their words back to back

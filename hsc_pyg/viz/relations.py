@@ -14,7 +14,7 @@ Three kinds of graph, each a :class:`networkx.DiGraph` whose ``graph`` dict says
             layers.
 ``pair``    one image with one caption: word nodes ``"w{k}"`` and region nodes ``"r{j}"``; edge ``w{k} -> r{j}`` carries
             the word-to-region cross attention (SCAN t2i, each word's row sums to 1 over the regions); the graph
-            carries the pair's ``score`` (``model.score`` on the single pair).
+            carries the pair's ``score`` (``model.score_block`` on the single pair).
 
 Levels (MODEL.md section 3): ``object`` is the input of the relational stack, so it has no learned edges (the graph
 has nodes only); ``relational`` is the first relational layer's weights; ``higher`` the last layer's. A layer can also
@@ -212,11 +212,12 @@ def cross_attention(model: HSCModel, image: ImageItem, caption: CaptionItem, lev
 
 @torch.no_grad()
 def pair_score(model: HSCModel, split: PrecompSplit, image: int, caption: int, vocab: Vocabulary) -> float:
-    """``model.score`` of image ``image`` with caption ``caption`` of ``split``, computed on the single pair."""
+    """The exact score of image ``image`` with caption ``caption`` of ``split`` (:meth:`HSCModel.score_block` on the
+    single pair)."""
     img = collate_graphs([image_graph(split.features(image), split.box_tensor(image), model.config.img_edges)])
     cap = collate_graphs([caption_graph(vocab.encode(split.captions[caption]), model.config.txt_edges)])
     with eval_mode(model):
-        return float(model.score(model.encode_images(img), model.encode_captions(cap))[0, 0])
+        return float(model.score_block(model.encode_images(img), model.encode_captions(cap))[0, 0])
 
 
 def choose_word(words: Sequence[str], word: str | int | None, attention: Tensor | None = None) -> int:
