@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common as cm  # noqa: E402
+from hsc_pyg.config import SCORE_CHUNK_MB  # noqa: E402
 
 FULL_IMAGES = 5000
 PER_IMAGE = 5
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store_dtype", default="float16", choices=("float16", "float32"),
                         help="dtype of the kept encodings (host memory)")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--chunk_mb", type=int, default=None)
+    parser.add_argument("--chunk_mb", type=int, default=SCORE_CHUNK_MB,
+                        help="memory bound of one block of the pair scorer, in MiB (default: %(default)s)")
     parser.add_argument("--data_dir", default="", help="where to write the synthetic split (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the synthetic split")
     parser.add_argument("--threads", type=int, default=0)
