@@ -7,8 +7,10 @@ Starts ``python -m hsc_pyg.serve`` on 127.0.0.1 (a free port, the gallery cache 
 clock starts), then ``--clients`` threads each send ``--queries`` requests ``/api/search?q=...&k=10`` one after the
 other (the test split's real captions, cycled; each search scores a shortlist of ``--shortlist`` exactly). Reported:
 the latency of every request as the client sees it (median, 90th, 99th percentile, maximum), requests per second,
-the failed requests (any status but 200, any connection error), and the server's resident memory sampled every 0.2 s
-(at the start, the largest, at the end, and at each tenth of the run: flat once the worker threads are warm). The server is then stopped with SIGTERM and must exit with 0.
+the failed requests (any status but 200, any connection error), the server's CPU time per request (user and system,
+all its threads: what a request costs whatever else runs on the machine), and its resident memory sampled every 0.2 s
+(at the start, the largest, at the end, and at each tenth of the run: flat once the worker threads are warm). The
+server is then stopped with SIGTERM and must exit with 0.
 """
 from __future__ import annotations
 
@@ -94,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             response.read()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        load_before, cpu_before = os.getloadavg(), process.cpu_times()
         start = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             results = [r for part in pool.map(client, range(args.clients)) for r in part]
         wall = time.perf_counter() - start
+        cpu_after = process.cpu_times()
         sampling.set()
         sampler.join()
         server.send_signal(signal.SIGTERM)
@@ -107,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         "environment": cm.environment("cpu", "fp32"), "model": args.model, "data": args.data_name,
         "clients": args.clients, "queries_per_client": args.queries, "requests": len(results), "k": 10,
         "shortlist": args.shortlist, "server_parallel": args.parallel, "server_omp_threads": args.threads,
+        "load_average_1_5_15_before": list(load_before),
         "failed": sum(1 for _, ok in results if not ok), "wall_s": wall, "requests_per_s": len(results) / wall,
+        "server_cpu_ms_per_request": 1000 * (cpu_after.user + cpu_after.system - cpu_before.user - cpu_before.system)
+                                     / len(results),
         "latency_ms": {"median": float(np.percentile(times, 50)), "p90": float(np.percentile(times, 90)),
                        "p99": float(np.percentile(times, 99)), "max": float(times.max())},
         "server_rss_mb": {"start": memory[0], "max": max(memory), "end": memory[-1], "samples": len(memory),

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from hsc_pyg.config import Config
 from hsc_pyg.engine import blocking
 from hsc_pyg.errors import ConfigError
+from hsc_pyg.nn import kernels as K
 from hsc_pyg.nn import similarity as S
 from hsc_pyg.nn.functional import masked_softmax
 from hsc_pyg.nn.kernels import Kernels, LocalAlignment, onednn_linear_works
@@ -103,8 +104,13 @@ def reference_local_alignment(sim, regions, words, mask):
     return S.local_alignment(S.attended_context(attn, regions), words, sim.loc_proj), attn
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["in_place", "fused_backward"])
-def test_local_alignment_kernel_equals_reference(grad):
+@pytest.mark.parametrize("grad, images_per_step", [(False, 1), (False, 3), (False, 4), (True, None)],
+                         ids=["in_place_1_image_a_step", "in_place_3_4_images", "in_place_4_images", "fused_backward"])
+def test_local_alignment_kernel_equals_reference(grad, images_per_step, monkeypatch):
+    """The in-place path at one image a step (a block of many words), at steps that do not divide the images, and at
+    all images in one step (one query's words against a shortlist, CPU_STEP_BYTES)."""
+    if images_per_step is not None:
+        monkeypatch.setattr(K, "CPU_STEP_BYTES", images_per_step * max(LENGTHS) * len(LENGTHS) * D * 4)
     sim = similarity_module()
     img, cap = encodings(4, LENGTHS)
     regions, img_glo, words, mask, cap_glo = block(img, cap)

@@ -10,10 +10,11 @@ for *every image against every caption* of a block in layouts that suit matrix p
 * :meth:`Kernels.pair_products`: the word-region products of cross attention for all pairs as ONE matrix product
   ``[A*R, d] @ [d, C*L]`` (no operand expanded per pair); ``similarity.cross_attention`` does the rest.
 * :meth:`Kernels.local_alignment`: the attended context and the local alignment fused (the similarity graph's nodes
-  are then made by ``similarity.similarity_nodes``, as without kernels). Without autograd, one image (CPU) or the
-  whole block (elsewhere) at a time in buffers owned by the call, in place; with autograd (outside autocast, see
-  :meth:`Kernels.fuses_alignment`), :class:`LocalAlignment`, which recomputes the context in the backward pass instead
-  of keeping it. All three write ``(l2norm(context) - words)^2`` with one function, :func:`difference_squared_`.
+  are then made by ``similarity.similarity_nodes``, as without kernels). Without autograd, the images whose context
+  fits :data:`CPU_STEP_BYTES` (CPU) or the whole block (elsewhere) at a time in buffers owned by the call, in place;
+  with autograd (outside autocast, see :meth:`Kernels.fuses_alignment`), :class:`LocalAlignment`, which recomputes the
+  context in the backward pass instead of keeping it. All three write ``(l2norm(context) - words)^2`` with one
+  function, :func:`difference_squared_`.
 * :meth:`Kernels.packed_local_alignment`: the same for a list of given pairs (re-ranking, re-scoring), the words of
   their captions back to back without padding: one product per image for the context, one for the projection of all
   words.
@@ -38,6 +39,11 @@ from .functional import l2norm
 
 EPS = 1e-8
 MODES = ("auto", "reference")
+#: On the CPU, :meth:`Kernels.local_alignment` takes as many images per step as fit about this many bytes of attended
+#: context (at least one): a block of many captions (64 of 15 words at d = 256: 960 KiB an image) goes one image at a
+#: time, in cache; one query's caption against a shortlist (12 words: 12 KiB an image) in one or two steps instead of
+#: one small product per image (the scoring of 50 images: 16.5 -> 5.0 ms of CPU time a query, benchmarks/NOTES.md).
+CPU_STEP_BYTES = 512 * 2**10
 
 
 def onednn_linear_works() -> bool:
@@ -156,14 +162,15 @@ class Kernels:
 
     def _local_alignment_in_place(self, attn: Tensor, regions: Tensor, words: Tensor, proj: nn.Linear,
                                   dtype: torch.dtype) -> Tensor:
-        """No autograd: the context of a step of images (one on the CPU, where it then stays in cache; all of them
-        elsewhere) goes into a scratch buffer, is normalised, differenced and squared there, projected, and its
-        l2-normalised projection written into the result (also scratch, valid until this thread's next call). Everything
-        is computed in ``dtype`` (the inputs' own, or bf16 under autocast: the "out=" products do not autocast, so their
-        operands are cast here)."""
+        """No autograd: the context of a step of images (on the CPU as many as fit :data:`CPU_STEP_BYTES`, where it
+        then stays in cache; all of them elsewhere) goes into a scratch buffer, is normalised, differenced and squared
+        there, projected, and its l2-normalised projection written into the result (also scratch, valid until this
+        thread's next call). Everything is computed in ``dtype`` (the inputs' own, or bf16 under autocast: the "out="
+        products do not autocast, so their operands are cast here)."""
         attn, regions, words = (t.to(dtype) for t in (attn, regions, words))
         n_img, n_words, _ = attn.shape
-        step = 1 if regions.device.type == "cpu" else n_img
+        row_bytes = n_words * regions.size(-1) * regions.element_size()
+        step = min(n_img, max(1, CPU_STEP_BYTES // row_bytes)) if regions.device.type == "cpu" else n_img
         out = self._buffer("local", (n_img, n_words, proj.out_features), regions)
         buffer = self._buffer("context", (step, n_words, regions.size(-1)), regions)
         for a0 in range(0, n_img, step):
