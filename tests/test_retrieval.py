@@ -401,3 +401,27 @@ def test_the_command_draws_a_contact_sheet_of_the_photos_it_found(checkpoint, da
                                 "--image", 2, "--k", 3, "--image_root", photos, "--sheet", tmp_path / "sheet.png",
                                 "--no_progress", cwd=tmp_path)
     assert status == 2 and "already exists" in err
+
+
+def test_eval_mode_switches_a_training_model_and_leaves_an_eval_model_untouched(monkeypatch):
+    """Inside eval_mode every module is in eval mode and gradients are off; after it the model's mode is back. A model
+    already wholly in eval mode (a server's, shared by request threads) has no module's mode set at all."""
+    from hsc_pyg.engine.device import eval_mode
+
+    model = build_model(Config(preset="hsc", img_dim=16, embed_size=8, word_dim=8, sim_dim=8, vocab_size=20,
+                               num_regions=4))
+    model.train()
+    model.similarity.eval()                   # a mixed model: some modules already in eval mode
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules()) and not torch.is_grad_enabled()
+    assert model.training and all(m.training for m in model.modules())
+    model.eval()
+    model.text_encoder.gru.train()            # root in eval mode, one module not: switched inside too
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert not any(m.training for m in model.modules())
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or self)
+    with eval_mode(model):
+        assert not torch.is_grad_enabled()
+    assert calls == []
