@@ -13,7 +13,8 @@ from hsc_pyg.data.graphs import PairBatch, caption_graph, collate_graphs, dense_
 from hsc_pyg.engine.blocking import BatchScores
 from hsc_pyg.errors import ConfigError
 from hsc_pyg.nn.encoders import RelationalStack
-from hsc_pyg.nn.layers import LAYERS, RelationalLayer, build_layer, register_layer
+from hsc_pyg.nn.dense import SharedDense
+from hsc_pyg.nn.layers import LAYERS, PyGConvLayer, RelationalLayer, build_layer, register_layer
 from hsc_pyg.nn.model import build_model
 
 
@@ -103,6 +104,27 @@ def test_dense_path_trains_as_message_passing(name, edges):
     for a, b in zip(sparse, dense):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=0)
     assert sparse[0].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", [n for n in DENSE if issubclass(LAYERS.get(n), PyGConvLayer)])
+def test_a_dense_module_runs_on_its_convolution_parameters_and_adds_none_to_the_state(name):
+    """The dense module of a layer that wraps a PyG convolution is a submodule without parameters of its own: the
+    state dict holds the sparse convolution's once, under ``conv.``, and the dense path runs on whatever replaces them
+    (``load_state_dict(assign=True)`` puts new tensors in) and follows the layer's mode."""
+    torch.manual_seed(0)
+    layer = build_layer(name, 12).double()
+    assert isinstance(layer.dense, SharedDense) and list(layer.dense.parameters()) == []
+    assert list(layer.state_dict()) == ["conv." + key for key in layer.conv.state_dict()]
+    assert not layer.eval().dense.training and layer.train().dense.training
+    layer.eval()
+    batch = complete_batch([5, 3], 12)
+    x = batch.x.double()
+    dense_x, mask, adj = dense_inputs(batch, x)
+    before = layer.forward_dense(dense_x, mask, adj=adj)[0]
+    layer.load_state_dict({key: 2 * value for key, value in layer.state_dict().items()}, assign=True)
+    after = layer.forward_dense(dense_x, mask, adj=adj)[0]
+    torch.testing.assert_close(after[mask], layer(x, batch.edge_index, batch.batch)[0], atol=1e-12, rtol=0)
+    assert (after - before).abs().max() > 1e-3
 
 
 def test_hsc_edge_weight_is_scaled_bilinear_affinity():

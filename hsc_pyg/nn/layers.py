@@ -24,19 +24,18 @@ Edge convention (PyG's ``source_to_target`` flow): ``edge_index[0]`` is the sour
 ``[E, d]`` message tensor. The stack takes it on complete graphs (the ``full`` builder; the adjacency is then the
 all-ones block of each graph) and on any other graph whose every node has one self-loop and no edge repeats
 (``knn``, ``spatial``, ``window``; :func:`~hsc_pyg.data.graphs.dense_adjacency`). HSC's own layers (MODEL.md §3) and
-``hsc_geo`` compute it themselves; ``gcn``, ``gat``, ``sage``, ``graphconv`` and ``gin`` run PyG's dense convolutions
-(``torch_geometric.nn.dense``) on their sparse convolution's own parameters (the graphs' own self-loops make the dense
-layers' ``add_loop`` change nothing: it sets the diagonal to 1 in ``DenseGCNConv`` / ``DenseGATConv``, and adds the
-``(1 + eps) x`` root term in ``DenseGINConv`` that ``GINConv`` adds too); ``gatv2`` and ``transformer``, which PyG
-has no dense version of, run :class:`DenseGATv2` and :class:`DenseTransformer`, written here the same way. ``gine``
-has no dense path, and edge features always take the sparse path: a dense path with them builds a vector for every
-node pair (``[B, N, N, C]``), which measured 2-6x slower than message passing over the edges on ``spatial`` region
-graphs and on padded word graphs (README, layer types). ``tests/test_layers.py`` checks that every dense path gives
-the plain message passing's states and gradients.
+``hsc_geo`` compute it themselves; the layers that wrap a PyG convolution run a dense module beside it, on its
+own parameters (:mod:`hsc_pyg.nn.dense`: PyG's dense convolutions for ``gcn``, ``gat``, ``sage``, ``graphconv`` and
+``gin``; :class:`~hsc_pyg.nn.dense.DenseGATv2` and :class:`~hsc_pyg.nn.dense.DenseTransformer`, written there, for
+``gatv2`` and ``transformer``). The graphs' own self-loops make the dense layers' ``add_loop`` change nothing: it sets
+the diagonal to 1 in ``DenseGCNConv`` / ``DenseGATConv``, and adds the ``(1 + eps) x`` root term in ``DenseGINConv``
+that ``GINConv`` adds too. ``gine`` has no dense path, and edge features always take the sparse path: a dense path
+with them builds a vector for every node pair (``[B, N, N, C]``), which measured 2-6x slower than message passing over
+the edges on ``spatial`` region graphs and on padded word graphs (README, layer types). ``tests/test_layers.py``
+checks that every dense path gives the plain message passing's states and gradients.
 """
 from __future__ import annotations
 
-import math
 import torch
 from torch import Tensor, nn
 from torch_geometric.nn import (
@@ -50,12 +49,12 @@ from torch_geometric.nn import (
     SAGEConv,
     TransformerConv,
 )
-from torch_geometric.nn.dense import DenseGATConv, DenseGCNConv, DenseGINConv, DenseGraphConv, DenseSAGEConv
 from torch_geometric.utils import degree
 
 from ..data.graphs import BOX_GEOMETRY_FEATURES, box_geometry
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from .dense import DenseGAT, DenseGATv2, DenseGCN, DenseGIN, DenseGraph, DenseSAGE, DenseTransformer, SharedDense
 from .init import xavier_linear
 
 LAYERS: Registry[type["RelationalLayer"]] = Registry("layer")
@@ -347,17 +346,18 @@ class PyGConvLayer(RelationalLayer):
 
     Subclasses only build their convolution in ``__init__`` (with their own explicit arguments) and say whether it
     returns attention weights, the way PyG's ``BasicGNN`` subclasses only override ``init_conv``. A subclass with a
-    PyG dense version names it in ``dense_class``: its ``forward`` runs on this layer's convolution (the same
-    parameters, read under the same attribute names) with the graphs' dense adjacency.
+    dense path names its module in ``dense_class`` (:mod:`hsc_pyg.nn.dense`): the layer builds it as ``dense``, on
+    the convolution's own parameters, which the state dict holds once, under ``conv``.
     """
 
     has_edge_weights = False
-    dense_class: type[nn.Module] | None = None
+    dense_class: type[SharedDense] | None = None
 
     def __init__(self, conv: MessagePassing, edge_dim: int | None = None):
         super().__init__()
         self.conv = conv
         self.edge_dim = edge_dim
+        self.dense = None if self.dense_class is None else self.dense_class(conv)
 
     def reset_parameters(self):
         self.conv.reset_parameters()
@@ -371,12 +371,8 @@ class PyGConvLayer(RelationalLayer):
             return x + y, weight
         return x + self.conv(x, edge_index, **extra), None
 
-    def dense_conv(self) -> nn.Module:
-        """The object ``dense_class.forward`` runs on: the convolution itself (same attribute names)."""
-        return self.conv
-
     def forward_dense(self, x, mask, return_weights=False, adj=None):
-        return x + self.dense_class.forward(self.dense_conv(), x, adjacency(mask, adj, x.dtype), mask), None
+        return x + self.dense(x, adjacency(mask, adj, x.dtype), mask), None
 
 
 @register_layer("gcn")
@@ -384,7 +380,7 @@ class GCNLayer(PyGConvLayer):
     """``GCNConv`` (symmetric-normalised, fixed edge weights: nothing learned per edge); dense: ``DenseGCNConv``."""
 
     supports_dense = True
-    dense_class = DenseGCNConv
+    dense_class = DenseGCN
 
     def __init__(self, channels: int):
         super().__init__(GCNConv(channels, channels, add_self_loops=False))
@@ -415,57 +411,7 @@ class GATLayer(AttentionConvLayer):
     conv_options = {"add_self_loops": False}
     supports_dense = True
     dense_weights = False
-    dense_class = DenseGATConv
-
-
-def _dense_attention(logits: Tensor, adj: Tensor) -> Tensor:
-    """Softmax of ``logits [B, H, N, N]`` over the sources ``j`` of each target ``i`` with ``adj[b, i, j] != 0``. A node
-    without neighbours (a padding row) attends to itself, as PyG's dense layers do, so nothing becomes NaN."""
-    adj = adj.clone()
-    diagonal = torch.arange(adj.size(-1), device=adj.device)
-    adj[:, diagonal, diagonal] = 1
-    return logits.masked_fill(adj.unsqueeze(1) == 0, float("-inf")).softmax(dim=-1)
-
-
-def _dense_heads(out: Tensor) -> Tensor:
-    """``[B, H, N, C]`` -> ``[B, N, H * C]``: the heads concatenated."""
-    return out.transpose(1, 2).flatten(2)
-
-
-class DenseGATv2:
-    r"""``GATv2Conv`` on dense adjacencies, run on a ``GATv2Conv``'s own parameters (``DenseGATv2.forward(conv, x,
-    adj, mask)``, the call of PyG's dense layers; PyG has none for GATv2), as ``gatv2`` builds it (heads
-    concatenated, no residual): :math:`\alpha_{ij} = \mathrm{softmax}_j\, a^\top \mathrm{LeakyReLU}(W_r x_i + W_l
-    x_j)` over the ``j`` with ``adj[b, i, j] != 0``, :math:`x'_i = \sum_j \alpha_{ij} W_l x_j + b` per head. No edge
-    features."""
-
-    def forward(self: GATv2Conv, x: Tensor, adj: Tensor, mask: Tensor | None = None) -> Tensor:
-        (B, N, _), H, C = x.shape, self.heads, self.out_channels
-        x_l = self.lin_l(x).view(B, N, H, C).transpose(1, 2)                          # [B, H, N, C]
-        x_r = self.lin_r(x).view(B, N, H, C).transpose(1, 2)                          # (lin_l itself if shared)
-        pair = nn.functional.leaky_relu(x_r.unsqueeze(3) + x_l.unsqueeze(2), self.negative_slope)  # [B, H, i, j, C]
-        logits = (pair @ self.att.view(1, H, 1, C, 1)).squeeze(-1)                    # [B, H, i, j]
-        alpha = nn.functional.dropout(_dense_attention(logits, adj), p=self.dropout, training=self.training)
-        out = _dense_heads(alpha @ x_l) + self.bias
-        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
-
-
-class DenseTransformer:
-    r"""``TransformerConv`` on dense adjacencies, run on a ``TransformerConv``'s own parameters (as
-    :class:`DenseGATv2`; PyG has no dense version), as ``transformer`` builds it (heads concatenated, root weight,
-    no ``beta``): :math:`\alpha_{ij} = \mathrm{softmax}_j\, (W_q x_i)^\top (W_k x_j) / \sqrt{C}` over the ``j``
-    with ``adj[b, i, j] != 0``, :math:`x'_i = W_s x_i + \sum_j \alpha_{ij} W_v x_j` per head. No edge features."""
-
-    def forward(self: TransformerConv, x: Tensor, adj: Tensor, mask: Tensor | None = None) -> Tensor:
-        (B, N, _), H, C = x.shape, self.heads, self.out_channels
-
-        def heads(linear: nn.Module) -> Tensor:
-            return linear(x).view(B, N, H, C).transpose(1, 2)                          # [B, H, N, C]
-
-        logits = heads(self.lin_query) @ heads(self.lin_key).transpose(2, 3) / math.sqrt(C)
-        alpha = nn.functional.dropout(_dense_attention(logits, adj), p=self.dropout, training=self.training)
-        out = _dense_heads(alpha @ heads(self.lin_value)) + self.lin_skip(x)
-        return out if mask is None else out * mask.unsqueeze(-1).to(out.dtype)
+    dense_class = DenseGAT
 
 
 @register_layer("gatv2")
@@ -498,22 +444,10 @@ class SAGELayer(PyGConvLayer):
     """``SAGEConv`` with mean aggregation (no learned edge weights); dense: ``DenseSAGEConv``."""
 
     supports_dense = True
-    dense_class = DenseSAGEConv
+    dense_class = DenseSAGE
 
     def __init__(self, channels: int):
         super().__init__(SAGEConv(channels, channels))
-
-    def dense_conv(self) -> nn.Module:
-        # DenseSAGEConv's lin_rel (neighbour mean) / lin_root (the node) are SAGEConv's lin_l / lin_r; the bias sits on
-        # the other Linear, which adds the same sum
-        return _DenseSAGEView(self.conv)
-
-
-class _DenseSAGEView:
-    """``SAGEConv``'s parameters under ``DenseSAGEConv``'s attribute names (no parameters of its own)."""
-
-    def __init__(self, conv: SAGEConv):
-        self.lin_rel, self.lin_root, self.normalize = conv.lin_l, conv.lin_r, conv.normalize
 
 
 @register_layer("graphconv")
@@ -521,7 +455,7 @@ class GraphConvLayer(PyGConvLayer):
     """``GraphConv`` (Morris et al.), sum aggregation (no learned edge weights); dense: ``DenseGraphConv``."""
 
     supports_dense = True
-    dense_class = DenseGraphConv
+    dense_class = DenseGraph
 
     def __init__(self, channels: int):
         super().__init__(GraphConv(channels, channels))
@@ -536,7 +470,7 @@ class GINLayer(PyGConvLayer):
     """``GINConv`` with a two-layer MLP (no learned edge weights); dense: ``DenseGINConv``."""
 
     supports_dense = True
-    dense_class = DenseGINConv
+    dense_class = DenseGIN
 
     def __init__(self, channels: int):
         super().__init__(GINConv(_gin_mlp(channels), train_eps=True))
