@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import common as cm  # noqa: E402
+import longest_functions  # noqa: E402
 import original_style as og  # noqa: E402
 import run  # noqa: E402
 from hsc_pyg.engine.device import cpu_bf16_instructions  # noqa: E402
@@ -146,6 +147,12 @@ def test_gpu_check_refuses_to_run_without_cuda_in_one_line(tmp_path):
     assert proc.stderr.count("\n") == 1 and "no CUDA device here" in proc.stderr
     assert "GPU_CHECK_DEVICE=cpu" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_longest_library_function_is_under_80_lines():
+    """Issue 30's bound on the library, measured as ``benchmarks/longest_functions.py`` prints it."""
+    lines, where = longest_functions.function_lengths(longest_functions.ROOT / "hsc_pyg")[0]
+    assert 20 < lines < 80, f"{where} has {lines} lines; split it into named steps"
 
 
 def _bench(kind: str, rate: float) -> dict:

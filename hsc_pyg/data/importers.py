@@ -325,58 +325,8 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
     ``{split}_caps.txt`` with other content (unless ``overwrite``); DataError for the inputs.
     """
     source, out = Path(captions), Path(out)
-    if not source.exists():
-        raise DataError(f"captions {source} do not exist; pass --captions FILE (or a folder of NAME.txt files)")
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
-    if fewer not in FEWER:
-        raise ConfigError(f"--fewer {fewer!r} is unknown; choose error or repeat")
-    if type(per_image) is not int or per_image < 1:
-        raise ConfigError(f"--per_image must be a positive integer, found {per_image!r}")
-    images = Path(images) if images is not None else None
-    if images is not None and not images.is_dir():
-        raise DataError(f"photo folder {images} does not exist or is not a folder; fix --images")
-    fmt = detect_format(source) if fmt == "auto" else fmt
-    if fmt == "txt" and images is None:
-        images = source  # photos and their NAME.txt side by side
-    if split_lists and (fmt == "karpathy" or split):
-        raise ConfigError("--split_list cannot go with --split or Karpathy's JSON (which names its own splits); pass "
-                          "either the split lists or one --split")
-    lists = _read_split_lists(split_lists) if split_lists else None
-    if fmt != "karpathy" and not split and not lists:
-        raise ConfigError(f"--split is needed for the {fmt} format (it holds no splits); for example --split train, "
-                          "or --split_list train=FILE per split")
-    if split:
-        check_split_name(split)
-
-    if fmt == "karpathy":
-        splits = read_karpathy(source)
-        if split:
-            if split not in splits:
-                raise DataError(f"{source} has no photos of split {split!r} (SCAN names: {', '.join(sorted(splits))})")
-            splits = {split: splits[split]}
-    elif fmt == "coco":
-        splits = {split: read_coco(source)}
-    elif fmt == "csv":
-        splits = {split: read_csv(source)}
-    elif lists:
-        splits = {split: read_txt_folder(source, [p for names in lists.values() for p in names])}
-    else:
-        ids_file = out / f"{split}_ids.txt"
-        photos = read_photo_names(ids_file) if ids_file.exists() else _photo_folder_names(images)
-        splits = {split: read_txt_folder(source, photos)}
-    unlisted = 0
-    if lists:
-        (everything,) = splits.values()  # the one set of captions read
-        listed = {p for names in lists.values() for p in names}
-        unlisted = sum(p not in listed for p in everything)
-        splits = {name: {p: everything[p] for p in names if p in everything} for name, names in lists.items()}
-        if images is not None:
-            missing = [p for names in lists.values() for p in names if not (images / p).is_file()]
-            if missing:
-                raise DataError(f"{len(missing)} listed photos are not in {images}: {_listing(missing)}; fix the "
-                                "split lists or --images")
-
+    fmt, images, lists = _check_import(source, fmt, split, split_lists, images, per_image, fewer)
+    splits, unlisted = _read_splits(source, out, fmt, split, lists, images)
     with FolderLock.acquire(out, "--out"):  # the files already there are compared under the lock
         written: list[tuple[Path, bytes]] = []
         reports = []
@@ -401,3 +351,66 @@ def import_captions(captions: str | Path, out: str | Path, *, fmt: str = "auto",
             reports.append(report)
         atomic_files({path: (lambda f, data=data: f.write(data)) for path, data in written})  # every split or none
     return reports
+
+
+def _check_import(source: Path, fmt: str, split: str | None, split_lists: Mapping[str, str | Path] | None,
+                  images: str | Path | None, per_image: int, fewer: str
+                  ) -> tuple[str, Path | None, dict[str, list[str]] | None]:
+    """The options of :func:`import_captions` checked: ``(format, photo folder or None, split lists or None)``, the
+    format detected for ``auto`` and the folder of a ``txt`` source as its photo folder when none is given."""
+    if not source.exists():
+        raise DataError(f"captions {source} do not exist; pass --captions FILE (or a folder of NAME.txt files)")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r} is unknown; choose one of {', '.join(FORMATS)}")
+    if fewer not in FEWER:
+        raise ConfigError(f"--fewer {fewer!r} is unknown; choose error or repeat")
+    if type(per_image) is not int or per_image < 1:
+        raise ConfigError(f"--per_image must be a positive integer, found {per_image!r}")
+    images = Path(images) if images is not None else None
+    if images is not None and not images.is_dir():
+        raise DataError(f"photo folder {images} does not exist or is not a folder; fix --images")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt == "txt" and images is None:
+        images = source  # photos and their NAME.txt side by side
+    if split_lists and (fmt == "karpathy" or split):
+        raise ConfigError("--split_list cannot go with --split or Karpathy's JSON (which names its own splits); pass "
+                          "either the split lists or one --split")
+    lists = _read_split_lists(split_lists) if split_lists else None
+    if fmt != "karpathy" and not split and not lists:
+        raise ConfigError(f"--split is needed for the {fmt} format (it holds no splits); for example --split train, "
+                          "or --split_list train=FILE per split")
+    if split:
+        check_split_name(split)
+    return fmt, images, lists
+
+
+def _read_splits(source: Path, out: Path, fmt: str, split: str | None, lists: dict[str, list[str]] | None,
+                 images: Path | None) -> tuple[dict[str, Captions], int]:
+    """Split name -> its captions, read from ``source``, and the number of captioned photos in no split list."""
+    if fmt == "karpathy":
+        splits = read_karpathy(source)
+        if split:
+            if split not in splits:
+                raise DataError(f"{source} has no photos of split {split!r} (SCAN names: {', '.join(sorted(splits))})")
+            splits = {split: splits[split]}
+    elif fmt == "coco":
+        splits = {split: read_coco(source)}
+    elif fmt == "csv":
+        splits = {split: read_csv(source)}
+    elif lists:
+        splits = {split: read_txt_folder(source, [p for names in lists.values() for p in names])}
+    else:
+        ids_file = out / f"{split}_ids.txt"
+        photos = read_photo_names(ids_file) if ids_file.exists() else _photo_folder_names(images)
+        splits = {split: read_txt_folder(source, photos)}
+    if not lists:
+        return splits, 0
+    (everything,) = splits.values()  # the one set of captions read
+    listed = {p for names in lists.values() for p in names}
+    if images is not None:
+        missing = [p for names in lists.values() for p in names if not (images / p).is_file()]
+        if missing:
+            raise DataError(f"{len(missing)} listed photos are not in {images}: {_listing(missing)}; fix the split "
+                            "lists or --images")
+    by_list = {name: {p: everything[p] for p in names if p in everything} for name, names in lists.items()}
+    return by_list, sum(p not in listed for p in everything)

@@ -303,7 +303,7 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
         check_photo_id(name, f"photo folder {folder}" if list_file is None else str(list_file))
     net = build_backbone(backbone, pretrained=pretrained)
     normalize = net.normalize if normalize == "backbone" else normalize
-    scaling = normalization(normalize)
+    photos = _Photos(folder, names, size, normalization(normalize))
     identity = _identity(backbone, net, normalize, size, grid, dtype, names)
     files = _Files(out, split)
     ids_text = "".join(n + "\n" for n in names).encode("utf-8")
@@ -315,50 +315,72 @@ def extract_features(images: str | Path, out: str | Path, split: str, *, list_fi
             if progress is not None:
                 progress(len(names), len(names))
             return Extraction(out, split, len(names), manifest["num_rows"], regions, net.dim, len(names))
-
-        skipped = _check_headers(folder, names)
-        if skipped and not skip_bad:
-            first = skipped[min(skipped)]
-            more = f" (and {len(skipped) - 1} more photos that cannot be read)" if len(skipped) > 1 else ""
-            raise DataError(first + more)
-        if start == 0:
-            create_npy(files.partial, dtype, (len(names), regions, net.dim))
-            _write_state(files, identity, 0, skipped)
-        else:
-            state = _read_json(files.state)
-            skipped.update({int(i): why for i, why in state["skipped"].items()})
-
+        skipped = _start_rows(files, identity, photos, start, skip_bad)
         device = torch.device(device)
-        net = net.to(device)
-        loader = DataLoader(_Photos(folder, names, size, scaling), batch_size=batch_size, num_workers=workers,
-                            sampler=range(start, len(names)), collate_fn=_collate)
-        if progress is not None:
-            progress(start, len(names))
-        done = start
-        with torch.no_grad():
-            for batch in loader:
-                rows = np.zeros((len(batch), regions, net.dim), dtype=dtype)
-                good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
-                for i, _, error in batch:
-                    if error and not skip_bad:
-                        if done == 0:  # nothing worth resuming: leave the folder as it was
-                            files.state.unlink()
-                            files.partial.unlink()
-                            raise DataError(error)
-                        raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to "
-                                        "resume")
-                    if error:
-                        skipped[i] = error
-                if good:
-                    photos = torch.stack([batch[k][1] for k in good]).to(device)
-                    values = grid_features(net(photos), grid).float().cpu().numpy()
-                    _check_range(values, dtype, [names[batch[k][0]] for k in good])
-                    rows[good] = values.astype(dtype)
-                _write_rows(files.partial, done, rows)
-                done += len(batch)
-                _write_state(files, identity, done, skipped)
-                if progress is not None:
-                    progress(done, len(names))
+        loader = DataLoader(photos, batch_size=batch_size, num_workers=workers, sampler=range(start, len(names)),
+                            collate_fn=_collate)
+        _extract_rows(files, identity, net.to(device), loader, start, skipped, skip_bad, device, progress)
         num_rows = _finish(files, identity, names, skipped, grid, dtype)
         skipped_list = [(names[i], why) for i, why in sorted(skipped.items())]
         return Extraction(out, split, len(names), num_rows, regions, net.dim, start, skipped_list)
+
+
+def _start_rows(files: _Files, identity: dict, photos: _Photos, start: int, skip_bad: bool) -> dict[int, str]:
+    """The photos left out so far, row -> reason: those that cannot be opened and, resuming at row ``start > 0``,
+    those the run before recorded; a fresh start creates the partial features. DataError for a photo that cannot be
+    opened unless ``skip_bad``."""
+    skipped = _check_headers(photos.folder, photos.names)
+    if skipped and not skip_bad:
+        first = skipped[min(skipped)]
+        more = f" (and {len(skipped) - 1} more photos that cannot be read)" if len(skipped) > 1 else ""
+        raise DataError(first + more)
+    if start == 0:
+        create_npy(files.partial, identity["dtype"], (len(photos), identity["grid"] ** 2, identity["dim"]))
+        _write_state(files, identity, 0, skipped)
+    else:
+        state = _read_json(files.state)
+        skipped.update({int(i): why for i, why in state["skipped"].items()})
+    return skipped
+
+
+def _extract_rows(files: _Files, identity: dict, net: Backbone, loader: DataLoader, start: int,
+                  skipped: dict[int, str], skip_bad: bool, device: torch.device, progress: Progress | None) -> None:
+    """Run the backbone over the photos from row ``start`` on, one batch at a time: its rows go into the partial
+    features, then the state records them (and the photos skipped, added to ``skipped``)."""
+    names, total = loader.dataset.names, len(loader.dataset)
+    if progress is not None:
+        progress(start, total)
+    done = start
+    with torch.no_grad():
+        for batch in loader:
+            rows = _batch_rows(files, identity, net, batch, names, done, skipped, skip_bad, device)
+            _write_rows(files.partial, done, rows)
+            done += len(batch)
+            _write_state(files, identity, done, skipped)
+            if progress is not None:
+                progress(done, total)
+
+
+def _batch_rows(files: _Files, identity: dict, net: Backbone, batch: list, names: Sequence[str], done: int,
+                skipped: dict[int, str], skip_bad: bool, device: torch.device) -> np.ndarray:
+    """``[len(batch), regions, dim]`` rows of one batch, zeros for a photo that cannot be read (added to ``skipped``
+    with ``skip_bad``; else a DataError, which keeps the ``done`` rows before it resumable, or, with none done,
+    removes the partial files)."""
+    dtype = identity["dtype"]
+    rows = np.zeros((len(batch), identity["grid"] ** 2, net.dim), dtype=dtype)
+    for i, _, error in batch:
+        if error and not skip_bad:
+            if done == 0:  # nothing worth resuming: leave the folder as it was
+                files.state.unlink()
+                files.partial.unlink()
+                raise DataError(error)
+            raise DataError(f"{error}; the {done} photos before it are kept: run the same command again to resume")
+        if error:
+            skipped[i] = error
+    good = [k for k, (_, tensor, _) in enumerate(batch) if tensor is not None]
+    if good:
+        photos = torch.stack([batch[k][1] for k in good]).to(device)
+        values = grid_features(net(photos), identity["grid"]).float().cpu().numpy()
+        _check_range(values, dtype, [names[batch[k][0]] for k in good])
+        rows[good] = values.astype(dtype)
+    return rows
