@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,9 @@ def test_the_dispatcher_lists_the_commands_and_refuses_an_unknown_one(capsys):
     assert entry.main(["--help"]) == 0
     usage = capsys.readouterr().out
     assert all(f"\n  {name} " in usage for name in entry.COMMANDS)
-    assert entry.main([]) == 2 and "usage: hsc-pyg <command>" in capsys.readouterr().err
+    assert entry.main([]) == 2
+    assert capsys.readouterr().err == ("hsc-pyg: error: a command is needed; one of " + ", ".join(entry.COMMANDS)
+                                       + " (see hsc-pyg --help)\n")
     assert entry.main(["trian"]) == 2
     assert capsys.readouterr().err == ("hsc-pyg: error: no command 'trian'; one of " + ", ".join(entry.COMMANDS)
                                        + " (see hsc-pyg --help)\n")
@@ -56,6 +59,34 @@ def test_library_modules_once_run_as_commands_refuse_with_one_line(tmp_path, mod
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {module} is a library module, not a command; run `hsc-pyg {command}` (or `python -m "
                       f"hsc_pyg {command}`; --help lists its flags)"]
+
+
+#: every ``python -m`` form of a command: the package, its tool packages' ``__main__.py`` and each command module
+PYTHON_M_FORMS = sorted({"hsc_pyg", "hsc_pyg.cli.main"}
+                        | {f"hsc_pyg.{p.parent.name}" for p in (ROOT / "hsc_pyg").glob("*/__main__.py")}
+                        | {f"hsc_pyg.cli.{module}" for module, _ in entry.COMMANDS.values()})
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")   # runpy on an imported module
+@pytest.mark.parametrize("module", PYTHON_M_FORMS)
+def test_every_python_m_form_explains_itself_and_without_arguments_runs_or_refuses_in_one_line(module, tmp_path,
+                                                                                               monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [module, *argv])
+        with pytest.raises(SystemExit) as stop:
+            runpy.run_module(module, run_name="__main__")
+        out, err = capfd.readouterr()
+        return stop.value.code, out, err
+
+    status, out, err = run("--help")
+    assert status == 0 and out.startswith("usage: hsc-pyg") and err == ""
+    status, out, err = run()
+    if module == "hsc_pyg.cli.synthetic":      # the one command whose every flag has a default: the built-in data
+        assert status == 0 and len((tmp_path / "data/synthetic_precomp/train_caps.txt").read_text().splitlines()) > 0
+    else:
+        assert status == 2 and err.count("\n") == 1 and "error" in err, err
 
 
 def _install(tmp_path: Path) -> Path:

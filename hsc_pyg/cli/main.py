@@ -31,14 +31,14 @@ USAGE = "usage: hsc-pyg <command> [flags]   (or: python -m hsc_pyg <command> [fl
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``hsc-pyg argv``; returns the command's exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"hsc-pyg: error: no command {name!r}; one of {', '.join(COMMANDS)} (see hsc-pyg --help)",
-              file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        given = f"no command {argv[0]!r}" if argv else "a command is needed"
+        print(f"hsc-pyg: error: {given}; one of {', '.join(COMMANDS)} (see hsc-pyg --help)", file=sys.stderr)
         return 2
+    name, rest = argv[0], argv[1:]
     return importlib.import_module(f"{__package__}.{COMMANDS[name][0]}").main(rest)
 
 
