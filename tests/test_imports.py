@@ -1,5 +1,6 @@
-"""The import graph of the library: no cycles (not even through function-level imports), no argparse and no command
-line module imported by a library module, and ``import hsc_pyg`` runs no command line."""
+"""The import graph of the library: no cycles (not even through function-level imports), data flows one way (``data``
+-> ``nn`` -> ``engine``), no argparse and no command line module imported by a library module, and ``import hsc_pyg``
+runs no command line."""
 from __future__ import annotations
 
 import ast
@@ -61,6 +62,22 @@ def test_no_import_cycle():
         if start not in state:
             visit(start, [start])
     assert cycles == []
+
+
+#: DESIGN.md's flow, files -> data -> nn -> engine -> command lines: a module of one of these packages imports none of
+#: the packages after it
+FLOW = ["hsc_pyg.data", "hsc_pyg.nn", "hsc_pyg.engine"]
+
+
+def test_data_flows_one_way():
+    def package(name: str) -> int | None:
+        return next((i for i, p in enumerate(FLOW) if name == p or name.startswith(p + ".")), None)
+
+    edges = graph()
+    assert {package(name) for name in edges} >= {0, 1, 2}      # the packages are where the test looks
+    against = sorted((name, target) for name, targets in edges.items() for target in targets
+                     if package(name) is not None and package(target) is not None and package(target) > package(name))
+    assert against == []
 
 
 #: Library modules that import argparse without parsing argv: options (and config) add the flags of the dataclasses to

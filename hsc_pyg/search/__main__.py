@@ -1,4 +1,6 @@
-from hsc_pyg.cli.common import exit_with
-from hsc_pyg.cli.search import main
+"""``python -m hsc_pyg.search``: the command line lives in :mod:`hsc_pyg.cli.search`."""
+from ..cli.common import exit_with
+from ..cli.search import main
 
-exit_with(main)
+if __name__ == "__main__":
+    exit_with(main)

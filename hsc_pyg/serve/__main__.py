@@ -1,4 +1,6 @@
-from hsc_pyg.cli.common import exit_with
-from hsc_pyg.cli.serve import main
+"""``python -m hsc_pyg.serve``: the command line lives in :mod:`hsc_pyg.cli.serve`."""
+from ..cli.common import exit_with
+from ..cli.serve import main
 
-exit_with(main)
+if __name__ == "__main__":
+    exit_with(main)
