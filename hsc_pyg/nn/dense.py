@@ -31,14 +31,11 @@ class SharedDense(nn.Module):
         nn.Module.__init__(self)       # not a PyG dense class's __init__, which would make parameters of its own
         self.__dict__["_conv"] = conv  # not Module.__setattr__, which would register it a second time
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            conv = self.__dict__.get("_conv")
-            if conv is None:           # while unpickling, before __dict__ is filled
-                raise
-            return getattr(conv, self.renames.get(name, name))
+    def __getattr__(self, name: str):  # only for what normal lookup misses: it holds no parameters, buffers, modules
+        conv = self.__dict__.get("_conv")
+        if conv is None:               # while unpickling, before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(conv, self.renames.get(name, name))
 
 
 class DenseGCN(SharedDense, DenseGCNConv):
