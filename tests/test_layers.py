@@ -116,6 +116,9 @@ def test_a_dense_module_runs_on_its_convolution_parameters_and_adds_none_to_the_
     assert isinstance(layer.dense, SharedDense) and list(layer.dense.parameters()) == []
     assert list(layer.state_dict()) == ["conv." + key for key in layer.conv.state_dict()]
     assert not layer.eval().dense.training and layer.train().dense.training
+    before_reset = [p.clone() for p in layer.parameters()]
+    layer.dense.reset_parameters()     # a walk over every module (PyG's reset) leaves the convolution to its layer
+    assert all(torch.equal(a, b) for a, b in zip(before_reset, layer.parameters()))
     layer.eval()
     batch = complete_batch([5, 3], 12)
     x = batch.x.double()

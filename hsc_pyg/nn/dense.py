@@ -31,6 +31,9 @@ class SharedDense(nn.Module):
         nn.Module.__init__(self)       # not a PyG dense class's __init__, which would make parameters of its own
         self.__dict__["_conv"] = conv  # not Module.__setattr__, which would register it a second time
 
+    def reset_parameters(self) -> None:
+        """Nothing: the parameters are the convolution's, which its layer resets (once)."""
+
     def __getattr__(self, name: str):  # only for what normal lookup misses: it holds no parameters, buffers, modules
         conv = self.__dict__.get("_conv")
         if conv is None:               # while unpickling, before __dict__ is filled
