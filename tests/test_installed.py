@@ -87,6 +87,7 @@ def test_every_python_m_form_explains_itself_and_without_arguments_runs_or_refus
         assert status == 0 and len((tmp_path / "data/synthetic_precomp/train_caps.txt").read_text().splitlines()) > 0
     else:
         assert status == 2 and err.count("\n") == 1 and "error" in err, err
+        assert list(tmp_path.iterdir()) == []   # a refusal leaves nothing behind (train: not its empty run folders)
 
 
 def _install(tmp_path: Path) -> Path:

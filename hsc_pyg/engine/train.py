@@ -463,13 +463,29 @@ def train(config: Config, resume: str | Path | dict[str, Any] | None = None, *, 
     line does); each process takes ``config.batch_size`` captions per step.
     """
     locks: list[FolderLock] = []  # the run folder's lock, held until the run ends whichever way
+    writes = not dry_run and distributed.is_main()
+    new_folders = _missing_folders(Path(config.model_name), Path(config.logger_name)) if writes else []
     try:
-        run = start(config, resume, locks, dry_run=dry_run, overwrite=overwrite, log=log,
-                    gather_negatives=gather_negatives, other_data=other_data)
+        try:
+            run = start(config, resume, locks, dry_run=dry_run, overwrite=overwrite, log=log,
+                        gather_negatives=gather_negatives, other_data=other_data)
+        except BaseException:  # refused before it began: no empty run folders left behind
+            for lock in locks:
+                lock.release()
+            for folder in new_folders:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+            raise
         return loop(run, dry_run=dry_run, max_iters=max_iters, progress=progress)
     finally:
         for lock in locks:
             lock.release()
+
+
+def _missing_folders(*folders: Path) -> list[Path]:
+    """The folders among ``folders`` and their parents that do not exist yet, deepest first."""
+    missing = {path for folder in folders for path in (folder, *folder.parents) if not path.exists()}
+    return sorted(missing, key=lambda path: len(path.parts), reverse=True)
 
 
 # --------------------------------------------------------------------------- set up: data, model, resume
