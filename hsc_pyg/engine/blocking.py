@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import SCORE_CHUNK_MB
+from ..nn.kernels import compute_dtype
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding, TrainingScores
 from ..nn.model_config import ModelConfig
 
@@ -70,8 +71,10 @@ def eval_block_captions(device: torch.device) -> int:
 
 def pairs_per_chunk(config: ModelConfig, regions: Tensor, length: int, chunk_mb: float) -> int:
     """Pairs of images ``regions [.., R, d]`` with captions of ``length`` words whose working memory stays under
-    ``chunk_mb`` MiB (and, on the CPU without autograd, near CPU_BLOCK_BYTES of context)."""
-    d, n_reg, size = regions.size(-1), regions.size(-2), regions.element_size()
+    ``chunk_mb`` MiB (and, on the CPU without autograd, near CPU_BLOCK_BYTES of context), counted in the dtype the
+    products run in (bf16 under autocast)."""
+    d, n_reg = regions.size(-1), regions.size(-2)
+    size = torch.finfo(compute_dtype(regions)).bits // 8
     # the live [pairs, L, d] tensors of the alignment (context, difference, square) dominate
     per_pair = (4 * length * d + 3 * n_reg * length + 4 * length * config.sim_dim) * size
     pairs = max(1, int(chunk_mb * 2**20 // per_pair))
