@@ -155,7 +155,8 @@ class Kernels:
     def local_alignment(self, attn: Tensor, regions: Tensor, words: Tensor, proj: nn.Linear) -> Tensor:
         """``similarity.local_alignment(similarity.attended_context(attn, regions), words, proj)`` of every pair of
         a block, the two steps fused: ``attn [A, P, R]`` (the cross attention of the P words of the block's captions,
-        back to back), ``regions [A, R, d]``, ``words [P, d]`` (the same for every image) -> ``[A, P, m]``."""
+        back to back), ``regions [A, R, d]``, ``words [P, d]`` (the same for every image) -> ``[A, P, m]``; without
+        autograd a scratch tensor of this thread, valid until its next call (``similarity_nodes`` copies it)."""
         if not torch.is_grad_enabled():
             return self._local_alignment_in_place(attn, regions, words, proj, compute_dtype(regions))
         return l2norm(LocalAlignment.apply(attn, regions, words, proj.weight, proj.bias, self))
@@ -164,9 +165,9 @@ class Kernels:
                                   dtype: torch.dtype) -> Tensor:
         """No autograd: the context of a step of images (on the CPU as many as fit :data:`CPU_STEP_BYTES`, where it
         then stays in cache; all of them elsewhere) goes into a scratch buffer, is normalised, differenced and squared
-        there, projected, and its l2-normalised projection written into the result (also scratch, valid until this
-        thread's next call). Everything is computed in ``dtype`` (the inputs' own, or bf16 under autocast: the "out="
-        products do not autocast, so their operands are cast here)."""
+        there, projected, and its l2-normalised projection written into the result (also scratch). Everything is
+        computed in ``dtype`` (the inputs' own, or bf16 under autocast: the "out=" products do not autocast, so their
+        operands are cast here)."""
         attn, regions, words = (t.to(dtype) for t in (attn, regions, words))
         n_img, n_words, _ = attn.shape
         row_bytes = n_words * regions.size(-1) * regions.element_size()
