@@ -45,7 +45,7 @@ STORE_DTYPES = ("float32", "float16")
 #: Working memory of one block of the pair scorer, in MiB, when a run does not say (hsc_pyg/engine/blocking.py).
 SCORE_CHUNK_MB = 512
 #: How a gallery's first stage finds its shortlist: brute force, or a FAISS index (engine/vector_index.py).
-INDEX_KINDS = ("auto", "brute", "flat", "ivf", "hnsw")
+INDEX_KINDS = ("auto", "brute", "flat", "ivf", "ivf_sq8", "hnsw")
 
 
 def _data_path() -> Any:
@@ -221,8 +221,9 @@ class SearchConfig:
                             "named by the model and the data)", metavar="DIR")
     rebuild: bool = option(False, "encode the gallery again, replacing the --cache folder", switch=True)
     store_dtype: str = option("float16", "precision of the cached encodings", choices=STORE_DTYPES)
-    index: str = option("auto", "first stage over the images: brute force, or a FAISS index kept in the cache (flat, "
-                                "ivf, hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there",
+    index: str = option("auto", "first stage over the images: brute force, or a FAISS index kept in the cache "
+                                "(flat, ivf, ivf_sq8, hnsw; the faiss extra); auto: brute below 200,000 images, ivf "
+                                "from there",
                         choices=INDEX_KINDS)
     image_root: str = option("", "folder of the photos named in {split}_ids.txt: write a contact sheet (--sheet)",
                              metavar="DIR")

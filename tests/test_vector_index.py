@@ -61,6 +61,7 @@ def test_exhaustive_faiss_indexes_find_the_brute_force_shortlist(kind, settings)
 
 
 @pytest.mark.parametrize("kind, settings", [("ivf", IndexSettings(nlist=32, nprobe=8)),
+                                            ("ivf_sq8", IndexSettings(nlist=32, nprobe=8)),
                                             ("hnsw", IndexSettings(ef_search=64))])
 def test_approximate_indexes_recall_most_of_the_shortlist(kind, settings):
     vectors, queries = unit_vectors(5000), unit_vectors(30, seed=2)

@@ -47,7 +47,8 @@ def build_parser() -> OneLineParser:
                    help="precision of the cached encodings (default: %(default)s)")
     p.add_argument("--index", choices=INDEX_KINDS, default="auto",
                    help="first stage over the images: brute force, or a FAISS index kept in the cache (flat, ivf, "
-                        "hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there (default: %(default)s)")
+                        "ivf_sq8, hnsw; the faiss extra); auto: brute below 200,000 images, ivf from there "
+                        "(default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=128, help="items per encoder call when building the cache")
     p.add_argument("--access_log", action="store_true", help="print a line per request")

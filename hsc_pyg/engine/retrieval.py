@@ -131,9 +131,9 @@ def open_gallery(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
     ``cache``: the cache folder (default :func:`default_cache_folder`). A folder that holds the cache of another
     model or of other files, a damaged cache, or a folder that is not a cache is a :class:`CacheError` unless
     ``rebuild`` (then it is replaced, atomically: a failure leaves the old folder whole).
-    ``index``: the first stage over the images (:mod:`hsc_pyg.engine.vector_index`: brute, flat, ivf, hnsw or auto);
-    a FAISS index is kept in the cache folder beside the vectors, built on first use and whenever the vectors or the
-    build settings change.
+    ``index``: the first stage over the images (:mod:`hsc_pyg.engine.vector_index`: brute, flat, ivf, ivf_sq8, hnsw
+    or auto); a FAISS index is kept in the cache folder beside the vectors, built on first use and whenever the
+    vectors or the build settings change.
     """
     if store_dtype not in ("float16", "float32"):
         raise ConfigError(f"store_dtype must be float16 or float32, found {store_dtype!r}")

@@ -4,16 +4,19 @@ Every kind returns the ``n`` gallery rows whose first-stage vectors have the lar
 vectors are unit length) with the query; the exact scorer then ranks them (:mod:`hsc_pyg.engine.retrieval`).
 
 ``brute``  one matrix-vector product over all vectors and an exact top-n (ties at the cut go to the lower row), the
-           same shortlist as a stable sort; the default below :data:`AUTO_INDEX_FROM` vectors (at 200,000 it costs
-           a median 54 ms a query, less than the exact re-ranking of a 50-shortlist; at 1,000,000, 660 ms).
+           same shortlist as a stable sort; the default below :data:`AUTO_INDEX_FROM` vectors (at 200,000 it cost
+           a median 54 ms a query on a busy 2-vCPU machine; at 1,000,000, 600-660 ms).
 ``flat``   FAISS ``IndexFlatIP``: the same exhaustive inner products, FAISS's SIMD scan.
 ``ivf``    FAISS ``IndexIVFFlat`` (inner product): k-means into ``nlist`` lists, each query scans the ``nprobe``
            nearest lists; approximate, exact scores for what it finds. ``auto`` from :data:`AUTO_INDEX_FROM` on
            (where FAISS is installed).
+``ivf_sq8`` FAISS ``IndexIVFScalarQuantizer`` (8 bits a dimension): the same lists holding each vector in a quarter
+           of the bytes (256 instead of 988 MB at a million), ranked by the quantised scores; it finds a little less
+           of the exact shortlist at the same ``nprobe`` (the shortlist's exact re-ranking is unchanged).
 ``hnsw``   FAISS ``IndexHNSWFlat`` (inner product): a navigable small-world graph, ``M`` links per vector,
            ``ef_search`` candidates per query; approximate.
 
-The numbers behind the defaults are in ``benchmarks/results/faiss_first_stage.json`` (README, "Explore").
+The numbers behind the defaults are in ``benchmarks/results/faiss_first_stage_*.json`` (README, "Explore").
 FAISS is the optional extra ``faiss`` (``pip install -e '.[faiss]'``, PyPI ``faiss-cpu``).
 """
 from __future__ import annotations
@@ -33,20 +36,21 @@ AUTO_INDEX_FROM = 200_000
 
 @dataclass(frozen=True)
 class IndexSettings:
-    """How a FAISS index is built and searched. ``nlist`` 0: about ``sqrt(N)`` lists, rounded to a power of 2 (1,024
-    for a million vectors). The defaults are the benchmark's best trade-off at 1,000,000 vectors: 1,024 lists with
-    ``nprobe`` 128 gave recall@50 0.93 at a median 20 ms per query, against 0.93 at 28 ms with 4,096 lists
-    (``nprobe`` 256) and 0.84 at 17 ms for HNSW (``ef_search`` 512)."""
+    """How a FAISS index is built and searched. ``nlist`` 0: about ``4 sqrt(N)`` lists, rounded to a power of 2
+    (4,096 for a million vectors). The defaults are the benchmark's trade-off at 1,000,000 vectors (README,
+    "Explore"): 4,096 lists searched with ``nprobe`` 128 (3 % of the vectors scanned) found 0.96 and 0.97 of the
+    exact top 50 on the two synthetic sets, as much as 1,024 lists with ``nprobe`` 256 (25 % scanned) on the harder
+    one; HNSW (``hnsw_m`` 16, ``ef_search`` 512) found 0.84 there after a longer build."""
 
     nlist: int = 0
     nprobe: int = 128
-    train_size: int = 163_840        # vectors the IVF k-means is trained on (a fixed-seed sample; 160 per list)
+    train_size: int = 163_840        # vectors the IVF k-means is trained on (a fixed-seed sample; 40 per list)
     hnsw_m: int = 16
     ef_construction: int = 40
     ef_search: int = 512
 
     def lists(self, n: int) -> int:
-        return self.nlist or max(1, 2 ** round(np.log2(max(np.sqrt(n), 1))))
+        return self.nlist or max(1, 2 ** round(np.log2(max(4 * np.sqrt(n), 1))))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,23 +87,27 @@ def top_n(scores: np.ndarray, n: int) -> np.ndarray:
 
 
 def build_faiss_index(vectors: np.ndarray, kind: str, settings: IndexSettings = IndexSettings()):
-    """A FAISS index of ``kind`` (flat, ivf or hnsw) over ``vectors [N, d]`` (float32, unit length), searched with
-    ``settings``."""
+    """A FAISS index of ``kind`` (flat, ivf, ivf_sq8 or hnsw) over ``vectors [N, d]`` (float32, unit length), searched
+    with ``settings``."""
     faiss = import_faiss()
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
+    elif kind in ("ivf", "ivf_sq8"):
         nlist = min(settings.lists(n), n)
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(0).choice(n, size=min(n, max(settings.train_size, nlist)), replace=False)
         index.train(vectors[np.sort(sample)])
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = settings.ef_construction
     else:
-        raise ConfigError(f"no FAISS index of kind {kind!r}; choose flat, ivf or hnsw")
+        raise ConfigError(f"no FAISS index of kind {kind!r}; choose flat, ivf, ivf_sq8 or hnsw")
     index.add(vectors)
     configure(index, settings)
     return index
