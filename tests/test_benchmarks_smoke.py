@@ -81,7 +81,7 @@ def test_layers_section_trains_every_layer_on_the_path_it_names():
 
 
 @pytest.mark.skipif(not cpu_bf16_instructions(),
-                    reason="this CPU has no native bf16 matrix instructions (bf16 scoring is refused)")
+                    reason="torch finds no native bf16 matrix instructions on this CPU (bf16 scoring is refused)")
 def test_bf16_worker_reports_the_side_by_side_fields():
     r = run.worker_bf16(_spec(kind="bf16", preset="sgraf_saf", n_img=6, n_cap=30, repeats=1))
     assert set(r["scoring"]) == {"original", "float32", "bf16", "exact_ranking"}

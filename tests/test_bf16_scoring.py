@@ -25,7 +25,7 @@ _spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "evaluate.
 cli = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cli)
 
-NO_BF16 = "this CPU has no native bf16 matrix instructions (bf16 scoring is refused)"
+NO_BF16 = "torch finds no native bf16 matrix instructions on this CPU (bf16 scoring is refused)"
 needs_bf16 = pytest.mark.skipif(not device_module.cpu_bf16_instructions(), reason=NO_BF16)
 N_TEST = 60
 

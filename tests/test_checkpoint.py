@@ -1,6 +1,7 @@
 """Checkpoint safety and robustness: untrusted files are refused with one-line reasons; saving is atomic."""
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import signal
@@ -17,7 +18,8 @@ import torch
 
 from hsc_pyg import load_checkpoint
 from hsc_pyg.config import Config, ModelConfig
-from hsc_pyg.engine.checkpoint import read_checkpoint, run_config_of, save_checkpoint, upgrade_v1
+from hsc_pyg.engine.checkpoint import (allow_namespace, read_checkpoint, run_config_of, save_checkpoint,
+                                      upgrade_v1)
 from hsc_pyg.errors import CheckpointError, HSCError
 from hsc_pyg.nn.model import build_model
 
@@ -52,6 +54,20 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(raw)
     assert not marker.exists()
+
+
+def test_namespace_is_allowed_only_while_a_checkpoint_is_read(shared_dir, tmp_path):
+    """Official checkpoints need ``argparse.Namespace`` unpickled; torch's safe list is as it was afterwards, also when
+    the read fails inside."""
+    before = set(torch.serialization.get_safe_globals())
+    with allow_namespace():
+        assert argparse.Namespace in torch.serialization.get_safe_globals()
+    assert read_checkpoint(shared_dir / "fixtures" / "reference" / "lhsc.pth.tar")["converted_from"].startswith("official")
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _CreatesFile(str(tmp_path / "pwned.txt"))}, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(evil)
+    assert set(torch.serialization.get_safe_globals()) == before and argparse.Namespace not in before
 
 
 @pytest.mark.parametrize("content, message", [

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hsc_pyg import load_checkpoint
-from hsc_pyg.engine.checkpoint import read_checkpoint, save_checkpoint
+from hsc_pyg.engine.checkpoint import allow_namespace, read_checkpoint, save_checkpoint
 
 FIXTURES = {"sgraf_saf": ("sgraf_saf", "saf", 0), "sgraf_sgr": ("sgraf_sgr", "sgr", 0), "lhsc": ("hsc", "saf", 4)}
 
@@ -40,10 +40,8 @@ def test_converted_checkpoint_roundtrips_through_our_format(shared_dir, tmp_path
 
 def test_other_sizes_come_from_the_checkpoint_opt(shared_dir, tmp_path):
     """A checkpoint of the same layout with other sizes (here: HSC rebuilt at embed 48, 2 blocks) converts the same way."""
-    import argparse
-
     ref = shared_dir / "fixtures" / "reference"
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with allow_namespace():
         raw = torch.load(ref / "lhsc.pth.tar", weights_only=True)
     opt = raw["opt"]
     opt.embed_size, opt.img_dim = 48, 20

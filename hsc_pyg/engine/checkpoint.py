@@ -16,13 +16,14 @@ Command: ``hsc-pyg convert IN OUT [--vocab_path VOCAB.json]`` converts an offici
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import pickle
 import pickletools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -167,7 +168,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     check_expansion(path)
     check_header(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with allow_namespace():
             raw = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's safe unpickler raises this both for a global outside its safe list and for damaged bytes, in
@@ -192,6 +193,19 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         return convert_official(raw, source=str(path))
     raise CheckpointError(f"checkpoint {path} is neither an hsc_pyg nor an official SGRAF/HSC checkpoint "
                           f"(top-level keys: {', '.join(sorted(map(str, raw))[:8]) or 'none'})")
+
+
+@contextlib.contextmanager
+def allow_namespace() -> Iterator[None]:
+    """``argparse.Namespace`` (the official checkpoints' ``opt``) on torch's safe-unpickler list inside; the list as it
+    was after. torch 2.5's ``torch.serialization.safe_globals`` does the same; this uses only calls torch 2.4 has."""
+    before = list(torch.serialization.get_safe_globals())
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 def _first_words(text: str, limit: int = 160) -> str:

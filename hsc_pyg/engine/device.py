@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -12,6 +12,11 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: CPU instructions that multiply bfloat16 matrices natively, as ``torch.cpu.get_capabilities()`` names them: Intel
 #: AMX, AVX-512 BF16 (Intel Cooper Lake and later, AMD Zen 4 and later), Arm's SVE BF16 and BF16 (BFMMLA / BFDOT).
 BF16_MATRIX_INSTRUCTIONS = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
+
+
+def cpu_capabilities() -> Mapping[str, Any]:
+    """``torch.cpu.get_capabilities()``; empty on a torch without it (2.4.1 has none: no CPU bf16 is found there)."""
+    return getattr(torch.cpu, "get_capabilities", dict)()
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -33,8 +38,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 
 def cpu_bf16_instructions() -> list[str]:
     """The names of :data:`BF16_MATRIX_INSTRUCTIONS` this CPU has, as torch detects them (empty: none)."""
-    capabilities = torch.cpu.get_capabilities()
-    return [name for name in BF16_MATRIX_INSTRUCTIONS if capabilities.get(name) is True]
+    return [name for name in BF16_MATRIX_INSTRUCTIONS if cpu_capabilities().get(name) is True]
 
 
 def autocast(device: torch.device, amp: str = "off", cpu_bf16: bool = False) -> contextlib.AbstractContextManager:
@@ -52,7 +56,7 @@ def autocast(device: torch.device, amp: str = "off", cpu_bf16: bool = False) -> 
     if not cpu_bf16_instructions():
         raise ConfigError(f"--amp bf16 on the CPU needs native bf16 matrix instructions (AMX-BF16, AVX512-BF16 or Arm "
                           f"BF16), which torch does not find on this CPU "
-                          f"({torch.cpu.get_capabilities().get('cpu_name', 'unnamed')}); use --amp off")
+                          f"({cpu_capabilities().get('cpu_name', 'unnamed')}, torch {torch.__version__}); use --amp off")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
