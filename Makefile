@@ -8,7 +8,7 @@ PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 DEMO_DATA := data
 DEMO_RUN  := runs/demo
 
-.PHONY: demo test test-all test-scatter test-browser bench bench-coco5k clean-demo flickr8k
+.PHONY: demo test test-all test-floor test-scatter test-browser bench bench-coco5k clean-demo flickr8k
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,22 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+# The floor: the default suite on the oldest torch and torch-geometric it passed with (pyproject.toml's lower bounds),
+# in a venv of its own made from constraints-floor.txt. On Linux PyPI's torch 2.4.1 is the CUDA build: 2.8 GB of
+# wheels to download (torch and its nvidia-* / triton dependencies), 5.6 GB installed; it runs on a CPU-only machine.
+FLOOR_VENV    := .venv-floor
+FLOOR_PY      := $(FLOOR_VENV)/bin/python
+FLOOR_INSTALL := $(FLOOR_PY) -m pip install -q -c constraints-floor.txt
+
+$(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
+	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_INSTALL) --upgrade pip
+	$(FLOOR_INSTALL) -e '.[dev,features,serve,faiss,vectors]'
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed
+	$(FLOOR_PY) -m pytest -q
 
 # The optional torch-scatter accelerator, compiled from source against the installed torch (about 7 minutes on
 # 2 cores; --no-build-isolation, or pip would build it against a torch of its own), then the default suite with it.

@@ -35,13 +35,13 @@ def _declared() -> dict[str, Requirement]:
     return {_name(line): Requirement(line) for line in lines}
 
 
-def _constraints() -> dict[str, Version]:
+def _constraints(file: str = "constraints.txt") -> dict[str, Version]:
     pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / file).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             name, _, version = line.partition("==")
-            assert version, f"constraints.txt: {line!r} is not an exact pin (name==version)"
+            assert version, f"{file}: {line!r} is not an exact pin (name==version)"
             pins[_name(name)] = Version(version)
     return pins
 
@@ -66,15 +66,25 @@ def test_pyproject_states_ranges_not_pins():
     for name, requirement in declared.items():
         operators = {spec.operator for spec in requirement.specifier}
         assert ">=" in operators and "==" not in operators, f"{name}: a tested lower bound, not a pin"
-    assert Version("2.13") in declared["torch"].specifier and Version("2.12.1") not in declared["torch"].specifier
-    assert Version("2.5.0") in declared["torch-geometric"].specifier
 
 
-def test_constraints_pin_every_declared_dependency_inside_its_range():
-    pins = _constraints()
+def test_torch_and_pyg_floors_are_the_versions_the_floor_run_used():
+    """pyproject.toml's lower bounds of torch and torch-geometric are constraints-floor.txt's pins (`make test-floor`
+    runs the default suite on them), not guesses."""
+    declared, floor = _declared(), _constraints("constraints-floor.txt")
+    for name in ("torch", "torch-geometric"):
+        assert declared[name].specifier == SpecifierSet(f">={floor[name]}"), f"{name}: {declared[name]} vs floor run"
+        assert floor[name] < _constraints()[name], f"{name}: the floor is not older than today's set"
+
+
+@pytest.mark.parametrize("file", ["constraints.txt", "constraints-floor.txt"])
+def test_constraints_pin_every_declared_dependency_inside_its_range(file):
+    pins = _constraints(file)
     for name, requirement in _declared().items():
-        assert name in pins, f"constraints.txt has no line for {name}"
-        assert pins[name] in requirement.specifier, f"constraints.txt: {name}=={pins[name]} is outside {requirement}"
+        if file == "constraints.txt" or name in RUNTIME | DEV:
+            assert name in pins, f"{file} has no line for {name}"
+        if name in pins:
+            assert pins[name] in requirement.specifier, f"{file}: {name}=={pins[name]} is outside {requirement}"
     # No local build label (`+cpu`): the CPU wheel and PyPI's CUDA build of the same release must both satisfy it.
     assert not pins["torch"].local
     assert "hsc-pyg" not in pins
@@ -83,8 +93,8 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
 def test_make_passes_the_constraints_to_every_pip_install():
     makefile = (ROOT / "Makefile").read_text()
     installs = [line for line in makefile.splitlines() if "pip install" in line]
-    assert installs and all("-c constraints.txt" in line for line in installs)
-    assert makefile.count("$(PIP_INSTALL)") >= 3
+    assert installs and all("-c constraints.txt" in line or "-c constraints-floor.txt" in line for line in installs)
+    assert makefile.count("$(PIP_INSTALL)") >= 3 and makefile.count("$(FLOOR_INSTALL)") >= 2
 
 
 def test_environment_yml_has_the_same_ranges_as_pyproject():
