@@ -76,5 +76,5 @@ for name in ("serve_load_1client", "serve_load", "faiss_first_stage", "faiss_fir
               "req/s", round(r["requests_per_s"], 1), "server CPU ms/req", r.get("server_cpu_ms_per_request"))
     for kind, v in r.get("kinds", {}).items():
         print(f"   {kind:30s} median {v['query_ms']['median']:8.2f} ms  p99 {v['query_ms']['p99']:8.2f} ms  "
-              f"recall@50 {v['recall_at_shortlist']:.3f}  build {v['build_s']:.0f} s")
+              f"recall@50 {v['recall_at_shortlist']:.3f}  build {'-' if v['build_s'] is None else format(v['build_s'], '.0f')} s")
 EOF
