@@ -121,16 +121,18 @@ def test_hsc_geo_starts_as_hsc_and_its_boxes_change_the_output():
 def test_hsc_geo_without_boxes_is_a_data_error():
     layer = build_layer("hsc_geo", 8)
     batch = collate_graphs([image_graph(torch.randn(4, 8))])
+    called = r"^layer 'hsc_geo' reads the regions' boxes: call it with pos \[num_nodes, 4\] "
+    with pytest.raises(DataError, match=called):
+        layer(batch.x, batch.edge_index, batch.batch)
+    with pytest.raises(DataError, match=called):
+        RelationalStack("hsc_geo", 8, 1)(batch.x, batch)
     message = (r"^img_gnn='hsc_geo' needs region boxes \(\{split\}_boxes\.npy \[N, R, 4\]\) but the data has none; "
                r"add the boxes file or use img_gnn=hsc$")
-    with pytest.raises(DataError, match=message):
-        layer(batch.x, batch.edge_index, batch.batch)
-    with pytest.raises(DataError, match=message):
-        RelationalStack("hsc_geo", 8, 1)(batch.x, batch)
     split = PrecompSplit("/nowhere", "tiny_precomp", "test", np.zeros((2, 6, 10), np.float32), ["a b"] * 10)
     model = build_model(ModelConfig(**SMALL, img_gnn="hsc_geo"))
     with pytest.raises(DataError, match=message):
         check_features(model, split)
+    ModelConfig(**SMALL).check_boxes(False)   # the default layer reads no boxes: no error
 
 
 def test_spatial_edges_on_data_without_boxes_are_a_data_error():

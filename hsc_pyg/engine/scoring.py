@@ -31,7 +31,6 @@ from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, VocabError
 from ..nn.functional import l2norm
-from ..nn.layers import check_boxes
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import blocking, distributed
 from .device import autocast, eval_mode, resolve_device
@@ -110,7 +109,7 @@ def check_features(model: HSCModel, split: PrecompSplit, source: str = "the mode
         raise DataError(f"{split.file('ims.npy')} holds [{split.num_images}, {split.num_regions}, {split.img_dim}] "
                         f"features but {source} expects [*, {config.num_regions}, {config.img_dim}]; evaluate it on "
                         "the dataset it was trained on")
-    check_boxes(config.img_gnn, split.boxes is not None)
+    config.check_boxes(split.boxes is not None)
 
 
 def check_compatible(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None, source: str = "the model",

@@ -257,7 +257,9 @@ class HSCGeometryBlock(HSCRegionBlock):
         nn.init.zeros_(self.geometry[2].bias)
 
     def _boxes(self, pos: Tensor | None, x: Tensor) -> Tensor:
-        check_boxes(self.registry_name, pos is not None)
+        if pos is None:
+            raise DataError(f"layer {self.registry_name!r} reads the regions' boxes: call it with pos [num_nodes, 4] "
+                            "(x1, y1, x2, y2; [B, N, 4] on the dense path)")
         return pos.to(x.dtype)
 
     def geometry_bias(self, target: Tensor, source: Tensor) -> Tensor:
@@ -277,13 +279,6 @@ class HSCGeometryBlock(HSCRegionBlock):
         box = self._boxes(pos, x)
         affinity = a @ p.transpose(1, 2) + self.geometry_bias(box.unsqueeze(2), box.unsqueeze(1))
         return self._aggregate_dense(x, mask, adj, affinity, g, return_weights)
-
-
-def check_boxes(layer: str, has_boxes: bool) -> None:
-    """DataError unless the data has region boxes where ``layer`` (an ``img_gnn``) needs them."""
-    if LAYERS.capability(layer, "needs_pos") and not has_boxes:
-        raise DataError(f"img_gnn={layer!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data has none; "
-                        "add the boxes file or use img_gnn=hsc")
 
 
 @register_layer("hsc_text")

@@ -183,6 +183,7 @@ class HSCModel(nn.Module):
         that read them (``img_edges=spatial``, ``img_gnn=hsc_geo``). ``batch_size`` images or captions go into one
         encoder call, and ``batch_size`` x ``batch_size`` pairs into one :meth:`score_block` (a smaller one needs less
         memory; :func:`hsc_pyg.engine.scoring.score_matrix` scores large sets within a memory bound, faster)."""
+        self.config.check_boxes(boxes is not None)
         was_training = self.training
         self.eval()
         try:

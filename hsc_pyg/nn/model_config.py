@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..data.graphs import check_edge_spec, edge_feature_size
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..options import check_fields, option
 from .layers import LAYERS
 from .similarity import HEADS
@@ -134,6 +134,12 @@ class ModelConfig:
         """Columns of the ``side`` graphs' edge features (0: none), as the edge builder declares them."""
         spec, graph = (self.img_edges, "image") if side == "img" else (self.txt_edges, "caption")
         return edge_feature_size(spec, graph=graph)
+
+    def check_boxes(self, has_boxes: bool) -> None:
+        """DataError unless the data has region boxes where ``img_gnn`` needs them (checked before any work)."""
+        if LAYERS.capability(self.img_gnn, "needs_pos") and not has_boxes:
+            raise DataError(f"img_gnn={self.img_gnn!r} needs region boxes ({{split}}_boxes.npy [N, R, 4]) but the data "
+                            "has none; add the boxes file or use img_gnn=hsc")
 
     def _check_layer_inputs(self, side: str) -> None:
         """The layer type and the edge features / boxes it gets agree (one-line ConfigError saying what to set)."""
