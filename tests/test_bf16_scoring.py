@@ -212,3 +212,19 @@ def test_bf16_is_refused_with_one_line_where_the_cpu_has_no_bf16_matrix_instruct
 def test_rescore_flags_that_cannot_work_are_one_line_errors(capsys, tmp_path, flags, message):
     status, out, err = evaluate(capsys, "--model", tmp_path / "m.pth", "--data_path", tmp_path, *flags)
     assert status == 2 and message in err and err.strip().count("\n") == 0
+
+
+
+def test_a_torch_without_get_capabilities_reads_the_kernels_cpu_flags(monkeypatch, tmp_path):
+    # torch 2.4 (the floor) has no torch.cpu.get_capabilities; the same names come from /proc/cpuinfo on Linux
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    read = device_module.cpu_capabilities
+    cpuinfo = tmp_path / "cpuinfo"
+    block = "processor\t: {}\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu sse2 avx512f {}avx512_vnni\npower management:\n"
+    monkeypatch.setattr(device_module, "cpu_capabilities", lambda: read(str(cpuinfo)))
+    for flags, found in (("avx512_bf16 amx_bf16 ", ["amx_bf16", "avx512_bf16"]), ("avx512_bf16 ", ["avx512_bf16"]),
+                         ("", [])):
+        cpuinfo.write_text(block.format(0, flags) + "\n" + block.format(1, flags))
+        assert read(str(cpuinfo))["cpu_name"] == "AMD EPYC 9B14"
+        assert device_module.cpu_bf16_instructions() == found
+    assert read(str(tmp_path / "absent")) == {}

@@ -14,9 +14,19 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BF16_MATRIX_INSTRUCTIONS = ("amx_bf16", "avx512_bf16", "sve_bf16", "bf16")
 
 
-def cpu_capabilities() -> Mapping[str, Any]:
-    """``torch.cpu.get_capabilities()``; empty on a torch without it (2.4.1 has none: no CPU bf16 is found there)."""
-    return getattr(torch.cpu, "get_capabilities", dict)()
+def cpu_capabilities(cpuinfo: str = "/proc/cpuinfo") -> Mapping[str, Any]:
+    """``torch.cpu.get_capabilities()``; on a torch without it (2.4 has none) the same names from the Linux kernel's
+    CPU flags (``avx512_bf16``, ``amx_bf16`` ...; ``cpu_name``), which torch's oneDNN uses all the same; elsewhere
+    empty (no CPU bf16 is found)."""
+    if hasattr(torch.cpu, "get_capabilities"):
+        return torch.cpu.get_capabilities()
+    try:
+        with open(cpuinfo) as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return {"cpu_name": fields.get("model name", "unnamed"), **dict.fromkeys(fields.get("flags", "").split(), True)}
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:

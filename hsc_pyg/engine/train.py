@@ -565,7 +565,7 @@ def open_training_data(config: Config, checkpoint: dict[str, Any] | None,
                         f"features per image but the checkpoint was trained on {config.num_regions} x "
                         f"{config.img_dim}; resume on the dataset it was trained on")
     config = config.replace(img_dim=train_split.img_dim, num_regions=train_split.num_regions, vocab_size=len(vocab))
-    config.check_boxes(train_split.boxes is not None)
+    config.model.check_boxes(train_split.boxes is not None)
     dataset = CaptionDataset(train_split, vocab, config.img_edges, config.txt_edges, config.caption_word_drop,
                              config.seed)
     return config, dataset, dev_split, vocab
