@@ -232,13 +232,13 @@ def check_scores_match(model, img_enc, cap_enc, atol: float = 1e-5) -> float:
     return the largest difference."""
     if img_enc.regions.size(1) != 1:
         raise ValueError("the original-style loop aligns one level only (align_levels=higher)")
-    lengths = cap_enc.mask.sum(1).tolist()
+    lengths = cap_enc.lengths.tolist()
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             ours = blocking.score(model, img_enc, cap_enc).double()
-            theirs = torch.from_numpy(shard_scores(model.similarity, img_enc.regions[:, 0], cap_enc.words[:, 0],
+            theirs = torch.from_numpy(shard_scores(model.similarity, img_enc.regions[:, 0], cap_enc.padded()[0][:, 0],
                                                    lengths, shard_size=7))
     finally:
         model.train(was_training)

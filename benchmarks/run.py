@@ -94,7 +94,7 @@ def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
     with cm.amp_context(device, dtype):
         img, cap = cm.encode(model, images, captions, device=device)
     del images
-    lengths = cap.mask.sum(1)
+    lengths = cap.lengths
     out: dict[str, Any] = {"preset": spec["preset"], "n_img": n_img, "n_cap": n_cap, "pairs": n_img * n_cap,
                            "mean_caption_tokens": float(lengths.float().mean()), "max_caption_tokens": int(lengths.max()),
                            "threads": torch.get_num_threads(), "chunk_mb": spec.get("chunk_mb")}
@@ -115,7 +115,7 @@ def worker_score(spec: dict[str, Any]) -> dict[str, Any]:
     small_img, small_cap = img[:7].to(dtype=torch.float32), cap[:13].to(dtype=torch.float32)
     out["check_max_abs_diff"] = og.check_scores_match(model, small_img, small_cap, atol=1e-5 if dtype == "fp32" else 5e-2)
     # the original keeps its embeddings in float64 NumPy arrays and converts each shard to float32
-    regions64, words64 = img.regions[:, 0].double(), cap.words[:, 0].double()
+    regions64, words64 = img.regions[:, 0].double(), cap.padded()[0][:, 0].double()
     cap_lens = lengths.tolist()
 
     def original():
@@ -327,14 +327,13 @@ def worker_rerank(spec: dict[str, Any]) -> dict[str, Any]:
     cm.sync(device)
     encode_s = time.perf_counter() - t0
     del images
-    packed = ev.PackedCaptions.pack(cap)
     box: dict[str, Any] = {}
 
     def call():
-        box["result"] = ev.rerank(model, img, packed, k=k, amp=amp)
+        box["result"] = ev.rerank(model, img, cap, k=k, amp=amp)
 
     with cm.amp_context(device, cpu_amp):
-        ev.rerank(model, img[:8], packed[:40], k=min(k, 8), amp=amp)   # warm-up
+        ev.rerank(model, img[:8], cap[:40], k=min(k, 8), amp=amp)   # warm-up
         with cm.PeakMemory(device) as mem:
             w, c = cm.time_call(call, device)
         # the exact alternative, from the scoring rate on a slice of the same encodings
@@ -396,8 +395,7 @@ def worker_bf16(spec: dict[str, Any]) -> dict[str, Any]:
     model = cm.make_model(spec["preset"], quick, device)
     images, captions = _inputs(n_img, n_cap, quick)
     img, cap = cm.encode(model, images, captions, device=device)
-    packed = ev.PackedCaptions.pack(cap)
-    lengths = cap.mask.sum(1)
+    lengths = cap.lengths
     sizes = model.config
     out: dict[str, Any] = {
         "preset": spec["preset"], "n_img": n_img, "n_cap": n_cap, "pairs": n_img * n_cap, "rescore_k": k,
@@ -414,17 +412,17 @@ def worker_bf16(spec: dict[str, Any]) -> dict[str, Any]:
     box: dict[str, Any] = {}
 
     def float32():
-        box["float32"] = ev.score_matrix(model, img, packed, progress=False)
+        box["float32"] = ev.score_matrix(model, img, cap, progress=False)
 
     def bf16():
-        box["bf16"] = ev.score_matrix(model, img, packed, amp="bf16", progress=False)
+        box["bf16"] = ev.score_matrix(model, img, cap, amp="bf16", progress=False)
 
     def exact_ranking():
-        scores = ev.score_matrix(model, img, packed, amp="bf16", progress=False)
-        box["exact_ranking"] = ev.rescore_ranking(scores, k, 5, lambda r, c: ev.pair_scores(model, img, packed, r, c))
+        scores = ev.score_matrix(model, img, cap, amp="bf16", progress=False)
+        box["exact_ranking"] = ev.rescore_ranking(scores, k, 5, lambda r, c: ev.pair_scores(model, img, cap, r, c))
 
     out["check_original_max_abs_diff"] = og.check_scores_match(model, img[:7], cap[:13], atol=1e-5)
-    regions64, words64 = img.regions[:, 0].double(), cap.words[:, 0].double()
+    regions64, words64 = img.regions[:, 0].double(), cap.padded()[0][:, 0].double()
     cap_lens = lengths.tolist()
 
     def original():

@@ -30,14 +30,15 @@ def l2(x):
 
 def encodings(n_img: int, lengths: list[int], dim: int = D, dtype=torch.float32, seed: int = 1, levels: int = 1):
     """Random l2-normalised encodings: ``ImageEncoding [n_img, levels, R, dim]`` and ``CaptionEncoding`` of
-    ``lengths`` (zero at padding)."""
+    ``lengths``."""
     g = torch.Generator().manual_seed(seed)
     regions = l2(torch.randn(n_img, levels, R, dim, generator=g, dtype=dtype))
     img_glo = l2(torch.randn(n_img, levels, dim, generator=g, dtype=dtype))
     mask = torch.arange(max(lengths)).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
     words = l2(torch.randn(len(lengths), levels, max(lengths), dim, generator=g, dtype=dtype)) * mask[:, None, :, None]
     cap_glo = l2(torch.randn(len(lengths), levels, dim, generator=g, dtype=dtype))
-    return ImageEncoding(regions, img_glo), CaptionEncoding(words, mask, cap_glo)
+    return ImageEncoding(regions, img_glo), CaptionEncoding.back_to_back(words.transpose(1, 2)[mask],
+                                                                         torch.tensor(lengths), cap_glo)
 
 
 def similarity_module(head: str = "saf", dtype=torch.float32, seed: int = 0) -> S.SimilarityModule:
@@ -51,8 +52,9 @@ def similarity_module(head: str = "saf", dtype=torch.float32, seed: int = 0) -> 
 
 
 def block(img, cap):
-    """The tensors of level 0, as SimilarityModule.forward takes them."""
-    return img.regions[:, 0], img.glo[:, 0], cap.words[:, 0], cap.mask, cap.glo[:, 0]
+    """The tensors of level 0, as SimilarityModule.forward takes them (the captions padded)."""
+    words, mask = cap.padded()
+    return img.regions[:, 0], img.glo[:, 0], words[:, 0], mask, cap.glo[:, 0]
 
 
 # --------------------------------------------------------------------------- linear

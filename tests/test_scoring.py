@@ -1,4 +1,4 @@
-"""Scoring library: packed captions, block scoring, retrieve-then-rerank and the whole protocol on a tiny model."""
+"""Scoring library: the captions' layout, block scoring, retrieve-then-rerank and the whole protocol on a tiny model."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +11,7 @@ from hsc_pyg.data.precomp import ImageDataset, PrecompSplit, TextDataset
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.data.vocab import build_vocab
 from hsc_pyg.engine import blocking
-from hsc_pyg.engine.scoring import (PackedCaptions, Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
+from hsc_pyg.engine.scoring import (Reranked, encode_split, evaluate, first_stage_matrix, pair_scores,
                                     rerank, rerank_scores, score_matrix)
 from hsc_pyg.engine.metrics import METRIC_KEYS, i2t_ranks, recall_metrics, t2i_ranks
 from hsc_pyg.errors import ConfigError, DataError, VocabError
@@ -56,11 +56,29 @@ def direct_encodings(model, split):
 
 
 def random_captions(lengths, levels=2, dim=4, seed=0):
+    """Captions of ``lengths`` words with random states, their words stored caption by caption in a shuffled order
+    (not in caption order): the encoding and each caption's words ``[n, V, d]``."""
     g = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
-    words = torch.randn(len(lengths), levels, longest, dim, generator=g) * mask[:, None, :, None]
-    return CaptionEncoding(words, mask, torch.randn(len(lengths), levels, dim, generator=g))
+    per_caption = [torch.randn(n, levels, dim, generator=g) for n in lengths]
+    order = torch.randperm(len(lengths), generator=g)
+    stored = torch.tensor(lengths)[order]
+    starts = torch.empty(len(lengths), dtype=torch.long)
+    starts[order] = stored.cumsum(0) - stored
+    words = torch.cat([per_caption[j] for j in order.tolist()])
+    glo = torch.randn(len(lengths), levels, dim, generator=g)
+    return CaptionEncoding(words, starts, torch.tensor(lengths), glo), per_caption
+
+
+def plain_padding(per_caption):
+    """Captions' words ``[n, V, d]`` each -> ``[M, V, L, d]`` zero at padding and the mask ``[M, L]``, one by one."""
+    longest = max(len(w) for w in per_caption)
+    levels, dim = per_caption[0].shape[1:]
+    words = torch.zeros(len(per_caption), levels, longest, dim)
+    mask = torch.zeros(len(per_caption), longest, dtype=torch.bool)
+    for j, w in enumerate(per_caption):
+        words[j, :, :len(w)] = w.transpose(0, 1)
+        mask[j, :len(w)] = True
+    return words, mask
 
 
 class FakeScorer(torch.nn.Module):
@@ -74,19 +92,17 @@ class FakeScorer(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.pair_calls = []
 
-    @staticmethod
-    def _caption_vectors(cap):
-        mask = cap.mask[:, :, None].to(cap.words.dtype)
-        return (cap.words[:, 0] * mask).sum(1) / mask.sum(1)
-
     def score_block(self, img, cap, positions=None):
-        return self.weight * img.glo[:, 0] @ self._caption_vectors(cap).T
+        words, mask = cap.padded()
+        means = (words[:, 0] * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True)
+        return self.weight * img.glo[:, 0] @ means.T
 
-    def score_pairs(self, img, words, lengths, images, cap_glo):
-        """The same score from packed words: ``img.glo . mean of the pair's words``."""
-        self.pair_calls.append((len(lengths), int(lengths.sum())))
-        pair = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        means = torch.zeros(len(lengths), words.size(-1)).index_add_(0, pair, words[:, 0]) / lengths[:, None]
+    def score_pairs(self, img, cap, images):
+        """The same score from the words back to back: ``img.glo . mean of the pair's words``."""
+        cap = cap.contiguous()
+        self.pair_calls.append((len(cap), len(cap.words)))
+        pair = torch.repeat_interleave(torch.arange(len(cap)), cap.lengths)
+        means = torch.zeros(len(cap), cap.words.size(-1)).index_add_(0, pair, cap.words[:, 0]) / cap.lengths[:, None]
         return self.weight * (img.glo[images, 0] * means).sum(-1)
 
 
@@ -94,28 +110,47 @@ def fake_encodings(num_images, per_image=5, dim=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, 9, (num_images * per_image,), generator=g).tolist()
     images = ImageEncoding(torch.randn(num_images, 1, 3, dim, generator=g), torch.randn(num_images, 1, dim, generator=g))
-    return images, random_captions(lengths, levels=1, dim=dim, seed=seed + 1)
+    return images, random_captions(lengths, levels=1, dim=dim, seed=seed + 1)[0]
 
 
-# ---- packed captions -----------------------------------------------------------------------------------------------
-def test_pack_then_unpack_gives_back_the_padded_captions():
-    enc = random_captions([3, 7, 1, 5, 7, 2])
-    packed = PackedCaptions.pack(enc)
-    assert packed.words.shape == (3 + 7 + 1 + 5 + 7 + 2, 2, 4)
-    back = packed.unpack()
-    assert torch.equal(back.mask, enc.mask)
-    assert torch.equal(back.words, enc.words)
-    assert torch.equal(back.glo, enc.glo)
+# ---- the captions' layout ------------------------------------------------------------------------------------------
+def test_the_padded_view_is_a_plain_padding_of_the_captions():
+    enc, per_caption = random_captions([3, 7, 1, 5, 7, 2])
+    assert enc.words.shape == (3 + 7 + 1 + 5 + 7 + 2, 2, 4)
+    words, mask = enc.padded()
+    want_words, want_mask = plain_padding(per_caption)
+    assert torch.equal(mask, want_mask)
+    assert torch.equal(words, want_words)
+    pick = torch.tensor([5, 2, 0, 2])                           # a selection is padded to its own longest caption
+    words, mask = enc[pick].padded()
+    want_words, want_mask = plain_padding([per_caption[j] for j in pick.tolist()])
+    assert mask.shape == (4, 3) and torch.equal(mask, want_mask) and torch.equal(words, want_words)
+    assert torch.equal(enc[pick].glo, enc.glo[pick])
+    assert torch.equal(enc[3].padded()[0], plain_padding([per_caption[3]])[0])
 
 
-def test_packed_subsets_are_trimmed_to_their_own_longest_caption():
-    enc = random_captions([3, 7, 1, 5, 7, 2])
-    packed = PackedCaptions.pack(enc)
-    pick = torch.tensor([5, 2, 0])
-    sub = packed[pick].unpack()
-    assert sub.mask.shape == (3, 3)
-    assert torch.equal(sub.words, enc.words[pick][:, :, :3])
-    assert torch.equal(sub.mask, enc.mask[pick][:, :3])
+def test_contiguous_puts_the_selected_captions_words_back_to_back():
+    enc, per_caption = random_captions([3, 7, 1, 5, 7, 2], seed=1)
+    pick = [4, 1, 1, 3]
+    sub = enc[torch.tensor(pick)].contiguous()
+    assert torch.equal(sub.words, torch.cat([per_caption[j] for j in pick]))
+    assert sub.starts.tolist() == [0, 7, 14, 21] and sub.lengths.tolist() == [7, 7, 7, 5]
+    assert sub.contiguous() is sub
+    assert not torch.equal(enc.starts, enc.lengths.cumsum(0) - enc.lengths)     # (stored in a shuffled order)
+    joined = CaptionEncoding.cat([enc[:2], enc[2:]])
+    assert torch.equal(joined.words, torch.cat(per_caption))
+    assert torch.equal(joined.padded()[0], enc.padded()[0]) and torch.equal(joined.glo, enc.glo)
+
+
+def test_encode_captions_keeps_the_encoders_words_without_their_padding(model, split):
+    batch = collate_graphs([TextDataset(split, model.vocab)[k] for k in (4, 0, 9, 2)])
+    with torch.no_grad():
+        enc = model.encode_captions(batch)
+        states = model.text_encoder(batch, model.levels)
+    words, mask = enc.padded()
+    assert torch.equal(mask, states.mask)
+    assert torch.equal(words, torch.stack([states.levels[lv] for lv in model.levels], 1) * mask[:, None, :, None])
+    assert enc.starts.tolist() == (enc.lengths.cumsum(0) - enc.lengths).tolist()
 
 
 # ---- block scoring -------------------------------------------------------------------------------------------------
@@ -269,11 +304,10 @@ def test_encode_split_equals_encoding_everything_at_once(model, split):
     assert len(images) == split.num_images and len(captions) == split.num_captions
     torch.testing.assert_close(images.regions, want_images.regions, rtol=0, atol=1e-6)
     torch.testing.assert_close(images.glo, want_images.glo, rtol=0, atol=1e-6)
-    back = captions.unpack()
-    length = back.mask.size(1)
-    assert torch.equal(back.mask, want_captions.mask[:, :length])
-    torch.testing.assert_close(back.words, want_captions.words[:, :, :length], rtol=0, atol=1e-6)
-    torch.testing.assert_close(back.glo, want_captions.glo, rtol=0, atol=1e-6)
+    (words, mask), (want_words, want_mask) = captions.padded(), want_captions.padded()
+    assert torch.equal(captions.lengths, want_captions.lengths) and torch.equal(mask, want_mask)
+    torch.testing.assert_close(words, want_words, rtol=0, atol=1e-6)
+    torch.testing.assert_close(captions.glo, want_captions.glo, rtol=0, atol=1e-6)
 
 
 def test_score_matrix_equals_the_model_dense_scorer(model, split, monkeypatch):
@@ -301,8 +335,7 @@ def test_evaluate_on_the_first_images_keeps_the_model_mode(model, split):
         model.eval()
     images, captions = direct_encodings(model, split)
     with torch.no_grad():
-        first = CaptionEncoding(*(t[:40] for t in (captions.words, captions.mask, captions.glo)))
-        want = blocking.score(model, images[:8], first)
+        want = blocking.score(model, images[:8], captions[:40])
     assert metrics == recall_metrics(want.numpy())
 
 

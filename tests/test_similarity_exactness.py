@@ -73,21 +73,18 @@ def random_encodings(n_img: int, lengths: list[int], levels: int):
     g = torch.Generator().manual_seed(1)
     regions = l2(torch.randn(n_img, levels, R, D, generator=g, dtype=torch.float64))
     img_glo = l2(torch.randn(n_img, levels, D, generator=g, dtype=torch.float64))
-    length = max(lengths)
-    mask = torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    words = l2(torch.randn(len(lengths), levels, length, D, generator=g, dtype=torch.float64))
-    words = words * mask[:, None, :, None]
+    words = l2(torch.randn(sum(lengths), levels, D, generator=g, dtype=torch.float64))
     cap_glo = l2(torch.randn(len(lengths), levels, D, generator=g, dtype=torch.float64))
-    return ImageEncoding(regions, img_glo), CaptionEncoding(words, mask, cap_glo)
+    return ImageEncoding(regions, img_glo), CaptionEncoding.back_to_back(words, torch.tensor(lengths), cap_glo)
 
 
 def reference_matrix(model, img, cap):
     out = torch.empty(len(img), len(cap), dtype=torch.float64)
-    lengths = cap.mask.sum(1).tolist()
     for i in range(len(img)):
         for j in range(len(cap)):
+            first, n = int(cap.starts[j]), int(cap.lengths[j])
             per_level = [reference_pair(model.similarity, img.regions[i, v], img.glo[i, v],
-                                        cap.words[j, v, :lengths[j]], cap.glo[j, v]) for v in range(img.regions.size(1))]
+                                        cap.words[first:first + n, v], cap.glo[j, v]) for v in range(img.regions.size(1))]
             out[i, j] = sum(per_level) / len(per_level)
     return out
 
@@ -125,11 +122,8 @@ def test_given_pairs_of_one_image_need_not_be_adjacent():
     model = random_model("saf", "higher")
     img, cap = random_encodings(3, LENGTHS, 1)
     images, captions = torch.tensor([2, 0, 2, 2, 1, 0]), torch.tensor([1, 3, 0, 6, 2, 5])
-    lengths = cap.mask.sum(1)[captions]
-    words = torch.cat([cap.words[j, 0, :n] for j, n in zip(captions.tolist(), lengths.tolist())])
     with torch.no_grad():
-        got = model.similarity.score_pairs(img.regions[:, 0], img.glo[images, 0], words, lengths, images,
-                                           cap.glo[captions, 0])
+        got = model.score_pairs(img, cap[captions], images)
         expected = blocking.score(model, img, cap)[images, captions]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -139,7 +133,7 @@ def test_score_of_a_pair_does_not_depend_on_the_other_captions():
     img, cap = random_encodings(3, LENGTHS, 1)
     with torch.no_grad():
         full = blocking.score(model, img, cap)
-        alone = blocking.score(model, img, cap[3:4].trimmed())
+        alone = blocking.score(model, img, cap[3:4])
     torch.testing.assert_close(full[:, 3:4], alone, atol=1e-12, rtol=0)
 
 

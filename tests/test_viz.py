@@ -186,7 +186,8 @@ def test_pair_graph_shows_the_attention_the_scorer_uses(split):
         img = model.encode_images(collate_graphs([image_graph(split.features(i), edges=model.config.img_edges)
                                                   for i in (0, image)]))
         cap = model.encode_captions(collate_graphs([caption_graph(ids, edges=model.config.txt_edges)]))
-        attn = cross_attention(img.regions[:, -1, None], cap.words[None, :, -1], cap.mask[None],
+        words, mask = cap.padded()
+        attn = cross_attention(img.regions[:, -1, None], words[None, :, -1], mask[None],
                                model.config.lambda_softmax, Kernels())
     shown = np.array([[g.edges[f"w{k}", f"r{j}"]["weight"] for j in range(REGIONS)] for k in range(len(ids))])
     np.testing.assert_allclose(shown, attn[1, 0].numpy(), atol=1e-6)

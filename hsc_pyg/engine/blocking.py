@@ -87,7 +87,7 @@ def score(model: HSCModel, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: f
     """Exact scores of every image against every caption, ``[N_img, N_cap]``, through
     :meth:`HSCModel.score_block <hsc_pyg.nn.model.HSCModel.score_block>`.
 
-    Captions are taken in order of length and cut into blocks (:func:`caption_blocks`), each trimmed to its own
+    Captions are taken in order of length and cut into blocks (:func:`caption_blocks`), each padded only to its own
     longest caption; each block is scored against the images in as few steps as ``chunk_mb`` MiB of working memory
     allow. In training mode every step holds all images (the SAF gate's BatchNorm takes its statistics per caption
     over all images), and that BatchNorm's running statistics are updated caption after caption in the batch's order,
@@ -97,26 +97,20 @@ def score(model: HSCModel, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: f
     out = img.regions.new_zeros(n_img, n_cap, dtype=next(model.parameters()).dtype)    # the scores' (float32 under amp)
     if n_img == 0 or n_cap == 0:
         return out
-    lengths = cap.mask.sum(1)
     if model.training:
-        max_captions = max(1, pairs_per_chunk(model.config, img.regions, cap.mask.size(1), chunk_mb) // n_img)
+        longest = max(1, int(cap.lengths.max()))
+        max_captions = max(1, pairs_per_chunk(model.config, img.regions, longest, chunk_mb) // n_img)
     else:
         max_captions = eval_block_captions(img.regions.device)
-    blocks = caption_blocks(lengths, max_captions)
-    # captions given in order of length (score_matrix's blocks): blocks are slices, not copies
-    in_order = bool((torch.cat(blocks) == torch.arange(n_cap, device=lengths.device)).all())
     norm = model.similarity.head.caption_norm() if model.training else None
-    c0 = 0
     with norm.deferred_updates() if norm is not None else contextlib.nullcontext():
-        for columns in blocks:
-            c1 = c0 + len(columns)
-            block = (cap[c0:c1] if in_order else cap[columns]).trimmed()
+        for columns in caption_blocks(cap.lengths, max_captions):
+            block = cap[columns]
             step = n_img if model.training else max(
-                1, pairs_per_chunk(model.config, img.regions, block.mask.size(1), chunk_mb) // len(block))
+                1, pairs_per_chunk(model.config, img.regions, max(1, int(block.lengths.max())), chunk_mb) // len(block))
             for i0 in range(0, n_img, step):
                 out[i0:i0 + step, columns] = model.score_block(img[i0:i0 + step], block,
                                                                columns if norm is not None else None)
-            c0 = c1
     return out
 
 

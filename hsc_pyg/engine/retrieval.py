@@ -37,7 +37,7 @@ from ..io import FolderLock, atomic_files, atomic_folder, create_npy, file_finge
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import blocking
 from .device import eval_mode
-from .scoring import PackedCaptions, _bar, _model_device, check_compatible, score_matrix
+from .scoring import _bar, _model_device, check_compatible, score_matrix
 from .vector_index import IndexSettings, Shortlister, build_faiss_index, configure, import_faiss, resolve_kind, top_n
 
 CACHE_VERSION = 1
@@ -71,7 +71,7 @@ class Gallery:
     ids: list[str]
     images: ImageEncoding
     image_vectors: torch.Tensor
-    captions: PackedCaptions | None = None
+    captions: CaptionEncoding | None = None
     caption_vectors: torch.Tensor | None = None
     caption_texts: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -223,7 +223,7 @@ def _load(folder: Path, meta: dict[str, Any]) -> Gallery:
     images = ImageEncoding(arrays["img_regions"], arrays["img_glo"])
     captions = caption_vectors = None
     if "cap_words" in arrays:
-        captions = PackedCaptions(arrays["cap_words"], arrays["cap_starts"], arrays["cap_lengths"], arrays["cap_glo"])
+        captions = CaptionEncoding(arrays["cap_words"], arrays["cap_starts"], arrays["cap_lengths"], arrays["cap_glo"])
         caption_vectors = arrays["cap_vectors"]
     return Gallery(folder, meta["ids"], images, arrays["img_vectors"], captions, caption_vectors,
                    meta.get("captions"), meta)
@@ -295,10 +295,10 @@ def _encode_captions(model: HSCModel, split: PrecompSplit, vocab: Vocabulary, ba
     with _bar(split.num_captions, "encoding gallery captions", "caption", progress) as bar:
         for ids, batch in zip(batches, loader):
             enc = model.encode_captions(batch.to(device))
-            words.append(enc.words.transpose(1, 2)[enc.mask].float().cpu().numpy().astype(dtype))
+            words.append(enc.words.float().cpu().numpy().astype(dtype))
             glo.append(enc.glo.float().cpu().numpy().astype(dtype))
             vectors.append(model.first_stage.caption_vectors(enc.glo).cpu().numpy())
-            lengths.append(enc.mask.sum(1).cpu().numpy())
+            lengths.append(enc.lengths.cpu().numpy())
             bar.update(len(ids))
     lengths_all = np.concatenate(lengths).astype(np.int64)
     return {"cap_words": np.concatenate(words), "cap_glo": np.concatenate(glo), "cap_vectors": np.concatenate(vectors),

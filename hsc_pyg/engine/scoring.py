@@ -3,9 +3,9 @@
 The pipeline of ``hsc-pyg evaluate`` (:mod:`hsc_pyg.engine.evaluate`) and of training's validation (MODEL.md §4):
 
 1. :func:`encode_split` runs the encoders once per image and once per caption, in batches (captions grouped by length),
-   and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions
-   packed without padding as a :class:`PackedCaptions` (COCO test captions: 13 tokens on average, up to 40; padding
-   every caption to the longest would take 3x the memory).
+   and keeps the results in float32 or float16 -- images as an :class:`~hsc_pyg.nn.model.ImageEncoding`, captions as
+   a :class:`~hsc_pyg.nn.model.CaptionEncoding`, packed without padding (COCO test captions: 13 tokens on average, up
+   to 40; padding every caption to the longest would take 3x the memory).
 2. :func:`score_matrix` scores blocks of images against blocks of captions of similar length (the blocks, chunks and
    memory limits of :mod:`hsc_pyg.engine.blocking`) and fills a host float32 ``[N, M]`` matrix (500 MB for COCO 5K),
    with a progress bar and an ETA.
@@ -30,7 +30,6 @@ from ..config import SCORE_CHUNK_MB
 from ..data.precomp import ImageDataset, PrecompSplit, TextDataset
 from ..data.vocab import Vocabulary
 from ..errors import ConfigError, DataError, VocabError
-from ..nn.functional import l2norm
 from ..nn.model import CaptionEncoding, HSCModel, ImageEncoding
 from . import blocking, distributed
 from .device import autocast, eval_mode, resolve_device
@@ -47,57 +46,6 @@ def _model_device(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not progress, leave=False,
                 dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------- packed captions
-@dataclass
-class PackedCaptions:
-    """Caption encodings without padding: the words of all captions back to back.
-
-    ``words [T, V, d]`` (T = all words, V = aligned levels), ``starts [M]`` and ``lengths [M]`` (long, the row of a
-    caption's first word and its word count), ``glo [M, V, d]``. Indexing (a slice or a LongTensor) selects captions
-    and shares ``words``; :meth:`unpack` gives a padded :class:`CaptionEncoding` for the scorer.
-    """
-
-    words: Tensor
-    starts: Tensor
-    lengths: Tensor
-    glo: Tensor
-
-    @classmethod
-    def pack(cls, enc: CaptionEncoding) -> "PackedCaptions":
-        lengths = enc.mask.sum(1)
-        words = enc.words.transpose(1, 2)[enc.mask]  # [T, V, d], caption after caption
-        return cls(words, lengths.cumsum(0) - lengths, lengths, enc.glo)
-
-    def __len__(self) -> int:
-        return self.lengths.numel()
-
-    def __getitem__(self, idx) -> "PackedCaptions":
-        if isinstance(idx, Tensor):
-            idx = idx.to(self.starts.device)
-        return PackedCaptions(self.words, self.starts[idx], self.lengths[idx], self.glo[idx])
-
-    def to(self, device=None, dtype=None) -> "PackedCaptions":
-        return PackedCaptions(self.words.to(device=device, dtype=dtype), self.starts.to(device),
-                              self.lengths.to(device), self.glo.to(device=device, dtype=dtype))
-
-    def unpack(self) -> CaptionEncoding:
-        """These captions padded to the longest of them: ``words [M, V, L, d]`` (zero at padding), ``mask [M, L]``."""
-        longest = max(int(self.lengths.max()), 1) if len(self) else 1
-        steps = torch.arange(longest, device=self.starts.device)
-        mask = steps[None, :] < self.lengths[:, None]
-        rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
-        words = self.words[rows].masked_fill_(~mask[:, :, None, None], 0)  # [M, L, V, d]
-        return CaptionEncoding(words.transpose(1, 2), mask, self.glo)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.words, self.starts, self.lengths, self.glo))
-
-
-def _as_packed(captions: CaptionEncoding | PackedCaptions) -> PackedCaptions:
-    return captions if isinstance(captions, PackedCaptions) else PackedCaptions.pack(captions)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -138,7 +86,7 @@ def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
                  device: str | torch.device | None = None, max_images: int | None = None,
                  store_dtype: torch.dtype = torch.float32, store_device: str | torch.device | None = None,
                  amp: str = "off", workers: int = 0, progress: bool = True,
-                 ) -> tuple[ImageEncoding, PackedCaptions]:
+                 ) -> tuple[ImageEncoding, CaptionEncoding]:
     """Encode each image and each caption of ``split`` once, in batches.
 
     Args:
@@ -151,7 +99,7 @@ def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
         amp: ``off``, ``bf16`` or ``fp16`` (GPU autocast).
 
     Returns:
-        ``ImageEncoding`` of ``N`` images and :class:`PackedCaptions` of ``per_image * N`` captions, in split order.
+        ``ImageEncoding`` of ``N`` images and ``CaptionEncoding`` of ``per_image * N`` captions, in split order.
     """
     if batch_size < 1:
         raise ConfigError(f"--batch_size must be at least 1, found {batch_size}")
@@ -193,41 +141,38 @@ def encode_split(model: HSCModel, split: PrecompSplit, vocab: Vocabulary | None 
         offset = 0
         with _bar(num_captions, "encoding captions", "caption", progress) as bar:
             for ids, batch in zip(caption_batches, loader(captions_ds, caption_batches)):
-                enc = model.encode_captions(batch.to(device))
-                counts = enc.mask.sum(1).cpu()
-                if not torch.equal(counts, lengths[ids]):
+                enc = model.encode_captions(batch.to(device))              # words back to back, batch order
+                if not torch.equal(enc.lengths.cpu(), lengths[ids]):
                     raise RuntimeError("the caption encoder returned other word counts than the tokenizer")
-                flat = enc.words.transpose(1, 2)[enc.mask]            # [words of the batch, V, d]
                 if words is None:
-                    words, cap_glo = empty_like(flat, int(lengths.sum())), empty_like(enc.glo, num_captions)
-                words[offset:offset + len(flat)] = flat
-                starts[ids] = offset + counts.cumsum(0) - counts
+                    words, cap_glo = empty_like(enc.words, int(lengths.sum())), empty_like(enc.glo, num_captions)
+                words[offset:offset + len(enc.words)] = enc.words
+                starts[ids] = offset + enc.starts.cpu()
                 cap_glo[torch.tensor(ids, device=store_device)] = enc.glo.to(store_device, store_dtype)
-                offset += len(flat)
+                offset += len(enc.words)
                 bar.update(batch.num_graphs)
     return (ImageEncoding(regions, img_glo),
-            PackedCaptions(words, starts.to(store_device), lengths.to(store_device), cap_glo))
+            CaptionEncoding(words, starts.to(store_device), lengths.to(store_device), cap_glo))
 
 
 # --------------------------------------------------------------------------- exact scoring
-def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding,
                  block_images: int = 128, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                  progress: bool = True) -> np.ndarray:
     """Exact scores of every image against every caption, ``[N, M]`` float32 on the host.
 
     The captions are cut into the blocks of :func:`~hsc_pyg.engine.blocking.caption_blocks` (in order of length, each
-    padded only to its own longest caption); each block is unpacked on the model's device and scored by
+    padded only to its own longest caption); each block's words are gathered onto the model's device and scored by
     :func:`~hsc_pyg.engine.blocking.score` (within ``chunk_mb`` MiB of working memory) against ``block_images``
     images at a time, and copied to the host. ``amp``: the precision of the products (autocast; ``bf16`` also on CPUs
     with native bf16 matrix instructions). The progress bar counts pairs.
     """
-    captions = _as_packed(captions)
     device, dtype = _model_device(model)
     n, m = len(img_enc), len(captions)
     out = np.empty((n, m), dtype=np.float32)
     with eval_mode(model), autocast(device, amp, cpu_bf16=True), _bar(n * m, "scoring", "pair", progress) as bar:
         for columns in blocking.caption_blocks(captions.lengths.cpu(), blocking.eval_block_captions(device)):
-            cap = captions[columns].unpack().to(device, dtype)
+            cap = captions[columns].contiguous().to(device, dtype)
             columns = columns.numpy()
             for i0 in range(0, n, block_images):
                 img = img_enc[i0:i0 + block_images].to(device, dtype)
@@ -236,7 +181,7 @@ def score_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncod
     return out
 
 
-def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding,
                              block_images: int = 128, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                              progress: bool = True) -> np.ndarray | None:
     """:func:`score_matrix` with the image rows split across the processes of ``torch.distributed``.
@@ -254,7 +199,7 @@ def score_matrix_distributed(model: HSCModel, img_enc: ImageEncoding, captions: 
     return distributed.gather_rows(part, len(img_enc), block_images)
 
 
-def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding,
                 rows: np.ndarray, cols: np.ndarray, chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
                 progress: bool = False) -> np.ndarray:
     """Exact scores of the pairs ``(rows[p], cols[p])`` -> ``[P]`` float32.
@@ -262,7 +207,6 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
     The pairs are taken image by image and handed to :meth:`HSCModel.score_pairs` in pieces of at most
     :func:`blocking.words_per_call(model.config, chunk_mb) <hsc_pyg.engine.blocking.words_per_call>` caption words,
     their captions' words gathered back to back (no padding)."""
-    captions = _as_packed(captions)
     device, dtype = _model_device(model)
     rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
     out = np.empty(len(rows), dtype=np.float32)
@@ -278,22 +222,19 @@ def pair_scores(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncodi
         while p0 < len(order):
             p1 = max(p0 + 1, int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + budget, side="right")))
             piece = order[p0:p1]
-            c = torch.from_numpy(cols[piece]).to(captions.starts.device)
-            n = captions.lengths[c]
-            first = torch.repeat_interleave(captions.starts[c] - (n.cumsum(0) - n), n)
-            words = captions.words.index_select(0, first + torch.arange(int(n.sum()), device=first.device))
-            # only this piece's images go to the device and the compute dtype (a float16 gallery stays as it is)
+            # only this piece's images and captions go to the device and the compute dtype (a float16 gallery
+            # stays as it is)
+            cap = captions[torch.from_numpy(cols[piece])].contiguous().to(device, dtype)
             used, images = np.unique(rows[piece], return_inverse=True)
             img = img_enc[torch.from_numpy(used)].to(device, dtype)
             images = torch.from_numpy(images).to(device)
-            out[piece] = model.score_pairs(img, words.to(device, dtype), n.to(device), images,
-                                           captions.glo[c].to(device, dtype)).float().cpu().numpy()
+            out[piece] = model.score_pairs(img, cap, images).float().cpu().numpy()
             bar.update(len(piece))
             p0 = p1
     return out
 
 
-def first_stage_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions,
+def first_stage_matrix(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding,
                        block_images: int = 1024) -> np.ndarray:
     """First-stage scores: the cosine of the model's first-stage image and caption vectors
     (:class:`~hsc_pyg.nn.first_stage.FirstStage`), ``[N, M]`` float32 on the host."""
@@ -454,7 +395,7 @@ def rescore_ranking(scores: np.ndarray, k: int, per_image: int,
     return Rescored(out.numpy(), int(chosen.sum()) + len(rows), k, margin)
 
 
-Member = tuple[HSCModel, ImageEncoding, "CaptionEncoding | PackedCaptions"]
+Member = tuple[HSCModel, ImageEncoding, CaptionEncoding]
 
 
 def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off",
@@ -494,7 +435,7 @@ def rerank_ensemble(members: Sequence[Member], ks: Sequence[int], chunk_mb: int 
     return [results[k] for k in ks]
 
 
-def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding | PackedCaptions, k: int,
+def rerank(model: HSCModel, img_enc: ImageEncoding, captions: CaptionEncoding, k: int,
            chunk_mb: int = SCORE_CHUNK_MB, amp: str = "off", progress: bool = False) -> Reranked:
     """Rank all captions per image and all images per caption by the model's first stage, then score each query's
     top ``k`` exactly with :func:`pair_scores` (see :class:`Reranked`)."""

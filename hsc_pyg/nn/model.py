@@ -15,7 +15,6 @@ from ..data.graphs import caption_graph, collate_graphs, image_graph
 from ..errors import ConfigError
 from .encoders import RegionGraphEncoder, WordGraphEncoder
 from .first_stage import FirstStage
-from .functional import l2norm
 from .kernels import compute_dtype
 from .model_config import ModelConfig
 from .similarity import SimilarityModule
@@ -53,33 +52,67 @@ class ImageEncoding:
 
 @dataclass
 class CaptionEncoding:
-    """Per-caption states: ``words [M, V, L, d]`` (zero at padding), ``mask [M, L]``, ``glo [M, V, d]``."""
+    """Per-caption states, packed: the words of all captions back to back, without padding.
+
+    ``words [T, V, d]`` (T = all words, V = aligned levels), ``starts [M]`` and ``lengths [M]`` (long, the row of a
+    caption's first word and its word count), ``glo [M, V, d]``. Indexing (an int, a slice or a LongTensor) selects
+    captions and shares ``words``, so a split's captions are stored once and a block of them costs nothing to select;
+    :meth:`padded` gives the padded view that scoring all pairs of a block needs, :meth:`contiguous` the words of the
+    selected captions back to back that scoring given pairs needs.
+    """
 
     words: Tensor
-    mask: Tensor
+    starts: Tensor
+    lengths: Tensor
     glo: Tensor
 
+    @classmethod
+    def back_to_back(cls, words: Tensor, lengths: Tensor, glo: Tensor) -> "CaptionEncoding":
+        """Captions whose words ``words [T, V, d]`` lie back to back in caption order, ``lengths [M]`` each."""
+        return cls(words, lengths.cumsum(0) - lengths, lengths, glo)
+
     def __len__(self) -> int:
-        return self.words.size(0)
+        return self.lengths.numel()
 
     def __getitem__(self, idx) -> "CaptionEncoding":
-        return CaptionEncoding(_index(self.words, idx), _index(self.mask, idx), _index(self.glo, idx))
+        if isinstance(idx, Tensor):
+            idx = idx.to(self.starts.device)
+        return CaptionEncoding(self.words, _index(self.starts, idx), _index(self.lengths, idx), _index(self.glo, idx))
 
     def to(self, device=None, dtype=None) -> "CaptionEncoding":
-        return CaptionEncoding(self.words.to(device=device, dtype=dtype), self.mask.to(device=device),
-                               self.glo.to(device=device, dtype=dtype))
+        """All of ``words`` moved or cast (a selection shares them: :meth:`contiguous` first moves only its own)."""
+        return CaptionEncoding(self.words.to(device=device, dtype=dtype), self.starts.to(device),
+                               self.lengths.to(device), self.glo.to(device=device, dtype=dtype))
 
-    def trimmed(self) -> "CaptionEncoding":
-        """The same captions with padding cut to the longest of them."""
-        length = max(int(self.mask.sum(1).max()), 1) if len(self) else 1
-        return CaptionEncoding(self.words[:, :, :length], self.mask[:, :length], self.glo)
+    def padded(self) -> tuple[Tensor, Tensor]:
+        """These captions padded to the longest of them: ``words [M, V, L, d]`` (zero at padding) and the mask of
+        their real words ``[M, L]`` (L at least 1)."""
+        longest = max(int(self.lengths.max()), 1) if len(self) else 1
+        steps = torch.arange(longest, device=self.starts.device)
+        mask = steps[None, :] < self.lengths[:, None]
+        rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
+        words = self.words[rows].masked_fill_(~mask[:, :, None, None], 0)              # [M, L, V, d]
+        return words.transpose(1, 2), mask
+
+    def contiguous(self) -> "CaptionEncoding":
+        """The same captions with their words back to back in caption order (``self`` when they already are)."""
+        firsts = self.lengths.cumsum(0) - self.lengths
+        total = int(self.lengths.sum())
+        if self.words.size(0) == total and torch.equal(self.starts, firsts):
+            return self
+        rows = torch.repeat_interleave(self.starts - firsts, self.lengths, output_size=total)
+        rows += torch.arange(total, device=rows.device)
+        return CaptionEncoding(self.words.index_select(0, rows), firsts, self.lengths, self.glo)
 
     @classmethod
     def cat(cls, parts: Sequence["CaptionEncoding"]) -> "CaptionEncoding":
-        length = max(p.mask.size(1) for p in parts)
-        words = [nn.functional.pad(p.words, (0, 0, 0, length - p.words.size(2))) for p in parts]
-        masks = [nn.functional.pad(p.mask, (0, length - p.mask.size(1))) for p in parts]
-        return cls(torch.cat(words), torch.cat(masks), torch.cat([p.glo for p in parts]))
+        parts = [p.contiguous() for p in parts]
+        return cls.back_to_back(torch.cat([p.words for p in parts]), torch.cat([p.lengths for p in parts]),
+                                torch.cat([p.glo for p in parts]))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.starts, self.lengths, self.glo))
 
 
 class TrainingScores(NamedTuple):
@@ -129,11 +162,12 @@ class HSCModel(nn.Module):
         return ImageEncoding(regions, glo)
 
     def encode_captions(self, captions) -> CaptionEncoding:
-        """A ``Batch`` of word graphs -> :class:`CaptionEncoding` (once per caption)."""
+        """A ``Batch`` of word graphs -> :class:`CaptionEncoding` (once per caption), the words back to back in the
+        batch's order."""
         states = self.text_encoder(captions, self.levels)
-        words = _by_level([states.levels[lv] for lv in self.levels])
+        words = _by_level([states.levels[lv][states.mask] for lv in self.levels])
         glo = _by_level([self.similarity.text_sa(states.levels[lv], states.mask) for lv in self.levels])
-        return CaptionEncoding(words, states.mask, glo)
+        return CaptionEncoding.back_to_back(words, states.mask.sum(1), glo)
 
     # ---------------------------------------------------------------- per pair
     def set_kernels(self, mode: str) -> None:
@@ -143,35 +177,39 @@ class HSCModel(nn.Module):
 
     def score_block(self, img: ImageEncoding, cap: CaptionEncoding, positions: Tensor | None = None) -> Tensor:
         """Exact scores of every image of a block against every caption of it, ``[A, C]``: the level average of
-        :meth:`SimilarityModule.forward` (MODEL.md §2), all pairs at once. How many pairs a call should hold (memory,
-        padding) is the caller's choice: :func:`hsc_pyg.engine.blocking.score` cuts any set into blocks.
+        :meth:`SimilarityModule.forward` (MODEL.md §2) on the captions padded to the longest of them
+        (:meth:`CaptionEncoding.padded`), all pairs at once. How many pairs a call should hold (memory, padding) is
+        the caller's choice: :func:`hsc_pyg.engine.blocking.score` cuts any set into blocks of captions of similar
+        length.
 
         ``positions`` (long ``[C]``, training only): the captions' places in their batch, which order the SAF gate's
         deferred running-statistics updates (:meth:`CaptionwiseBatchNorm.deferred_updates`)."""
         norm = self.similarity.head.caption_norm() if positions is not None else None
+        words, mask = cap.padded()
         # under autocast (bf16 scoring) the region and word states are cast once here, not once per product
         dtype = compute_dtype(img.regions)
-        words = cap.words.to(dtype)
+        words = words.to(dtype)
         total = 0
         for v in range(len(self.levels)):
             if norm is not None:      # running statistics: level by level, captions in batch order
                 norm.next_captions(v, positions)
-            total = total + self.similarity(img.regions[:, v].to(dtype), img.glo[:, v], words[:, v], cap.mask,
+            total = total + self.similarity(img.regions[:, v].to(dtype), img.glo[:, v], words[:, v], mask,
                                             cap.glo[:, v])
         return total / len(self.levels)
 
-    def score_pairs(self, img: ImageEncoding, words: Tensor, lengths: Tensor, images: Tensor, cap_glo: Tensor) -> Tensor:
+    def score_pairs(self, img: ImageEncoding, cap: CaptionEncoding, images: Tensor) -> Tensor:
         """Exact scores of P given pairs (eval mode), the level average of :meth:`SimilarityModule.score_pairs`:
-        ``img`` all images, ``words [T, V, d]`` the words of each pair's caption back to back, ``lengths [P]``,
-        ``images [P]`` (each pair's image; keep one image's pairs adjacent), ``cap_glo [P, V, d]`` -> ``[P]``.
-        The same numbers as :meth:`score_block` at those pairs; how many pairs to hand over at once:
+        ``img`` the images, ``cap`` each pair's caption (P of them, repeats allowed; their words are taken back to
+        back, :meth:`CaptionEncoding.contiguous`), ``images [P]`` each pair's image (keep one image's pairs adjacent)
+        -> ``[P]``. The same numbers as :meth:`score_block` at those pairs; how many pairs to hand over at once:
         :func:`hsc_pyg.engine.blocking.words_per_call`."""
+        cap = cap.contiguous()
         dtype = compute_dtype(img.regions)
+        words = cap.words.to(dtype)
         total = 0
         for v in range(len(self.levels)):
             total = total + self.similarity.score_pairs(img.regions[:, v].to(dtype), img.glo[images, v],
-                                                        words[:, v].to(dtype).contiguous(), lengths, images,
-                                                        cap_glo[:, v])
+                                                        words[:, v].contiguous(), cap.lengths, images, cap.glo[:, v])
         return total / len(self.levels)
 
     # ---------------------------------------------------------------- convenience
