@@ -98,8 +98,7 @@ def score(model: HSCModel, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: f
     if n_img == 0 or n_cap == 0:
         return out
     if model.training:
-        longest = max(1, int(cap.lengths.max()))
-        max_captions = max(1, pairs_per_chunk(model.config, img.regions, longest, chunk_mb) // n_img)
+        max_captions = max(1, pairs_per_chunk(model.config, img.regions, cap.longest(), chunk_mb) // n_img)
     else:
         max_captions = eval_block_captions(img.regions.device)
     norm = model.similarity.head.caption_norm() if model.training else None
@@ -107,7 +106,7 @@ def score(model: HSCModel, img: ImageEncoding, cap: CaptionEncoding, chunk_mb: f
         for columns in caption_blocks(cap.lengths, max_captions):
             block = cap[columns]
             step = n_img if model.training else max(
-                1, pairs_per_chunk(model.config, img.regions, max(1, int(block.lengths.max())), chunk_mb) // len(block))
+                1, pairs_per_chunk(model.config, img.regions, block.longest(), chunk_mb) // len(block))
             for i0 in range(0, n_img, step):
                 out[i0:i0 + step, columns] = model.score_block(img[i0:i0 + step], block,
                                                                columns if norm is not None else None)

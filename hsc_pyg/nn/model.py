@@ -84,15 +84,19 @@ class CaptionEncoding:
         return CaptionEncoding(self.words.to(device=device, dtype=dtype), self.starts.to(device),
                                self.lengths.to(device), self.glo.to(device=device, dtype=dtype))
 
+    def longest(self) -> int:
+        """The words of the longest of these captions (at least 1): the length L of :meth:`padded`."""
+        return max(int(self.lengths.max()), 1) if len(self) else 1
+
     def padded(self) -> tuple[Tensor, Tensor]:
         """These captions padded to the longest of them: ``words [M, V, L, d]`` (zero at padding) and the mask of
-        their real words ``[M, L]`` (L at least 1)."""
-        longest = max(int(self.lengths.max()), 1) if len(self) else 1
-        steps = torch.arange(longest, device=self.starts.device)
+        their real words ``[M, L]``."""
+        steps = torch.arange(self.longest(), device=self.starts.device)
         mask = steps[None, :] < self.lengths[:, None]
-        rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0)
-        words = self.words[rows].masked_fill_(~mask[:, :, None, None], 0)              # [M, L, V, d]
-        return words.transpose(1, 2), mask
+        rows = (self.starts[:, None] + steps[None, :]).masked_fill(~mask, 0).flatten()
+        # one row gather, then the few padding rows zeroed (a broadcast masked_fill over [M, L, V, d] costs 6x more)
+        words = self.words.flatten(1).index_select(0, rows).index_fill_(0, (~mask).flatten().nonzero().squeeze(1), 0)
+        return words.view(*mask.shape, *self.words.shape[1:]).transpose(1, 2), mask
 
     def contiguous(self) -> "CaptionEncoding":
         """The same captions with their words back to back in caption order (``self`` when they already are)."""
