@@ -11,6 +11,7 @@ import pytest
 from hsc_pyg.cli.ablate import main
 from hsc_pyg.data.synthetic import make_synthetic
 from hsc_pyg.engine.ablation import compare, load_grid, markdown, summarize, welch
+from hsc_pyg.engine.checkpoint import read_checkpoint
 from hsc_pyg.errors import ConfigError
 
 RECIPE = {"embed_size": 16, "word_dim": 8, "sim_dim": 8, "img_layers": 2, "txt_layers": 2, "batch_size": 8,
@@ -151,6 +152,8 @@ def test_a_tiny_grid_trains_evaluates_resumes_and_never_redoes_a_finished_run(tm
     assert [(r["name"], r["seed"]) for r in study["runs"]] == [("hsc", 0)]
     run = study["runs"][0]
     assert run["config"] == {} and run["parameters"] > 0 and len(run["rerank"]) == 1
+    trained = read_checkpoint(Path("runs/hsc/seed0/checkpoint/checkpoint.pth"))["train_seconds"]
+    assert run["train_seconds"] == round(trained, 1) > 0 and run["train_attempts"] == 1   # the training's own count
     evaluation = json.loads(Path("runs/hsc/seed0/eval.json").read_text())
     assert run["test_rsum"] == evaluation["metrics"]["rsum"]
     assert run["rerank"][0]["shared_rsum"] == evaluation["rerank"][0]["shared_metrics"]["rsum"]
@@ -209,6 +212,8 @@ def test_a_resumed_training_is_told_its_run_folder_and_data_again(tmp_path, reci
 
     def child(python, argv, log):           # records the command, writes a log and fails, as a crashed training
         calls.append(argv)
+        # the attempt is on record before it starts (a runner killed meanwhile does not lose it)
+        assert json.loads((run.folder / "timing.json").read_text())["attempts"] == len(calls)
         log.write_text("stopped\n")
         return 1
 

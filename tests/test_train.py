@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,29 @@ def test_resume_mid_epoch_gives_the_same_parameters_and_loss_curve(tiny_data, tm
     resumed, direct = (read_checkpoint(tmp_path / run / "checkpoint" / CHECKPOINT) for run in ("split", "straight"))
     assert resumed["best_rsum"] == direct["best_rsum"] and resumed["iteration"] == direct["iteration"] == steps
     assert_same_state(resumed["optimizer"]["state"][0], direct["optimizer"]["state"][0])
+
+
+def test_the_checkpoint_counts_the_training_time_of_every_attempt(tiny_data, tmp_path):
+    """checkpoint.pth's train_seconds: this attempt's wall time added to what the resumed checkpoint counted (the
+    runner's killed attempts included); unknown (None) from then on after resuming a checkpoint that did not count."""
+    path = tmp_path / "run" / "checkpoint" / CHECKPOINT
+    started = time.perf_counter()
+    first = train(tiny_config(tiny_data, tmp_path / "run"), max_iters=4)
+    took = time.perf_counter() - started
+    saved = read_checkpoint(path)["train_seconds"]
+    assert 0 < saved <= first.train_seconds <= took
+
+    config, checkpoint = resume(path)
+    checkpoint["train_seconds"] = 1000.0           # as if earlier attempts had trained for 1,000 s
+    started = time.perf_counter()
+    second = train(config, resume=checkpoint, max_iters=8)
+    took = time.perf_counter() - started
+    assert 1000 < read_checkpoint(path)["train_seconds"] <= second.train_seconds <= 1000 + took
+
+    config, checkpoint = resume(path)
+    del checkpoint["train_seconds"]                # a checkpoint of a version that did not count
+    third = train(config, resume=checkpoint, max_iters=10)
+    assert third.iteration == 10 and third.train_seconds is None and read_checkpoint(path)["train_seconds"] is None
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tiny_data, tmp_path, monkeypatch):

@@ -96,6 +96,7 @@ def train_command(args: argparse.Namespace) -> int:
         best = f"{result.best_rsum:.1f}" if result.best_rsum > float("-inf") else "none (no validation yet)"
         print(f"done: epoch {result.epoch}, iteration {result.iteration}, best dev rsum {best}"
               + (f", {result.skipped} batches skipped (non-finite loss)" if result.skipped else "")
+              + (f", {result.train_seconds:,.0f} s of training" if result.train_seconds is not None else "")
               + f"; checkpoints in {config.model_name}")
     return 0
 

@@ -175,6 +175,8 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     timing_path = folder / "timing.json"
     timing = _read_timing(timing_path)
     if not (folder / "train_done.json").exists():
+        timing["attempts"] += 1
+        write_json(timing_path, timing)   # counted before it starts: a runner killed during it still counts it
         if checkpoint.is_file():
             # the folders and data named again: the checkpoint's own paths may be relative to another working folder
             argv = ["train", "--resume", str(checkpoint), "--no_progress",
@@ -185,8 +187,7 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
             argv = ["train", "--config", str(folder / "config.json"), "--no_progress", "--overwrite"]
         start = time.perf_counter()
         status = _child(python, argv, folder / "train.log")
-        timing = {"train_seconds": timing["train_seconds"] + time.perf_counter() - start,
-                  "attempts": timing["attempts"] + 1}
+        timing["train_seconds"] += time.perf_counter() - start
         write_json(timing_path, timing)
         if status in (130, 143):
             raise KeyboardInterrupt
@@ -250,13 +251,17 @@ def _run_record(run: Run, config: Config, report: dict[str, Any], timing: dict[s
     model = load_checkpoint(best, map_location="cpu")
     last = read_checkpoint(run.folder / "checkpoint" / "checkpoint.pth")
     metrics = report["metrics"]
+    # the training's own count (every attempt, to its last save) when the checkpoint has one; the runner's misses the
+    # attempts of a runner that was killed (older checkpoints)
+    seconds = last.get("train_seconds")
+    seconds = seconds if isinstance(seconds, (int, float)) else timing["train_seconds"]
     record = {
         "name": run.name, "config": run.options, "seed": run.seed,
         "test_rsum": metrics["rsum"], "test_metrics": metrics, "split": report["split"],
         "dev_best_rsum": float(last["best_rsum"]),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": config.num_epochs, "train_seconds": round(timing["train_seconds"], 1),
-        "seconds_per_epoch": round(timing["train_seconds"] / max(config.num_epochs, 1), 1),
+        "epochs": config.num_epochs, "train_seconds": round(seconds, 1),
+        "seconds_per_epoch": round(seconds / max(config.num_epochs, 1), 1),
         "train_attempts": timing["attempts"],
     }
     if "first_stage_metrics" in report:

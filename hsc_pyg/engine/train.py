@@ -98,6 +98,7 @@ class TrainResult:
     metrics: dict[str, Any] | None = None
     skipped: int = 0
     model: HSCModel | None = None
+    train_seconds: float | None = None             # the run's, every attempt counted (see Run)
 
 
 # --------------------------------------------------------------------------- resume checks
@@ -437,6 +438,10 @@ class Run:
     last_saved: int | None = None                # the iteration of the last checkpoint.pth
     resumed: bool = False
     timer: tuple[float, int] = (0.0, 0)          # (time, iteration) of the last steps-per-second measurement
+    # wall time of the run's training so far, validations included, over every attempt (None: resumed from a
+    # checkpoint that did not count it), up to ``clock`` (time.perf_counter() when the attempt's loop began)
+    train_seconds: float | None = 0.0
+    clock: float = 0.0
     data_fingerprint: dict[str, Any] = field(default_factory=dict)   # of the train and dev splits, saved
 
 
@@ -584,6 +589,8 @@ def restore(run: Run, checkpoint: dict[str, Any]) -> None:
     run.sampler = SamplerState(checkpoint["sampler"]["epoch_start"], int(checkpoint["sampler"]["position"]))
     run.epoch, run.iteration = int(checkpoint["epoch"]), int(checkpoint["iteration"])
     run.best_rsum = float(checkpoint["best_rsum"])
+    seconds = checkpoint.get("train_seconds")
+    run.train_seconds = float(seconds) if isinstance(seconds, (int, float)) else None
     run.validated = int(checkpoint.get("validated", run.iteration))
     run.last_saved, run.resumed = run.iteration, True
     world = run.batch_sampler.world
@@ -603,9 +610,14 @@ def save(run: Run, path: Path) -> None:
                      ) if path.name == CHECKPOINT else {}
         save_checkpoint(path, run.model, run.config, epoch=run.epoch, iteration=run.iteration,
                         best_rsum=run.best_rsum, run_id=run.run_id, validated=run.validated,
-                        data_fingerprint=run.data_fingerprint, **state)
+                        data_fingerprint=run.data_fingerprint, train_seconds=train_seconds(run), **state)
     if path.name == CHECKPOINT:
         run.last_saved = run.iteration
+
+
+def train_seconds(run: Run) -> float | None:
+    """The run's training wall time until now, every attempt counted (None when an earlier attempt's is unknown)."""
+    return None if run.train_seconds is None else run.train_seconds + time.perf_counter() - run.clock
 
 
 def validate(run: Run) -> dict[str, Any]:
@@ -654,7 +666,8 @@ def loop(run: Run, *, dry_run: bool, max_iters: int | None, progress: bool) -> T
     result = TrainResult(run.iteration, run.epoch, run.best_rsum, model=run.model)
     guard = DeferredInterrupt()
     run.model.train()
-    run.timer = (time.perf_counter(), run.iteration)
+    run.clock = time.perf_counter()
+    run.timer = (run.clock, run.iteration)
     if max_iters is not None and run.iteration >= max_iters:
         run.log(f"nothing to do: the run is at iteration {run.iteration} and --max_iters is {max_iters}")
         if run.writer is not None:
@@ -678,6 +691,7 @@ def loop(run: Run, *, dry_run: bool, max_iters: int | None, progress: bool) -> T
         if run.writer is not None:
             run.writer.close()
     result.iteration, result.epoch, result.best_rsum = run.iteration, run.epoch, run.best_rsum
+    result.train_seconds = train_seconds(run)
     return result
 
 
