@@ -392,8 +392,8 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
     lines.append("")
     lines.append(f"Test rsum of each best-dev model on {grid.data_name}/{grid.evaluate['split']}; std is the sample "
                  f"standard deviation over seeds; p: Welch's two-sided t-test against {grid.baseline} (with 3 seeds a "
-                 "side only large, consistent differences reach p < 0.05); s / epoch: wall seconds of the training "
-                 "process (start-up and validation included) per epoch.")
+                 "side only large, consistent differences reach p < 0.05); s / epoch: the training's wall seconds per "
+                 "epoch (validations included, every attempt counted).")
     if ks:
         lines.append("")
         lines.append("K = k: rsum after re-ranking each query's top k of the first stage exactly; own: each query "
