@@ -14,6 +14,7 @@ The grid file (JSON)::
       "common": {"num_epochs": 10},                      # options for every configuration (optional)
       "configs": {"hsc": {}, "sgraf_saf": {"preset": "sgraf_saf"}},
       "axes": {"img_gnn": ["gat", "gcn"], "img_edges": ["full", "knn:8"]},   # optional: their product is added
+      "ensembles": {"hsc+sgraf_saf": ["hsc", "sgraf_saf"]},                # optional: scores averaged
       "evaluate": {"split": "test", "rerank_k": [10, 20]}                   # optional
     }
 
@@ -24,11 +25,24 @@ so the same command resumes a half-finished grid (an interrupted training contin
 Runs already recorded in the --results file (same options and seed) count as finished too, so a fresh clone of the
 repository, which has the study but not the run folders, adds to the study instead of starting it again.
 Paths in the grid are relative to the folder the command runs in.
+
+An ensemble averages the score matrices of two or more configurations' models of the same seed (the papers' SGRAF =
+SAF + SGR) and is a row of its own (after the configurations), seed k = its members' seed-k models: nothing is trained
+for it. Every run of a configuration that an ensemble names keeps its test score matrix, OUT/<config>/seed<k>/sims.npy
+(images x captions x 4 bytes; a finished run without one evaluates its best model again to write it, no training),
+and the ensemble's seed k is evaluated (evaluate --sims ... --sims ...) as soon as its members' seed k are finished.
+Its OUT/<ensemble>/seed<k>/ holds that evaluation's eval.json and run.json (parameters and training seconds: the
+members' together; no dev score). Re-ranking (rerank_k) needs a model and is not done for ensembles. --only and
+--seeds take ensembles too: a named ensemble is evaluated once its members are finished, whichever invocation trained
+them, but its members train only when they are selected too (the default selects everything). Members recorded in
+the study only (a fresh clone) have no model to make a matrix from: their ensemble waits (recorded ensembles count as
+finished like trained runs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import sys
 import threading
@@ -36,7 +50,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Sequence
 
-from ..engine.ablation import RunFailed, compare, load_grid, read_record, train_and_evaluate, write_study
+from ..engine.ablation import (RunFailed, compare, evaluate_ensemble, keep_sims, load_grid, read_record,
+                               train_and_evaluate, write_study)
 from ..errors import ConfigError
 from ..io import FolderLock, parse_json
 from ..options import integer
@@ -55,18 +70,20 @@ def build_parser() -> OneLineParser:
                    help="the study: JSON of every finished run, and FILE.md (table) and FILE.png (plot) beside it "
                         "(default: OUT/ablation.json)")
     p.add_argument("--only", default="", metavar="NAME,NAME",
-                   help="train only these configurations of the grid (the study still reports every finished run); "
-                        "names that hold commas are matched whole")
-    p.add_argument("--seeds", default="", metavar="S,S", help="train only these seeds of the grid")
+                   help="train only these configurations and evaluate only these ensembles of the grid (the study "
+                        "still reports every finished run); names that hold commas are matched whole")
+    p.add_argument("--seeds", default="", metavar="S,S", help="train (and evaluate ensembles of) only these seeds "
+                                                                   "of the grid")
     p.add_argument("--jobs", type=integer(1), default=1, metavar="N",
                    help="runs trained at the same time, each in its own processes (default: %(default)s); give each "
                         "its share of the cores, e.g. OMP_NUM_THREADS=1 with --jobs 2 on 2 cores")
     p.add_argument("--report", action="store_true", help="train nothing: write the study of the runs finished so far "
                                                           "and print its table")
     p.add_argument("--compare", nargs=2, action="append", default=[], metavar=("A", "B"),
-                   help="train and write nothing: print configuration A against B over their finished seeds (means, "
-                        "difference, Welch's p); repeat the flag for more pairs")
-    p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, then stop")
+                   help="train and write nothing: print configuration (or ensemble) A against B over their finished "
+                        "seeds (means, difference, Welch's p); repeat the flag for more pairs")
+    p.add_argument("--dry_run", action="store_true", help="check the grid and list the runs, ensemble evaluations "
+                                                           "and score matrices to make, then stop")
     return p
 
 
@@ -133,18 +150,44 @@ def _finished(runs: list, recorded: list) -> dict:
     return done
 
 
-def _train(grid, runs: list, todo: list, recorded: list, results: Path, jobs: int) -> list[str]:
-    """Train and evaluate ``todo``, ``jobs`` runs at a time (a thread each waits on its run's processes); the study is
-    rewritten after every finished run. Returns the failures; Ctrl-C (which reaches every child) starts nothing new
-    and is raised again once the running ones have stopped."""
-    failures, lock, stop = [], threading.Lock(), threading.Event()
+def _waiting_for(run, finished: dict) -> str:
+    """What an ensemble run still needs: its members' runs that are not finished, and the score matrices of finished
+    ones (those recorded in the study only have no model under --out to make it from)."""
+    needs = []
+    for m in run.members:
+        if id(m) not in finished:
+            needs.append(f"{m.name} seed {m.seed}")
+        elif not m.sims.is_file():
+            needs.append(f"{m.name} seed {m.seed}'s score matrix" + ("" if (m.folder / "run.json").is_file() else
+                                                                      " (recorded in the study only: no model here)"))
+    return ", ".join(needs)
 
-    def one(n: int, run) -> None:
+
+def _train(grid, runs: list, todo: list, again: list, recorded: list, results: Path, jobs: int) -> tuple[list, list]:
+    """Train and evaluate the runs of ``todo``, ``jobs`` at a time (a thread each waits on its run's processes), after
+    evaluating the finished runs ``again`` to keep their score matrices; an ensemble run of ``todo`` is evaluated as
+    soon as its members are finished and have their matrices. The study is rewritten after every step. Returns the
+    failures and the ensemble runs still waiting; Ctrl-C (which reaches every child) starts nothing new and is raised
+    again once the running ones have stopped."""
+    failures, lock, stop, count = [], threading.Lock(), threading.Event(), itertools.count(1)
+    waiting = [r for r in todo if r.members]
+
+    def ready(finished: dict) -> list:           # called under the lock: each ensemble is taken once
+        now = [r for r in waiting if not _waiting_for(r, finished)]
+        for r in now:
+            waiting.remove(r)
+        return [(evaluate_ensemble, r, [finished[id(m)] for m in r.members]) for r in now]
+
+    def one(step, run, *inputs) -> None:
         if stop.is_set():
             return
-        print(f"[{n}/{len(todo)}] {run.name} seed {run.seed} -> {run.folder}", flush=True)
+        with lock:
+            n = next(count)
+        how = {keep_sims: " (its best model evaluated again to keep its score matrix; no training)",
+               evaluate_ensemble: " (score matrices averaged)"}.get(step, "")
+        print(f"[{n}/{len(todo) + len(again)}] {run.name} seed {run.seed} -> {run.folder}{how}", flush=True)
         try:
-            result = train_and_evaluate(grid, run, sys.executable)
+            result = step(grid, run, sys.executable, *inputs)
         except RunFailed as e:
             with lock:
                 failures.append(str(e))
@@ -154,20 +197,27 @@ def _train(grid, runs: list, todo: list, recorded: list, results: Path, jobs: in
             stop.set()
             raise
         with lock:
-            print(f"  {run.name} seed {run.seed}: test rsum {result['test_rsum']:.1f} "
-                  f"({result['seconds_per_epoch']:.0f} s/epoch)", flush=True)
+            if result is not None:
+                cost = "" if run.members else f" ({result['seconds_per_epoch']:.0f} s/epoch)"
+                print(f"  {run.name} seed {run.seed}: test rsum {result['test_rsum']:.1f}{cost}", flush=True)
             finished = _finished(runs, recorded)
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
+            follow = ready(finished)
+        for task in follow:
+            one(*task)
 
+    with lock:
+        tasks = [*ready(_finished(runs, recorded)), *((keep_sims, r) for r in again),
+                 *((train_and_evaluate, r) for r in todo if not r.members)]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(one, n, run) for n, run in enumerate(todo, 1)]
+        futures = [pool.submit(one, *task) for task in tasks]
         try:
             for future in as_completed(futures):
                 future.result()
         except BaseException:
             stop.set()
             raise
-    return failures
+    return failures, waiting
 
 
 def ablate_command(args: argparse.Namespace) -> int:
@@ -185,23 +235,31 @@ def ablate_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"{run.folder} holds a run with other options ({done.get('config')}); the grid "
                               f"now asks for {run.options}: choose another --out or remove that folder")
     if args.compare:
-        unknown = [n for pair in args.compare for n in pair if n not in grid.configs]
+        unknown = [n for pair in args.compare for n in pair if n not in grid.names()]
         if unknown:
-            raise ConfigError(f"--compare: {', '.join(unknown)} not in the grid ({', '.join(grid.configs)})")
+            raise ConfigError(f"--compare: {', '.join(unknown)} not in the grid ({', '.join(grid.names())})")
         done = [finished[id(r)] for r in runs if id(r) in finished]
         print("\n".join([_comparison(compare(done, a, b)) for a, b in args.compare]))
         return 0
-    only = _subset(args.only, "--only", list(grid.configs)) if args.only else set(grid.configs)
+    only = _subset(args.only, "--only", grid.names()) if args.only else set(grid.names())
     seeds = _subset(args.seeds, "--seeds", grid.seeds, int) if args.seeds else set(grid.seeds)
     todo = [r for r in runs if id(r) not in finished and r.name in only and r.seed in seeds]
-    print(f"{len(runs)} runs ({len(grid.configs)} configurations x {len(grid.seeds)} seeds): "
-          f"{len(finished)} finished, {len(todo)} to do here", flush=True)
+    again = list({id(m): m for r in todo for m in r.members   # finished before ensembles needed their matrices
+                  if id(m) in finished and (m.folder / "run.json").is_file() and not m.sims.is_file()}.values())
+    n = len(grid.ensembles)
+    rows = f"{len(grid.configs)} configurations" + (f" and {n} ensemble{'s' * (n != 1)}" if n else "")
+    print(f"{len(runs)} runs ({rows} x {len(grid.seeds)} seeds): {len(finished)} finished, {len(todo)} to do here"
+          + (f", and {len(again)} finished run(s) to evaluate again for their score matrices" if again else ""),
+          flush=True)
     if args.dry_run:
+        for run in again:
+            print(f"  {run.folder}  evaluated again to keep its score matrix ({run.sims.name}; no training)")
         for run in todo:
-            print(f"  {run.folder}  {json.dumps(run.options)}")
+            needs = _waiting_for(run, finished) if run.members else ""
+            print(f"  {run.folder}  {json.dumps(run.options)}" + (f" (after {needs})" if needs else ""))
         return 0
     with contextlib.nullcontext() if args.report else FolderLock.acquire(out, "--out"):  # one runner per --out
-        failures = [] if args.report else _train(grid, runs, todo, recorded, results, args.jobs)
+        failures, waiting = ([], []) if args.report else _train(grid, runs, todo, again, recorded, results, args.jobs)
         finished = _finished(runs, recorded)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
@@ -209,6 +267,8 @@ def ablate_command(args: argparse.Namespace) -> int:
               f"{results.with_suffix('.png')}")
         if args.report:
             print("\n" + results.with_suffix(".md").read_text(), end="")
+    for run in waiting:
+        print(f"{run.name} seed {run.seed} not evaluated yet: it needs {_waiting_for(run, finished)}", file=sys.stderr)
     if failures:
         print(f"{len(failures)} run(s) failed (run the same command again to retry them):", file=sys.stderr)
         for line in failures:

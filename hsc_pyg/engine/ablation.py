@@ -1,6 +1,7 @@
 """Ablation studies: a grid of training configurations x seeds, each trained by ``python -m hsc_pyg train`` in its own
-process and evaluated by ``python -m hsc_pyg evaluate``, summarised as JSON, a Markdown table (mean, standard
-deviation, Welch's t-test against a baseline) and a bar plot. The command line and the grid file's layout:
+process and evaluated by ``python -m hsc_pyg evaluate``, and ensembles (the score matrices of several configurations'
+models of one seed averaged), summarised as JSON, a Markdown table (mean, standard deviation, Welch's t-test against a
+baseline) and a bar plot. The command line and the grid file's layout:
 :mod:`hsc_pyg.cli.ablate`.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,7 +23,8 @@ from ..io import atomic_files, parse_json, read_json, write_json
 
 #: the folder this package was imported from: a run's processes import the same package (not another install)
 IMPORTED_FROM = Path(__file__).resolve().parents[2]
-GRID_KEYS = {"recipe", "data_path", "data_name", "seeds", "baseline", "common", "configs", "axes", "evaluate"}
+GRID_KEYS = {"recipe", "data_path", "data_name", "seeds", "baseline", "common", "configs", "axes", "ensembles",
+             "evaluate"}
 RUN_FIELDS = ("model_name", "logger_name", "seed", "data_path", "data_name")   # set per run by the runner
 
 
@@ -33,6 +35,12 @@ class Run:
     options: dict[str, Any]    # what differs from the recipe (common options included)
     seed: int
     folder: Path
+    members: tuple[Run, ...] = ()   # an ensemble's: the runs (same seed) whose score matrices it averages
+
+    @property
+    def sims(self) -> Path:
+        """The test score matrix a run keeps when an ensemble needs it (``evaluate --save_sims``)."""
+        return self.folder / "sims.npy"
 
 
 @dataclass
@@ -44,12 +52,29 @@ class Grid:
     configs: dict[str, dict[str, Any]]
     baseline: str
     evaluate: dict[str, Any]
+    ensembles: dict[str, list[str]] = field(default_factory=dict)   # name -> the configurations it averages
+
+    def names(self) -> list[str]:
+        """The rows of the study: the configurations, then the ensembles."""
+        return [*self.configs, *self.ensembles]
+
+    def options(self, name: str) -> dict[str, Any]:
+        """What a row's runs are recorded with (``config`` of run.json): a configuration's options, or an ensemble's
+        members as ``{"ensemble": [...]}``."""
+        return self.configs[name] if name in self.configs else {"ensemble": self.ensembles[name]}
 
     def runs(self, out: Path) -> list[Run]:
         """Seed-major order: every configuration's first seed before any second one, so that a partial grid already
-        compares every configuration."""
-        return [Run(name, options, seed, out / name / f"seed{seed}")
-                for seed in self.seeds for name, options in self.configs.items()]
+        compares every configuration; the ensembles' runs after all trained ones."""
+        trained = {(name, seed): Run(name, options, seed, out / name / f"seed{seed}")
+                   for seed in self.seeds for name, options in self.configs.items()}
+        return [*trained.values(), *(Run(name, self.options(name), seed, out / name / f"seed{seed}",
+                                         tuple(trained[m, seed] for m in members))
+                                     for seed in self.seeds for name, members in self.ensembles.items())]
+
+    def keeps_sims(self, run: Run) -> bool:
+        """Whether an ensemble averages this run's score matrix (only then is it kept: images x captions x 4 bytes)."""
+        return any(run.name in members for members in self.ensembles.values())
 
     def config(self, run: Run) -> Config:
         """The full training configuration of one run (ConfigError when an option is unknown or out of range)."""
@@ -100,10 +125,11 @@ def load_grid(path: str | Path) -> Grid:
         configs[name] = {**common, **_options(options, _where(path, "axes"))}
     if not configs:
         raise ConfigError(f"grid {path} names no configuration; add 'configs' (name -> options) or 'axes'")
+    ensembles = _ensembles(raw.get("ensembles", {}), configs, path)
     baseline = raw.get("baseline", next(iter(configs)))
-    if baseline not in configs:
+    if baseline not in configs and baseline not in ensembles:
         raise ConfigError(f"{_where(path, 'baseline')} is {baseline!r}, which is not one of the configurations "
-                          f"({', '.join(configs)})")
+                          f"({', '.join([*configs, *ensembles])})")
     evaluate = _object(raw.get("evaluate", {}), _where(path, "evaluate"))
     bad = sorted(set(evaluate) - {"split", "rerank_k"})
     if bad:
@@ -113,12 +139,14 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"{_where(path, 'evaluate.rerank_k')} must be a list of integers >= 1, found {ks!r}")
     grid = Grid(recipe=str(raw.get("recipe", "")), data_path=str(raw.get("data_path", "data")),
                 data_name=str(raw.get("data_name", "synthetic_precomp")), seeds=seeds, configs=configs,
-                baseline=baseline, evaluate={"split": str(evaluate.get("split", "test")), "rerank_k": ks})
+                baseline=baseline, evaluate={"split": str(evaluate.get("split", "test")), "rerank_k": ks},
+                ensembles=ensembles)
     if grid.recipe and not Path(grid.recipe).is_file():
         raise ConfigError(f"{_where(path, 'recipe')}: {grid.recipe} does not exist (paths are relative to "
                           f"{Path.cwd()})")
     for run in grid.runs(Path("runs")):   # every configuration is checked before anything trains
-        grid.config(run)
+        if not run.members:
+            grid.config(run)
     return grid
 
 
@@ -135,6 +163,24 @@ def _options(value: Any, where: str) -> dict[str, Any]:
         raise ConfigError(f"{where}: {', '.join(fixed)} are set by the runner (seeds, data_path and data_name at the "
                           "top of the grid); remove them")
     return dict(options)
+
+
+def _ensembles(value: Any, configs: dict[str, Any], path: Path) -> dict[str, list[str]]:
+    ensembles = {}
+    for name, members in _object(value, _where(path, "ensembles")).items():
+        where = _where(path, f"ensembles.{name}")
+        if _name(name, path) in configs:
+            raise ConfigError(f"{where}: {name!r} is also a configuration; give the ensemble another name")
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ConfigError(f"{where} must be a list of configuration names, found {members!r}")
+        unknown = [m for m in members if m not in configs]
+        if unknown:
+            raise ConfigError(f"{where}: {', '.join(map(repr, unknown))} is not a configuration of the grid "
+                              f"({', '.join(configs)})")
+        if len(set(members)) < 2 or len(set(members)) != len(members):
+            raise ConfigError(f"{where} must name 2 or more distinct configurations, found {members!r}")
+        ensembles[name] = members
+    return ensembles
 
 
 def _name(name: str, path: Path) -> str:
@@ -165,6 +211,22 @@ def _last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+def _check(status: int, run: Run, step: str, log: Path) -> None:
+    """A child's exit status: Ctrl-C (or a kill) stops the runner; any other failure fails this run only."""
+    if status in (130, 143):
+        raise KeyboardInterrupt
+    if status != 0:
+        raise RunFailed(f"{run.name} seed {run.seed}: {step} failed with status {status}: {_last_line(log)} "
+                        f"(log {log})")
+
+
+def _evaluate(grid: Grid, run: Run, python: str, sources: list[str], *options: str) -> None:
+    """``hsc-pyg evaluate`` of ``sources`` (``--model`` / ``--sims`` flags) on the grid's data and split."""
+    argv = ["evaluate", *sources, "--data_path", grid.data_path, "--data_name", grid.data_name,
+            "--split", grid.evaluate["split"], "--no_progress", *options]
+    _check(_child(python, argv, run.folder / "eval.log"), run, "evaluation", run.folder / "eval.log")
+
+
 def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
     """Train ``run`` (resuming an interrupted training) and evaluate its best-dev model, each with the interpreter
     ``python``; write and return ``run.json``."""
@@ -189,26 +251,40 @@ def train_and_evaluate(grid: Grid, run: Run, python: str) -> dict[str, Any]:
         status = _child(python, argv, folder / "train.log")
         timing["train_seconds"] += time.perf_counter() - start
         write_json(timing_path, timing)
-        if status in (130, 143):
-            raise KeyboardInterrupt
-        if status != 0:
-            raise RunFailed(f"{run.name} seed {run.seed}: training failed with status {status}: "
-                            f"{_last_line(folder / 'train.log')} (log {folder / 'train.log'})")
+        _check(status, run, "training", folder / "train.log")
         write_json(folder / "train_done.json", timing)
     report = folder / "eval.json"
-    argv = ["evaluate", "--model", str(folder / "checkpoint" / "model_best.pth"),
-            "--data_path", grid.data_path, "--data_name", grid.data_name, "--split", grid.evaluate["split"],
-            "--json", str(report), "--no_progress"]
+    options = ["--json", str(report)]
     if grid.evaluate["rerank_k"]:
-        argv += ["--rerank_k", *map(str, grid.evaluate["rerank_k"])]
-    status = _child(python, argv, folder / "eval.log")
-    if status in (130, 143):
-        raise KeyboardInterrupt
-    if status != 0:
-        raise RunFailed(f"{run.name} seed {run.seed}: evaluation failed with status {status}: "
-                        f"{_last_line(folder / 'eval.log')} (log {folder / 'eval.log'})")
-    result = _run_record(run, config, read_json(report, "evaluation report", "evaluate the run again"), timing)
+        options += ["--rerank_k", *map(str, grid.evaluate["rerank_k"])]
+    if grid.keeps_sims(run):
+        options += ["--save_sims", str(run.sims), "--overwrite"]
+    _evaluate(grid, run, python, ["--model", str(folder / "checkpoint" / "model_best.pth")], *options)
+    result = _run_record(run, report, _trained_fields(run, config, timing))
     write_json(folder / "run.json", result, indent=1)
+    return result
+
+
+def keep_sims(grid: Grid, run: Run, python: str) -> None:
+    """Evaluate the best model of a finished run again to write the score matrix an ensemble needs (``run.sims``);
+    nothing is trained and its record is left as it is."""
+    best = run.folder / "checkpoint" / "model_best.pth"
+    if not best.is_file():
+        raise RunFailed(f"{run.name} seed {run.seed}: {best} is missing, so its score matrix cannot be made again; "
+                        f"train the run again (remove {run.folder}) or leave it out of the ensembles")
+    _evaluate(grid, run, python, ["--model", str(best)], "--save_sims", str(run.sims), "--overwrite")
+
+
+def evaluate_ensemble(grid: Grid, run: Run, python: str, members: list[dict[str, Any]]) -> dict[str, Any]:
+    """Average the score matrices of an ensemble run's members (their records ``members``), evaluate the average and
+    write and return ``run.json``: parameters and training seconds are the members' together, and there is no dev
+    score of its own."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    report = run.folder / "eval.json"
+    _evaluate(grid, run, python, [flag for m in run.members for flag in ("--sims", str(m.sims))], "--json", str(report))
+    result = _run_record(run, report, {key: round(sum(m[key] for m in members), 1)   # an int stays an int
+                                       for key in ("parameters", "train_seconds", "seconds_per_epoch")})
+    write_json(run.folder / "run.json", result, indent=1)
     return result
 
 
@@ -244,32 +320,33 @@ def _read_timing(path: Path) -> dict[str, Any]:
     return {"train_seconds": 0.0, "attempts": 0}
 
 
-def _run_record(run: Run, config: Config, report: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
-    from .checkpoint import load_checkpoint, read_checkpoint
-
-    best = run.folder / "checkpoint" / "model_best.pth"
-    model = load_checkpoint(best, map_location="cpu")
-    last = read_checkpoint(run.folder / "checkpoint" / "checkpoint.pth")
+def _run_record(run: Run, path: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """A run's record: its evaluation report ``path`` (metrics, re-ranking) and ``fields`` (parameters, time)."""
+    report = read_json(path, "evaluation report", "evaluate the run again")
     metrics = report["metrics"]
-    # the training's own count (every attempt, to its last save) when the checkpoint has one; the runner's misses the
-    # attempts of a runner that was killed (older checkpoints)
-    seconds = last.get("train_seconds")
-    seconds = seconds if isinstance(seconds, (int, float)) else timing["train_seconds"]
-    record = {
-        "name": run.name, "config": run.options, "seed": run.seed,
-        "test_rsum": metrics["rsum"], "test_metrics": metrics, "split": report["split"],
-        "dev_best_rsum": float(last["best_rsum"]),
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": config.num_epochs, "train_seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / max(config.num_epochs, 1), 1),
-        "train_attempts": timing["attempts"],
-    }
+    record = {"name": run.name, "config": run.options, "seed": run.seed,
+              "test_rsum": metrics["rsum"], "test_metrics": metrics, "split": report["split"], **fields}
     if "first_stage_metrics" in report:
         record["first_stage_rsum"] = report["first_stage_metrics"]["rsum"]
         record["rerank"] = [{"k": r["k"], "rsum": r["metrics"]["rsum"], "fraction": r["fraction"],
                              **({"shared_rsum": r["shared_metrics"]["rsum"]} if "shared_metrics" in r else {})}
                             for r in report["rerank"]]
     return record
+
+
+def _trained_fields(run: Run, config: Config, timing: dict[str, Any]) -> dict[str, Any]:
+    """A trained run's best dev score, size and training time, from its checkpoints."""
+    from .checkpoint import load_checkpoint, read_checkpoint
+
+    model = load_checkpoint(run.folder / "checkpoint" / "model_best.pth", map_location="cpu")
+    last = read_checkpoint(run.folder / "checkpoint" / "checkpoint.pth")
+    # the training's own count (every attempt, to its last save) when the checkpoint has one; the runner's misses the
+    # attempts of a runner that was killed (older checkpoints)
+    seconds = last.get("train_seconds")
+    seconds = seconds if isinstance(seconds, (int, float)) else timing["train_seconds"]
+    return {"dev_best_rsum": float(last["best_rsum"]), "parameters": sum(p.numel() for p in model.parameters()),
+            "epochs": config.num_epochs, "train_seconds": round(seconds, 1),
+            "seconds_per_epoch": round(seconds / max(config.num_epochs, 1), 1), "train_attempts": timing["attempts"]}
 
 
 # --------------------------------------------------------------------------- the study
@@ -340,19 +417,19 @@ def compare(runs: list[dict[str, Any]], a: str, b: str) -> dict[str, Any]:
 
 
 def summarize(grid: Grid, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per configuration (grid order): seeds done, mean and sample standard deviation of the test rsum,
-    difference from the baseline with Welch's two-sided p-value, parameters, seconds per epoch."""
+    """One row per configuration, then per ensemble (grid order): seeds done, mean and sample standard deviation of
+    the test rsum, difference from the baseline with Welch's two-sided p-value, parameters, seconds per epoch."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by_name.setdefault(r["name"], []).append(r)
     rows = []
-    for name in grid.configs:
+    for name in grid.names():
         done = by_name.get(name, [])
         if not done:
             continue
         values = [r["test_rsum"] for r in done]
         mean, std = _mean_std(values)
-        row = {"name": name, "config": grid.configs[name], "seeds": sorted(r["seed"] for r in done),
+        row = {"name": name, "config": grid.options(name), "seeds": sorted(r["seed"] for r in done),
                "test_rsum_mean": mean, "test_rsum_std": std, "test_rsum": values,
                "parameters": done[0]["parameters"],
                "seconds_per_epoch": _mean_std([r["seconds_per_epoch"] for r in done])[0]}
@@ -378,14 +455,15 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
     head += ["parameters", "s / epoch"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        options = ", ".join(f"{k}={v}" for k, v in row["config"].items()) or "(recipe)"
+        options = (" + ".join(row["config"]["ensemble"]) + ", scores averaged" if row["name"] in grid.ensembles
+                   else ", ".join(f"{k}={v}" for k, v in row["config"].items()) or "(recipe)")
         diff = f"{row['diff_vs_baseline']:+.1f}" if "diff_vs_baseline" in row else ""
         p = f"{row['p']:.3f}" if "p" in row else ""
         cells = [row["name"], options, str(len(row["seeds"])),
                  f"{row['test_rsum_mean']:.1f} ± {row['test_rsum_std']:.1f}" if len(row["seeds"]) > 1
                  else f"{row['test_rsum_mean']:.1f} (one seed: no spread yet)", diff, p]
         if ks:
-            cells.append(f"{row.get('first_stage_rsum_mean', float('nan')):.1f}")
+            cells.append(f"{row['first_stage_rsum_mean']:.1f}" if "first_stage_rsum_mean" in row else "–")
             cells += [_rerank_cell(row, k) for k in ks]
         cells += [f"{row['parameters']:,}", f"{row['seconds_per_epoch']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -394,6 +472,11 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
                  f"standard deviation over seeds; p: Welch's two-sided t-test against {grid.baseline} (with 3 seeds a "
                  "side only large, consistent differences reach p < 0.05); s / epoch: the training's wall seconds per "
                  "epoch (validations included, every attempt counted).")
+    if grid.ensembles:
+        lines.append("")
+        lines.append(f"{', '.join(grid.ensembles)}: the score matrices of the named configurations' models of each "
+                     "seed averaged before ranking (no training of its own; parameters and s / epoch are the "
+                     "members' together" + ("; no re-ranking: –" if ks else "") + ").")
     if ks:
         lines.append("")
         lines.append("K = k: rsum after re-ranking each query's top k of the first stage exactly; own: each query "
@@ -404,7 +487,9 @@ def markdown(grid: Grid, rows: list[dict[str, Any]]) -> str:
 
 
 def _rerank_cell(row: dict[str, Any], k: int) -> str:
-    own = f"{row.get(f'rerank_k{k}_rsum_mean', float('nan')):.1f}"
+    if f"rerank_k{k}_rsum_mean" not in row:
+        return "–"
+    own = f"{row[f'rerank_k{k}_rsum_mean']:.1f}"
     shared = row.get(f"rerank_k{k}_shared_rsum_mean")
     return own if shared is None else f"{own} / {shared:.1f}"
 
@@ -418,7 +503,8 @@ def plot(grid: Grid, rows: list[dict[str, Any]]) -> bytes:
     names = [r["name"] for r in rows][::-1]
     means = [r["test_rsum_mean"] for r in rows][::-1]
     stds = [r["test_rsum_std"] for r in rows][::-1]
-    colors = ["tab:orange" if n == grid.baseline else "tab:blue" for n in names]
+    colors = ["tab:orange" if n == grid.baseline else "tab:green" if n in grid.ensembles else "tab:blue"
+              for n in names]
     ax.barh(names, means, xerr=stds, color=colors, capsize=3)
     for y, row in enumerate(rows[::-1]):   # every seed's value as a dot
         ax.plot(row["test_rsum"], [y] * len(row["test_rsum"]), "k.", markersize=4)
