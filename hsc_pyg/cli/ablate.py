@@ -61,8 +61,9 @@ from .common import OneLineParser, command_parser, exit_with, run_command
 # --------------------------------------------------------------------------- command line
 def build_parser() -> OneLineParser:
     p = command_parser("ablate", __doc__.replace("``", ""),
-                       epilog="Several runners may share one grid and --out on disjoint --only / --seeds (one per core, "
-                              "say): each writes the study of every run finished by any of them.")
+                       epilog="One runner at a time per --out (a second one is refused, naming the first): --jobs N "
+                              "trains N runs at once (one per core, say). A run folder finished under another --out "
+                              "counts once linked into this one at OUT/<configuration>/seed<k>.")
     p.add_argument("--grid", required=True, metavar="GRID.json", help="configurations, seeds, recipe and data")
     p.add_argument("--out", default="runs/ablation", metavar="DIR",
                    help="run folders, one per configuration and seed (default: %(default)s)")
