@@ -304,3 +304,65 @@ def test_the_shipped_study_grids_are_valid(grid, monkeypatch):
     monkeypatch.chdir(grid.parents[2])          # their paths are relative to the project root
     loaded = load_grid(grid)
     assert loaded.configs and loaded.baseline in loaded.configs
+
+
+# --------------------------------------------------------------------------- stopping a runner
+def test_children_pass_a_stop_on_and_start_nothing_after_it():
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from hsc_pyg.engine.ablation import Children
+
+    children, status = Children(), []
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    thread = threading.Thread(target=lambda: status.append(children.call(sleeper, stdout=subprocess.DEVNULL)))
+    thread.start()
+    for _ in range(500):                      # until it runs (at most 10 s)
+        if children.running:
+            break
+        threading.Event().wait(0.02)
+    children.stop(signal.SIGTERM)
+    thread.join(30)
+    assert status == [-signal.SIGTERM] and not children.running
+    with pytest.raises(KeyboardInterrupt):
+        children.call(sleeper)                # nothing new starts once stopped
+
+
+def test_sigterm_to_the_runner_stops_its_training_with_a_checkpoint(tmp_path):
+    """``kill RUNNER_PID`` (not the whole group, as a scheduler or a user does) must not leave the training running
+    without its runner: the training saves its checkpoint and ends, then the runner does."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    make_synthetic(tmp_path / "data" / "synthetic_precomp", num_train=10, num_dev=10, num_test=10, img_dim=16,
+                   num_regions=16)
+    write(tmp_path / "recipe.json", {**RECIPE, "num_epochs": 100000})           # runs until stopped
+    write(tmp_path / "grid.json", {"recipe": "recipe.json", "data_path": "data", "data_name": "synthetic_precomp",
+                                   "seeds": [0], "configs": {"hsc": {}}})
+    runner = subprocess.Popen([sys.executable, "-m", "hsc_pyg.ablate", "--grid", "grid.json", "--out", "runs"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log, lock = tmp_path / "runs/hsc/seed0/train.log", tmp_path / "runs/hsc/seed0/checkpoint/.hsc_pyg.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not (log.is_file() and "dev:" in log.read_text()):             # training, past its first epoch
+            assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+            time.sleep(0.2)
+        training = json.loads(lock.read_text())["pid"]
+        runner.send_signal(signal.SIGTERM)
+        out, err = runner.communicate(timeout=120)
+        assert runner.returncode == 130 and "interrupted" in err, (out, err)
+        with pytest.raises(ProcessLookupError):
+            os.kill(training, 0)              # ended (and reaped by the runner), not left running as an orphan
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(runner.pid, signal.SIGKILL)       # whatever is left of the runner's session
+    assert "interrupted by SIGTERM" in log.read_text()
+    assert read_checkpoint(tmp_path / "runs/hsc/seed0/checkpoint/checkpoint.pth")["iteration"] > 0
+    assert not (tmp_path / "runs/hsc/seed0/run.json").exists()             # unfinished: the next runner resumes it

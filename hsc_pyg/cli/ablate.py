@@ -22,6 +22,8 @@ Options are training's (``hsc-pyg train --help``), with JSON types. Every run tr
 process (a crash loses only that run, which is recorded and retried by the next invocation) in
 ``OUT/<configuration>/seed<k>/``; a run is finished when its ``run.json`` exists, and finished runs are never redone,
 so the same command resumes a half-finished grid (an interrupted training continues from its checkpoint exactly).
+To stop a runner, press Ctrl-C or send it SIGTERM or SIGUSR1 (``kill PID``, a scheduler's warning): the signal is
+passed on to its running trainings, which save their checkpoints, and the runner exits once they have.
 Runs already recorded in the --results file (same options and seed) count as finished too, so a fresh clone of the
 repository, which has the study but not the run folders, adds to the study instead of starting it again.
 Paths in the grid are relative to the folder the command runs in.
@@ -44,13 +46,14 @@ import argparse
 import contextlib
 import itertools
 import json
+import signal
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from ..engine.ablation import (RunFailed, compare, evaluate_ensemble, keep_sims, load_grid, read_record,
+from ..engine.ablation import (CHILDREN, STOP_SIGNALS, RunFailed, compare, evaluate_ensemble, keep_sims, load_grid, read_record,
                                train_and_evaluate, write_study)
 from ..errors import ConfigError
 from ..io import FolderLock, parse_json
@@ -221,6 +224,27 @@ def _train(grid, runs: list, todo: list, again: list, recorded: list, results: P
     return failures, waiting
 
 
+@contextlib.contextmanager
+def _stop_signals_passed_on() -> Iterator[None]:
+    """While it lasts, SIGTERM or SIGUSR1 sent to the runner alone reach its running commands (a training saves its
+    checkpoint) and stop the runner as Ctrl-C does; a second one is only passed on, so that the runner still waits for
+    the trainings' saves."""
+    received = []
+
+    def handler(signum, frame) -> None:
+        CHILDREN.stop(signum)
+        if not received:
+            received.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS if s != signal.SIGINT}  # Ctrl-C reaches them all
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def ablate_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = Path(args.results) if args.results else out / "ablation.json"
@@ -260,7 +284,9 @@ def ablate_command(args: argparse.Namespace) -> int:
             print(f"  {run.folder}  {json.dumps(run.options)}" + (f" (after {needs})" if needs else ""))
         return 0
     with contextlib.nullcontext() if args.report else FolderLock.acquire(out, "--out"):  # one runner per --out
-        failures, waiting = ([], []) if args.report else _train(grid, runs, todo, again, recorded, results, args.jobs)
+        with _stop_signals_passed_on():
+            failures, waiting = ([], []) if args.report else _train(grid, runs, todo, again, recorded, results,
+                                                                     args.jobs)
         finished = _finished(runs, recorded)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)

@@ -10,7 +10,9 @@ import io
 import json
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from itertools import product
@@ -194,16 +196,56 @@ class RunFailed(HSCError):
     """One run's training or evaluation ended with an error (the others go on)."""
 
 
+class Children:
+    """The commands a runner has started and not yet seen end. A stop signal sent to the runner alone (``kill PID``,
+    a scheduler's SIGTERM or SIGUSR1) is passed on to them with :meth:`stop`, so that each training saves its
+    checkpoint and ends instead of running on without its runner; after it, :meth:`call` starts nothing. Ctrl-C needs
+    no passing on: the terminal sends it to the whole process group."""
+
+    def __init__(self) -> None:
+        self.lock, self.running, self.signum = threading.Lock(), set(), None
+
+    def call(self, command: list[str], **popen: Any) -> int:
+        """``subprocess.call(command, **popen)``, unless a stop was asked for (then ``KeyboardInterrupt``)."""
+        with self.lock:    # stop() waits for a start in progress, so the new process is either not started or told
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            process = subprocess.Popen(command, **popen)
+            self.running.add(process)
+        try:
+            return process.wait()
+        finally:
+            with self.lock:
+                self.running.discard(process)
+
+    def stop(self, signum: int) -> None:
+        """Send ``signum`` to every running command and refuse new ones (safe to call again)."""
+        with self.lock:
+            self.signum = signum
+            for process in self.running:
+                if process.poll() is None:
+                    process.send_signal(signum)
+
+
+#: the signals that stop a runner and its commands (those a training saves a checkpoint on), and the exit statuses of a
+#: command they stopped: 128 + the signal (a training, after its save) or minus it (a command killed by it)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+STOPPED = {128 + s for s in STOP_SIGNALS} | {-s for s in STOP_SIGNALS}
+#: this process's commands (a signal is sent to a process, so there is one set per process)
+CHILDREN = Children()
+
+
 def _child(python: str, argv: list[str], log: Path) -> int:
     """Run ``python -m hsc_pyg ARGV`` (a command of this package) with its output appended to ``log``; Ctrl-C reaches
-    the child too (same process group), which saves its checkpoint; the runner then stops."""
+    the child too (same process group) and a runner's SIGTERM is passed on (:class:`Children`); the child saves its
+    checkpoint and the runner then stops."""
     command = [python, "-m", "hsc_pyg", *argv]
     path = os.pathsep.join(p for p in (str(IMPORTED_FROM), os.environ.get("PYTHONPATH", "")) if p)
     with open(log, "ab") as out:
         out.write(f"\n$ {' '.join(command)}\n".encode())
         out.flush()
-        return subprocess.call(command, cwd=os.getcwd(), stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONPATH": path})
+        return CHILDREN.call(command, cwd=os.getcwd(), stdout=out, stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONPATH": path})
 
 
 def _last_line(log: Path) -> str:
@@ -212,8 +254,9 @@ def _last_line(log: Path) -> str:
 
 
 def _check(status: int, run: Run, step: str, log: Path) -> None:
-    """A child's exit status: Ctrl-C (or a kill) stops the runner; any other failure fails this run only."""
-    if status in (130, 143):
+    """A child's exit status: stopped by a stop signal (:data:`STOP_SIGNALS`), the runner stops too; any other failure
+    (an error, a crash, SIGKILL) fails this run only."""
+    if status in STOPPED:
         raise KeyboardInterrupt
     if status != 0:
         raise RunFailed(f"{run.name} seed {run.seed}: {step} failed with status {status}: {_last_line(log)} "
