@@ -23,7 +23,8 @@ process (a crash loses only that run, which is recorded and retried by the next 
 ``OUT/<configuration>/seed<k>/``; a run is finished when its ``run.json`` exists, and finished runs are never redone,
 so the same command resumes a half-finished grid (an interrupted training continues from its checkpoint exactly).
 To stop a runner, press Ctrl-C or send it SIGTERM or SIGUSR1 (``kill PID``, a scheduler's warning): the signal is
-passed on to its running trainings, which save their checkpoints, and the runner exits once they have.
+passed on to its running trainings, which save their checkpoints, and the runner exits once they have, with status
+128 + the signal (130, 143, 138).
 Runs already recorded in the --results file (same options and seed) count as finished too, so a fresh clone of the
 repository, which has the study but not the run folders, adds to the study instead of starting it again.
 Paths in the grid are relative to the folder the command runs in.
@@ -224,12 +225,15 @@ def _train(grid, runs: list, todo: list, again: list, recorded: list, results: P
     return failures, waiting
 
 
+INTERRUPTED = "interrupted: finished runs are kept and an interrupted training resumes; run the same command again"
+
+
 @contextlib.contextmanager
-def _stop_signals_passed_on() -> Iterator[None]:
+def _stop_signals_passed_on() -> Iterator[list[int]]:
     """While it lasts, SIGTERM or SIGUSR1 sent to the runner alone reach its running commands (a training saves its
-    checkpoint) and stop the runner as Ctrl-C does; a second one is only passed on, so that the runner still waits for
-    the trainings' saves."""
-    received = []
+    checkpoint) and stop the runner as Ctrl-C does (``KeyboardInterrupt``, the signal appended to the list yielded); a
+    second one is only passed on, so that the runner still waits for the trainings' saves."""
+    received: list[int] = []
 
     def handler(signum, frame) -> None:
         CHILDREN.stop(signum)
@@ -239,7 +243,7 @@ def _stop_signals_passed_on() -> Iterator[None]:
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS if s != signal.SIGINT}  # Ctrl-C reaches them all
     try:
-        yield
+        yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -284,9 +288,15 @@ def ablate_command(args: argparse.Namespace) -> int:
             print(f"  {run.folder}  {json.dumps(run.options)}" + (f" (after {needs})" if needs else ""))
         return 0
     with contextlib.nullcontext() if args.report else FolderLock.acquire(out, "--out"):  # one runner per --out
-        with _stop_signals_passed_on():
-            failures, waiting = ([], []) if args.report else _train(grid, runs, todo, again, recorded, results,
-                                                                     args.jobs)
+        with _stop_signals_passed_on() as received:
+            try:
+                failures, waiting = ([], []) if args.report else _train(grid, runs, todo, again, recorded, results,
+                                                                         args.jobs)
+            except KeyboardInterrupt:
+                if not received:
+                    raise                                 # Ctrl-C: run_command says it (status 130)
+                print(INTERRUPTED, file=sys.stderr)
+                return 128 + received[0]                  # the shell's convention: 143 for SIGTERM, 138 for SIGUSR1
         finished = _finished(runs, recorded)
         if finished:
             write_study(grid, [finished[id(r)] for r in runs if id(r) in finished], results)
@@ -305,9 +315,7 @@ def ablate_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser(), ablate_command, argv,
-                       interrupted="interrupted: finished runs are kept and an interrupted training resumes; run the "
-                                   "same command again")
+    return run_command(build_parser(), ablate_command, argv, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":
