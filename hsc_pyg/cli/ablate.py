@@ -186,17 +186,17 @@ def _train(grid, runs: list, todo: list, again: list, recorded: list, results: P
     def one(step, run, *inputs) -> None:
         if stop.is_set():
             return
-        with lock:
-            n = next(count)
         how = {keep_sims: " (its best model evaluated again to keep its score matrix; no training)",
                evaluate_ensemble: " (score matrices averaged)"}.get(step, "")
-        print(f"[{n}/{len(todo) + len(again)}] {run.name} seed {run.seed} -> {run.folder}{how}", flush=True)
+        with lock:                 # one line at a time: print writes the text and its newline separately
+            print(f"[{next(count)}/{len(todo) + len(again)}] {run.name} seed {run.seed} -> {run.folder}{how}",
+                  flush=True)
         try:
             result = step(grid, run, sys.executable, *inputs)
         except RunFailed as e:
             with lock:
                 failures.append(str(e))
-            print(f"  failed: {e}", file=sys.stderr, flush=True)
+                print(f"  failed: {e}", file=sys.stderr, flush=True)
             return
         except KeyboardInterrupt:
             stop.set()
